@@ -1,0 +1,49 @@
+# onecycle: `make setup` then `make test` on a fresh clone (Debian/Ubuntu, Python 3.11).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-fast repro ui tune bench lint clean
+
+setup: $(VENV)/.installed dataset  ## create .venv, install pinned requirements and the package, get Fashion-MNIST
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+dataset:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		echo "dataset-fashion-mnist is installed (/usr/share/datasets/fashion-mnist)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "note: Debian's dataset-fashion-mnist is not installed; 'onecycle fetch' will download Fashion-MNIST"; \
+	fi
+
+test:  ## the whole suite, slow (training, DVC, MLflow) tests included
+	$(PY) -m pytest
+
+test-fast:
+	$(PY) -m pytest -m "not slow"
+
+repro:
+	$(BIN)/dvc repro
+
+ui:  ## MLflow UI on the project's store, bound to loopback
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $${PORT:-5000}
+
+tune:
+	$(BIN)/onecycle tune
+
+bench:
+	$(PY) bench/bench.py
+
+lint:
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf data models checkpoints reports mlruns

@@ -1,0 +1,328 @@
+"""params.yaml, loaded once into typed, validated objects.
+
+Every section of DESIGN.md's params.yaml is a frozen pydantic model that forbids unknown keys. A
+wrong key, type or value raises :class:`ConfigError` whose message is one line naming the dotted key
+and what is allowed, for example ``schedule.pct_start must be in (0, 1), got 1.5``. The CLI turns it
+into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+MODELS = ("resnet9", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    # Where the raw dataset is read from: a folder (Debian package, a download, an image folder).
+    # null = the dataset's default (Debian's package directory for fashion_mnist, else a download).
+    source: str | None = None
+    # Examples held out of the training split for model selection, the LR finder and Optuna.
+    val_size: int = Field(5000, ge=0)
+    # Use only the first N (shuffled, seeded) training examples; null = all.
+    train_subset: int | None = Field(None, gt=0)
+    batch_size: int = Field(512, gt=0)
+    # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, see README).
+    num_workers: int = Field(0, ge=0)
+    # Folder that fetch writes data/<dataset>/ under.
+    root: str = "data"
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_source(self) -> DataConfig:
+        if self.dataset == "imagefolder" and not self.source:
+            raise ValueError("data.source: must name a folder with train/ and val/ when data.dataset is imagefolder")
+        if self.dataset == "imagefolder" and not Path(self.source).expanduser().is_dir():
+            raise ValueError(f"data.source: image folder {self.source} does not exist")
+        return self
+
+
+class AugmentConfig(_Section):
+    # Lists of albumentations transforms, each a one-key mapping {Name: {arg: value}}.
+    # Empty = the dataset's standard recipe (see onecycle.transforms).
+    train: list[dict[str, Any] | str] = Field(default_factory=list)
+    eval: list[dict[str, Any] | str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _transforms_exist(self) -> AugmentConfig:
+        from .transforms import check_spec
+
+        check_spec(self.train, "augment.train")
+        check_spec(self.eval, "augment.eval", deterministic=True)
+        return self
+
+
+class ModelConfig(_Section):
+    name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet9"
+    # Multiplies every layer's channel count (resnet9: 1.0 = 64-128-256-512; 0.25 = 16-32-64-128).
+    width: float = Field(1.0, gt=0, le=8)
+    # cifar: 3x3 stride-1 conv, no max-pool (small images); imagenet: 7x7/2 conv + max-pool.
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    zero_init_residual: bool = False
+
+    @model_validator(mode="after")
+    def _width_only_resnet9(self) -> ModelConfig:
+        if self.name != "resnet9" and self.width != 1.0:
+            raise ValueError(f"model.width: only resnet9 scales its width (torchvision's {self.name} is fixed at 1), got {self.width}")
+        return self
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    # Exempt normalization weights and biases from weight decay.
+    no_decay_norm_bias: bool = True
+    # Adam/AdamW only: (beta1, beta2). With cycle_momentum, beta1 follows the momentum cycle.
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+
+class LRFindConfig(_Section):
+    start_lr: float = Field(1e-7, gt=0)
+    end_lr: float = Field(10.0, gt=0)
+    num_iter: int = Field(100, ge=10)
+    # exp: lr_i = start_lr * (end_lr/start_lr) ** (i/(num_iter-1)); linear: evenly spaced.
+    mode: Literal["exp", "linear"] = "exp"
+    # Alternative to end_lr: multiply the LR by this factor each step (exp mode only).
+    step_mult: float | None = Field(None, gt=1)
+    # Exponential moving average factor for the loss (0 = no smoothing), bias corrected.
+    smooth: float = Field(0.98, ge=0, lt=1)
+    # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
+    diverge: float = Field(5.0, gt=1)
+    suggestion: Literal["steepest", "valley", "minimum"] = "valley"
+
+    @model_validator(mode="after")
+    def _range(self) -> LRFindConfig:
+        if self.step_mult is not None and self.mode != "exp":
+            raise ValueError("lr_find.step_mult: only applies to mode exp")
+        if self.step_mult is None and self.start_lr >= self.end_lr:
+            raise ValueError(f"lr_find.start_lr: must be below lr_find.end_lr ({self.end_lr:g}), got {self.start_lr:g}")
+        return self
+
+    @property
+    def resolved_end_lr(self) -> float:
+        """end_lr, or start_lr * step_mult ** (num_iter - 1) when step_mult is given."""
+        if self.step_mult is not None:
+            return self.start_lr * self.step_mult ** (self.num_iter - 1)
+        return self.end_lr
+
+
+class ScheduleConfig(_Section):
+    # Peak learning rate of the cycle, or "auto" = lr_find's chosen suggestion.
+    max_lr: float | Literal["auto"] = "auto"
+    # Fraction of total steps spent warming up; ignored when peak_epoch is set.
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    # Alternative to pct_start: the epoch (may be fractional) at which the LR peaks.
+    peak_epoch: float | None = Field(None, gt=0)
+    # initial_lr = max_lr / div_factor
+    div_factor: float = Field(25.0, gt=0)
+    # final_lr = initial_lr / final_div_factor (1 = end at the initial LR, "no annihilation").
+    final_div_factor: float = Field(1e4, gt=0)
+    three_phase: bool = False
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True
+    base_momentum: float = Field(0.85, ge=0, lt=1)
+    max_momentum: float = Field(0.95, ge=0, lt=1)
+
+    @field_validator("max_lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str) -> float | str:
+        if v != "auto" and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"must be a positive number or auto, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _momenta(self) -> ScheduleConfig:
+        if self.cycle_momentum and self.base_momentum > self.max_momentum:
+            raise ValueError(
+                f"schedule.base_momentum: must not exceed schedule.max_momentum ({self.max_momentum}), "
+                f"got {self.base_momentum}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(4, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU.
+    amp: Literal[False, True, "fp16", "bf16"] = False
+    channels_last: bool = False
+    compile: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Clip the global gradient norm to this value; null = no clipping.
+    grad_clip: float | None = Field(None, gt=0)
+    # Write a resumable checkpoint every N epochs (the best-val checkpoint is always kept).
+    checkpoint_every: int = Field(1, gt=0)
+    # Continue from checkpoints/last.pt when it holds the same configuration.
+    resume: bool = True
+    # Deterministic algorithms (bit-reproducible on CPU; slower on GPU).
+    deterministic: bool = False
+    # torch intra-op threads; 0 = one per physical core torch detects.
+    threads: int = Field(0, ge=0)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_words(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in ("false", "none", "off", "no"):
+            return False
+        if isinstance(v, str) and v.lower() in ("true", "on", "yes"):
+            return True
+        return v
+
+
+class MLflowConfig(_Section):
+    experiment: str = Field("onecycle", min_length=1)
+    # Register the final model under this name; null = do not register.
+    registered_model: str | None = "onecycle-resnet"
+    log_checkpoints: Literal["none", "best", "all"] = "best"
+
+
+class TuneConfig(_Section):
+    n_trials: int = Field(12, gt=0)
+    epochs: int = Field(2, gt=0)
+    # null = a journal file reports/tune/... safe for several processes; or an RDB URL.
+    storage: str | None = None
+    study_name: str = Field("onecycle", min_length=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    metric: str = "val/top1"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    seed: int = 0
+    space: dict[str, Any] = Field(default_factory=dict)
+
+
+class Params(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_find: LRFindConfig = Field(default_factory=LRFindConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """All params as {dotted.key: value}, the form MLflow records."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none), to tell configurations apart."""
+        dump = self.model_dump(mode="json")
+        chosen = {k: dump[k] for k in (sections or dump.keys())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **sections: dict[str, Any]) -> Params:
+        """A copy with some keys of some sections replaced, validated like a loaded file."""
+        raw = self.model_dump(mode="python")
+        for name, updates in sections.items():
+            raw[name] = {**raw[name], **updates}
+        return parse_params(raw)
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal[", "union["))]
+    # pydantic reports union members as extra path parts (e.g. "float", "literal['auto']"); drop them.
+    loc = [p for p in loc if p not in ("float", "int", "str", "bool", "dict[str,any]", "tuple[float, float]")]
+    key = ".".join(loc)
+    kind = err["type"]
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        model: Any = Params
+        for part in parent:
+            field = model.model_fields.get(part)
+            model = field.annotation if field is not None else None
+        allowed = ", ".join(model.model_fields) if model is not None and hasattr(model, "model_fields") else ""
+        where = ".".join(parent) or "the top level"
+        return f"unknown key {key} (allowed in {where}: {allowed})"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if ":" in msg and msg.split(":", 1)[0].count(".") >= 1 and " " not in msg.split(":", 1)[0]:
+            dotted, rest = msg.split(":", 1)
+            return f"{dotted}{rest}"
+        return f"{key} {msg}"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        return f"{key} must be one of {expected.replace(' or ', ', ')}; got {got!r}"
+    bounds = {
+        "greater_than": f"must be > {ctx.get('gt')}",
+        "greater_than_equal": f"must be >= {ctx.get('ge')}",
+        "less_than": f"must be < {ctx.get('lt')}",
+        "less_than_equal": f"must be <= {ctx.get('le')}",
+    }
+    if kind in bounds:
+        return f"{key} {bounds[kind]}, got {got!r}"
+    return f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+
+
+# Bounds that read better as an interval than as two separate checks.
+_INTERVALS = {"schedule.pct_start": "(0, 1)", "lr_find.smooth": "[0, 1)", "train.label_smoothing": "[0, 1)"}
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping; raise ConfigError with one line naming the dotted key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    for section, value in raw.items():
+        if value is None and section in Params.model_fields:
+            raise ConfigError(f"{section} must be a mapping, got null")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        line = _describe(err, raw)
+        key = line.split(" ", 1)[0]
+        if key in _INTERVALS and "must be" in line:
+            line = f"{key} must be in {_INTERVALS[key]}, got {err.get('input')!r}"
+        raise ConfigError(line) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (a missing file means all defaults is NOT assumed: it is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found (pass --params PATH)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_params(raw)

@@ -1,0 +1,133 @@
+"""PyTorch datasets and loaders over what ``fetch`` wrote.
+
+Randomness is tied to the epoch, not to how many batches came before: the shuffle order and the
+augmentation RNG of epoch ``e`` derive from ``(seed, e)``. A run resumed at epoch ``e`` therefore
+sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import DatasetInfo, load_arrays, load_index, split_train_val
+from .transforms import apply, build_eval_transforms, build_train_transforms
+
+# The train/val split is fixed across seeds so that every run and trial is judged on the same examples.
+SPLIT_SEED = 0
+
+
+class ArrayDataset(Dataset):
+    """uint8 N x H x W x C images in memory, transformed per item into CHW float32 tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, worker: int = 0) -> None:
+        """Reseed the augmentation RNG for ``epoch`` (and a DataLoader worker)."""
+        self.transform.set_random_seed((self.seed * 1_000_003 + epoch * 1009 + worker) % 2**32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(apply(self.transform, self.load(i))), int(self.labels[i])
+
+
+class ImageFileDataset(ArrayDataset):
+    """Images read from files (an image folder), converted to RGB or grayscale as the model expects."""
+
+    def __init__(self, root: Path, paths: list[str], labels: np.ndarray, transform, channels: int = 3, seed: int = 0):
+        self.root, self.paths, self.channels = Path(root), paths, channels
+        super().__init__(None, labels, transform, seed)
+
+    def load(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.root / self.paths[i]) as im:
+            arr = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles (or not) the same way for the same (seed, epoch); ``set_epoch`` as with DistributedSampler."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    ds = info.dataset
+    base = getattr(ds, "dataset", ds)  # Subset wraps the real dataset
+    if hasattr(base, "transform"):
+        base.transform.set_random_seed((info.seed + worker_id) % 2**32)
+
+
+def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
+    if ds.images is not None:
+        ds.images = ds.images[idx]
+    else:
+        ds.paths = [ds.paths[i] for i in idx]
+    ds.labels = ds.labels[idx]
+    return ds
+
+
+def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> ArrayDataset:
+    """The ``train``, ``val`` or ``test`` split as a dataset, with train or eval transforms."""
+    data = params.data
+    h, w, c = info.image_shape
+    if train_augment:
+        tf = build_train_transforms(params.augment, data.dataset, h, info.mean, info.std)
+    else:
+        tf = build_eval_transforms(params.augment, data.dataset, info.mean, info.std)
+    source_split = "test" if split == "test" else "train"
+    if data.dataset == "imagefolder":
+        root, paths, labels = load_index(data, source_split)
+        ds: ArrayDataset = ImageFileDataset(root, paths, labels, tf, channels=c, seed=params.train.seed)
+    else:
+        images, labels = load_arrays(data, source_split)
+        ds = ArrayDataset(images, labels, tf, seed=params.train.seed)
+    if split != "test":
+        train_idx, val_idx = split_train_val(len(ds), data.val_size, SPLIT_SEED, data.train_subset)
+        ds = _subset(ds, train_idx if split == "train" else val_idx)
+    return ds
+
+
+def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
+                drop_last: bool = False, pin_memory: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    """A DataLoader whose order and augmentation depend only on (seed, epoch); call ``set_epoch`` each epoch."""
+    sampler = sampler or EpochSampler(len(ds), shuffle, seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+                      generator=torch.Generator(), persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reseed a loader's shuffle order and augmentation for ``epoch``."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    if loader.generator is not None:
+        # Workers seed their transforms from the loader's base seed, which is drawn from this generator.
+        loader.generator.manual_seed(getattr(loader.dataset, "seed", 0) * 1_000_003 + epoch)

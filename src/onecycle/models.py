@@ -1,0 +1,94 @@
+"""The ResNet family: the DAWNBench ResNet9 and torchvision's ResNet-18 ... ResNet-152.
+
+``resnet9`` is the "custom ResNet" of the DAWNBench CIFAR-10 entries (Myrtle.ai): prep 64, layer1 128
+with a residual block, layer2 256, layer3 512 with a residual block, global max-pool, linear with the
+output scaled by 1/8. ``model.width`` scales every channel count. The deeper ones are torchvision's own
+implementations, with the first convolution and max-pool swapped for a 3x3 stride-1 stem when
+``model.stem`` is ``cifar``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Residual(nn.Module):
+    """x + f(x), where f is two conv-bn-relu blocks of the same width."""
+
+    def __init__(self, channels: int, zero_init: bool = False):
+        super().__init__()
+        self.res1 = _conv_bn(channels, channels)
+        self.res2 = _conv_bn(channels, channels)
+        if zero_init:
+            nn.init.zeros_(self.res2[1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res2(self.res1(x))
+
+
+class ResNet9(nn.Module):
+    """DAWNBench ResNet9; ``width`` scales the 64-128-256-512 channel counts."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, stem: str = "cifar",
+                 zero_init_residual: bool = False):
+        super().__init__()
+        c = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
+        if stem == "imagenet":
+            self.prep = nn.Sequential(
+                nn.Conv2d(in_channels, c[0], kernel_size=7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        else:
+            self.prep = _conv_bn(in_channels, c[0])
+        self.layer1 = nn.Sequential(_conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1], zero_init_residual))
+        self.layer2 = nn.Sequential(_conv_bn(c[1], c[2]), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(_conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3], zero_init_residual))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(c[3], num_classes, bias=False)
+        # The DAWNBench entries scale the logits by 1/8 so that the initial loss is near log(classes).
+        self.logit_scale = 0.125
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
+
+
+def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
+    """The network ``model.name`` names, sized for the dataset's classes and channels."""
+    name = model_cfg.name
+    if name == "resnet9":
+        return ResNet9(num_classes, in_channels, model_cfg.width, model_cfg.stem, model_cfg.zero_init_residual)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
+                                              zero_init_residual=model_cfg.zero_init_residual)
+    if model_cfg.stem == "cifar":
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if model.conv1 is not None:
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_summary(model: nn.Module, input_size: tuple[int, ...]) -> str:
+    """A torchinfo summary (layers, output shapes, parameter counts, mult-adds) as text."""
+    import torchinfo
+
+    stats = torchinfo.summary(model, input_size=input_size, verbose=0, device="cpu", mode="eval",
+                              col_names=("output_size", "num_params", "mult_adds"))
+    return str(stats)

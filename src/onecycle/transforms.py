@@ -1,0 +1,149 @@
+"""Augmentations, declared as data in params.yaml and built in one place.
+
+``augment.train`` / ``augment.eval`` are lists of albumentations transforms, each either a bare name
+(``HorizontalFlip``) or a one-key mapping ``{RandomCrop: {height: 28, width: 28}}``. An empty list means
+the dataset's standard recipe (``default_train_spec`` / ``default_eval_spec``). Normalization with the
+per-channel statistics that ``fetch`` measured is always appended, so users never list it.
+
+The eval pipeline has no randomness: :func:`check_spec` refuses random transforms there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import warnings
+from typing import Any
+
+import numpy as np
+
+Spec = list[dict[str, Any] | str]
+
+
+@functools.cache
+def _albumentations():
+    import albumentations as A  # noqa: N812  (3 s import; only loaded when transforms are built)
+
+    return A
+
+
+@functools.cache
+def transform_names() -> tuple[str, ...]:
+    """Every albumentations transform class name users may list."""
+    A = _albumentations()  # noqa: N806
+    base = (A.BasicTransform,)
+    return tuple(
+        sorted(n for n, obj in vars(A).items() if inspect.isclass(obj) and issubclass(obj, base) and not n.startswith("_"))
+    )
+
+
+def default_train_spec(dataset: str, image_size: int) -> Spec:
+    """The standard training augmentation of each dataset kind."""
+    if dataset in ("cifar10", "cifar100"):
+        # DAWNBench ResNet9 recipe: pad 4 (to 40), random 32 crop, flip, one 8x8 cutout hole.
+        return [
+            {"PadIfNeeded": {"min_height": image_size + 8, "min_width": image_size + 8, "border_mode": 4}},
+            {"RandomCrop": {"height": image_size, "width": image_size}},
+            {"HorizontalFlip": {"p": 0.5}},
+            {"CoarseDropout": {"num_holes_range": [1, 1], "hole_height_range": [8, 8], "hole_width_range": [8, 8], "p": 1.0}},
+        ]
+    if dataset == "imagefolder":
+        return [{"RandomResizedCrop": {"size": [224, 224]}}, {"HorizontalFlip": {"p": 0.5}}]
+    # fashion_mnist: pad 2 with zeros, random crop back to 28, flip.
+    return [
+        {"PadIfNeeded": {"min_height": image_size + 4, "min_width": image_size + 4, "border_mode": 0, "fill": 0}},
+        {"RandomCrop": {"height": image_size, "width": image_size}},
+        {"HorizontalFlip": {"p": 0.5}},
+    ]
+
+
+def default_eval_spec(dataset: str) -> Spec:
+    """The standard (deterministic) eval preprocessing of each dataset kind."""
+    if dataset == "imagefolder":
+        return [{"SmallestMaxSize": {"max_size": 256}}, {"CenterCrop": {"height": 224, "width": 224}}]
+    return []
+
+
+def _split(item: dict[str, Any] | str, where: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, str):
+        return item, {}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"{where} must be a transform name or a one-key mapping {{Name: {{arg: value}}}}, got {item!r}")
+    (name, args), = item.items()
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.{name} arguments must be a mapping, got {args!r}")
+    return str(name), dict(args)
+
+
+def _build_one(name: str, args: dict[str, Any], where: str):
+    A = _albumentations()  # noqa: N806
+    names = transform_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see albumentations' transform list"
+        raise ValueError(f"{where} unknown transform {name!r}{hint}")
+    cls = getattr(A, name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    allowed = [p for p in params if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in args if k not in allowed]
+    if unknown and not takes_kwargs:
+        raise ValueError(f"{where}.{name} has no argument {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    # albumentations takes tuples where YAML gives lists.
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            return cls(**args)
+    except Exception as exc:  # albumentations validates with pydantic; keep its first complaint on one line
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{where}.{name} bad arguments: {detail[:300]}") from None
+
+
+def check_spec(spec: Spec, where: str, *, deterministic: bool = False) -> None:
+    """Build every transform of ``spec`` once to validate names and arguments; raise ValueError naming the key."""
+    for i, item in enumerate(spec):
+        name, args = _split(item, f"{where}[{i}]")
+        t = _build_one(name, args, f"{where}[{i}]")
+        if deterministic and _is_random(t):
+            raise ValueError(f"{where}[{i}] {name} is random; the eval pipeline must be deterministic")
+
+
+def _is_random(t) -> bool:
+    from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform  # noqa: F401
+
+    if getattr(t, "p", 1.0) < 1.0:
+        return True
+    name = type(t).__name__
+    return name.startswith("Random") or name in ("HorizontalFlip", "VerticalFlip", "CoarseDropout", "GridDropout",
+                                                   "Affine", "ShiftScaleRotate", "ColorJitter", "GaussNoise")
+
+
+def _compose(spec: Spec, where: str, mean: list[float], std: list[float]):
+    A = _albumentations()  # noqa: N806
+    steps = [_build_one(*_split(item, f"{where}[{i}]"), f"{where}[{i}]") for i, item in enumerate(spec)]
+    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    return A.Compose(steps)
+
+
+def build_train_transforms(augment, dataset: str, image_size: int, mean: list[float], std: list[float]):
+    """The training pipeline: ``augment.train`` (or the dataset default), then normalization."""
+    spec = augment.train or default_train_spec(dataset, image_size)
+    return _compose(spec, "augment.train", mean, std)
+
+
+def build_eval_transforms(augment, dataset: str, mean: list[float], std: list[float]):
+    """The eval pipeline (no randomness): ``augment.eval`` (or the dataset default), then normalization."""
+    spec = augment.eval or default_eval_spec(dataset)
+    return _compose(spec, "augment.eval", mean, std)
+
+
+def apply(transform, image: np.ndarray) -> np.ndarray:
+    """Run an albumentations pipeline on one HWC uint8 image; return a CHW float32 array."""
+    out = transform(image=image)["image"]
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
