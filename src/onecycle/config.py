@@ -107,8 +107,8 @@ class LRFindConfig(_Section):
     mode: Literal["exp", "linear"] = "exp"
     # Alternative to end_lr: multiply the LR by this factor each step (exp mode only).
     step_mult: float | None = Field(None, gt=1)
-    # Exponential moving average factor for the loss (0 = no smoothing), bias corrected.
-    smooth: float = Field(0.98, ge=0, lt=1)
+    # Weight of the running average in the loss EMA (0 = no smoothing; fastai uses 0.98 over more steps), bias corrected.
+    smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
     suggestion: Literal["steepest", "valley", "minimum"] = "valley"
@@ -224,6 +224,13 @@ class Params(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _peak_inside_training(self) -> Params:
+        peak = self.schedule.peak_epoch
+        if peak is not None and peak >= self.train.epochs:
+            raise ValueError(f"schedule.peak_epoch: must be below train.epochs ({self.train.epochs}), got {peak:g}")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """All params as {dotted.key: value}, the form MLflow records."""

@@ -1,8 +1,9 @@
 """PyTorch datasets and loaders over what ``fetch`` wrote.
 
-Randomness is tied to the epoch, not to how many batches came before: the shuffle order and the
-augmentation RNG of epoch ``e`` derive from ``(seed, e)``. A run resumed at epoch ``e`` therefore
-sees exactly the batches an uninterrupted run would have seen.
+Randomness is tied to the epoch and the batch, not to how many batches came before: the shuffle
+order of epoch ``e`` derives from ``(seed, e)`` and the augmentation RNG of a batch from
+``(seed, e, first index of the batch)``. A run resumed at epoch ``e`` therefore sees exactly the
+batches an uninterrupted run would have seen, whatever the number of DataLoader workers.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
-        self.set_epoch(0)
+        self.epoch = 0
 
-    def set_epoch(self, epoch: int, worker: int = 0) -> None:
-        """Reseed the augmentation RNG for ``epoch`` (and a DataLoader worker)."""
-        self.transform.set_random_seed((self.seed * 1_000_003 + epoch * 1009 + worker) % 2**32)
+    def set_epoch(self, epoch: int) -> None:
+        """Make the augmentation of the following batches depend on ``epoch``."""
+        self.epoch = epoch
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """One batch; the DataLoader calls this instead of __getitem__ per index. Seeds once per batch."""
+        self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + int(indices[0])) % 2**32)
+        return [self[i] for i in indices]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,14 +81,6 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    ds = info.dataset
-    base = getattr(ds, "dataset", ds)  # Subset wraps the real dataset
-    if hasattr(base, "transform"):
-        base.transform.set_random_seed((info.seed + worker_id) % 2**32)
-
-
 def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
     if ds.images is not None:
         ds.images = ds.images[idx]
@@ -118,8 +116,7 @@ def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, 
     """A DataLoader whose order and augmentation depend only on (seed, epoch); call ``set_epoch`` each epoch."""
     sampler = sampler or EpochSampler(len(ds), shuffle, seed)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
-                      generator=torch.Generator(), persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -128,6 +125,3 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
-    if loader.generator is not None:
-        # Workers seed their transforms from the loader's base seed, which is drawn from this generator.
-        loader.generator.manual_seed(getattr(loader.dataset, "seed", 0) * 1_000_003 + epoch)

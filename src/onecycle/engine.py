@@ -1,0 +1,226 @@
+"""The pieces lr_find, train and tune share, so that all three train the same way.
+
+Device and precision, the optimizer, the loss, one training step and one evaluation pass live here
+and nowhere else. Mixed precision has one code path: ``autocast(enabled=...)`` plus
+``GradScaler(enabled=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import rng_state, set_rng_state
+from .data import DatasetInfo, load_info
+from .errors import OneCycleError
+from .loaders import build_split, make_loader
+from .models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(OneCycleError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OneCycleError("train.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OneCycleError("train.device is mps but MPS is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device``; None = fp32 (always on CPU: bf16 is slow there)."""
+    if device.type != "cuda" or amp is False:
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    """Parameters split into decayed and (optionally) undecayed norm weights and biases."""
+    if not no_decay_norm_bias or weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+            (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(opt_cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov), Adam or AdamW with weight decay per ``optimizer.*``."""
+    groups = param_groups(model, opt_cfg.weight_decay, opt_cfg.no_decay_norm_bias)
+    if opt_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=opt_cfg.momentum,
+                               nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0)
+    cls = torch.optim.Adam if opt_cfg.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, betas=opt_cfg.betas)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return (images.to(device, non_blocking=True, memory_format=fmt), labels.to(device, non_blocking=True))
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, loss_fn: nn.Module, device: torch.device, dtype: torch.dtype | None,
+               grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch; returns (loss, logits), detached. The LR is not touched here."""
+    with autocast(device, dtype):
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool = False,
+             collect: bool = False) -> dict:
+    """Loss, top-1 and top-5 over ``loader`` (sums, so the result is exact for any batch size).
+
+    With ``collect``, also returns every prediction's logits and label (for the evaluate stage).
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        top1 += (topk[:, 0] == labels).sum().item()
+        top5 += (topk == labels[:, None]).any(dim=1).sum().item()
+        n += labels.numel()
+        if collect:
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    model.train(was_training)
+    out = {"loss": loss_sum / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
+    if collect:
+        out["logits"] = torch.cat(all_logits) if all_logits else torch.empty(0)
+        out["labels"] = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return out
+
+
+@dataclass
+class Setup:
+    """Everything built from params that a training-like stage needs."""
+
+    info: DatasetInfo
+    device: torch.device
+    dtype: torch.dtype | None
+    model: nn.Module
+    loss_fn: nn.Module
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+
+
+def configure_threads(threads: int) -> None:
+    """Set torch's intra-op threads (0 = leave torch's default, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def build_setup(params, *, with_val: bool = True) -> Setup:
+    """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them."""
+    info = load_info(params.data)
+    tcfg = params.train
+    configure_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    dtype = amp_dtype(tcfg.amp, device)
+    seed_everything(tcfg.seed, tcfg.deterministic)
+    model = build_model(params.model, info.num_classes, info.in_channels).to(device)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pin = device.type == "cuda"
+    train_ds = build_split(params, info, "train", train_augment=True)
+    train_loader = make_loader(train_ds, params.data.batch_size, shuffle=True, seed=tcfg.seed,
+                               num_workers=params.data.num_workers, drop_last=False, pin_memory=pin)
+    val_loader = None
+    if with_val and params.data.val_size > 0:
+        val_ds = build_split(params, info, "val", train_augment=False)
+        val_loader = make_loader(val_ds, params.data.batch_size, shuffle=False, seed=0,
+                                 num_workers=params.data.num_workers, pin_memory=pin)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
+    return Setup(info, device, dtype, model, loss_fn, train_loader, val_loader)
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise DivergenceError(f"the training loss became {loss.item()} at {where}; lower schedule.max_lr "
+                              "(or div_factor), or enable train.grad_clip")
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """Restore the model's weights and buffers, the optimizer and every RNG exactly on exit."""
+    import copy
+
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    saved_rng = rng_state()
+    was_training = model.training
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved_model)
+        if optimizer is not None:
+            optimizer.load_state_dict(saved_opt)
+        set_rng_state(saved_rng)
+        model.train(was_training)

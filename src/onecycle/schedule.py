@@ -1,0 +1,44 @@
+"""The One Cycle policy (Smith & Topin), built on ``torch.optim.lr_scheduler.OneCycleLR``.
+
+The scheduler is stepped once per optimizer step, right after ``optimizer.step()``, in the training
+loop's one place for it (``train.train_one_epoch``). Step ``i`` (0-based) uses the LR the scheduler
+holds after ``i`` calls to ``scheduler.step()``; the LR peaks at step ``pct_start * total_steps - 1``
+and the last step runs at ``max_lr / div_factor / final_div_factor``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_pct_start(sched_cfg, epochs: int) -> float:
+    """``pct_start``, or ``peak_epoch / epochs`` when ``peak_epoch`` is given (CIFAR recipe: 5 of 24)."""
+    if sched_cfg.peak_epoch is not None:
+        return sched_cfg.peak_epoch / epochs
+    return sched_cfg.pct_start
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, max_lr: float, epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycleLR over ``epochs * steps_per_epoch`` optimizer steps with every knob of ``schedule.*``."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=epochs * steps_per_epoch,
+        pct_start=resolve_pct_start(sched_cfg, epochs),
+        anneal_strategy=sched_cfg.anneal_strategy,
+        cycle_momentum=sched_cfg.cycle_momentum,
+        base_momentum=sched_cfg.base_momentum,
+        max_momentum=sched_cfg.max_momentum,
+        div_factor=sched_cfg.div_factor,
+        final_div_factor=sched_cfg.final_div_factor,
+        three_phase=sched_cfg.three_phase,
+    )
+
+
+def current_momentum(optimizer: torch.optim.Optimizer) -> float:
+    """SGD momentum, or Adam's beta1."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group.get("momentum", 0.0))
