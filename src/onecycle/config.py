@@ -111,7 +111,7 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    suggestion: Literal["steepest", "valley", "minimum"] = "valley"
+    suggestion: Literal["steepest", "valley", "minimum"] = "minimum"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:

@@ -25,6 +25,7 @@ from .errors import OneCycleError
 log = logging.getLogger(__name__)
 
 REPORT = Path("reports/lr_find.json")
+CURVE_CSV = Path("reports/lr_find.csv")  # the curve as rows, for `dvc plots`
 PLOT = Path("reports/lr_find.png")
 # fastai trims the first tenth and the last 5 points of the curve before suggesting (noisy ends).
 SKIP_END = 5
@@ -277,6 +278,10 @@ def _run(params, args) -> int:
         # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
         report["curve"] = [{"lr": lr, "loss": _finite(loss), "smoothed_loss": _finite(sm)}
                            for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed, strict=True)]
+        atomic_write_text(CURVE_CSV, "lr,loss,smoothed_loss\n" + "".join(
+            f"{r['lr']!r},{'' if r['loss'] is None else r['loss']},{'' if r['smoothed_loss'] is None else r['smoothed_loss']}\n"
+            for r in report["curve"]))
+        del report["curve"]
         report["losses"] = [_finite(v) for v in result.losses]
         report["smoothed"] = [_finite(v) for v in result.smoothed]
         atomic_write_text(REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")

@@ -39,21 +39,33 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
 
 
+# URIs this process chose itself. mlflow.set_tracking_uri() copies its argument into the
+# MLFLOW_TRACKING_URI environment variable, which must not then pass for the user's choice.
+_SET_BY_US: set[str] = set()
+
+
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when the user set it (a team server), else None."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri not in _SET_BY_US else None
+
+
 def configure(experiment: str) -> str:
     """Point MLflow at the project's store and select ``experiment``; return its id."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = user_tracking_uri()
     if not uri:
         root = workspace_root()
         (root / "mlruns").mkdir(parents=True, exist_ok=True)
         uri = default_tracking_uri(root)
+        _SET_BY_US.add(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
-        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        if uri in _SET_BY_US:
             location = (workspace_root() / "mlruns" / "artifacts").as_uri()
         try:
             exp_id = client.create_experiment(experiment, artifact_location=location)

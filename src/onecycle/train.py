@@ -321,26 +321,28 @@ def model_bundle(params, info, state_dict: dict) -> dict[str, Any]:
 
 
 def log_final_model(params, setup: Setup, state_dict: dict) -> str | None:
-    """Log the best model with ``mlflow.pytorch.log_model`` (softmax output, signature, input example), registered."""
+    """Log the best model with ``mlflow.pytorch.log_model`` (softmax output, signature, input example), registered.
+
+    MLflow saves it in its "pt2" format (``torch.export``): loading it runs no pickled code.
+    """
     import mlflow
     import numpy as np
     from mlflow.models import infer_signature
 
-    import onecycle
     from .models import build_model
 
     model = build_model(params.model, setup.info.num_classes, setup.info.in_channels)
     model.load_state_dict(state_dict)
     served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     loader = setup.val_loader or setup.train_loader
-    example = loader.dataset[0][0][None].numpy().astype(np.float32)
+    # Two examples: with one, torch.export (MLflow's default "pt2" format) would fix the batch size to 1.
+    example = torch.stack([loader.dataset[i][0] for i in range(2)]).numpy().astype(np.float32)
     with torch.no_grad():
         probs = served(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, probs)
     info = mlflow.pytorch.log_model(
         served, name="model", signature=signature, input_example=example,
-        registered_model_name=params.mlflow.registered_model,
-        code_paths=[str(Path(onecycle.__file__).parent)],
+        registered_model_name=params.mlflow.registered_model, serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
     )
     return info.model_uri

@@ -1,0 +1,267 @@
+"""The One Cycle schedule's numeric contract, and the trainer: MLflow run, checkpoints, resume, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from onecycle import checkpoint as ckpt
+from onecycle.config import ScheduleConfig, parse_params
+from onecycle.errors import ConfigError
+from onecycle.schedule import build_scheduler, current_momentum
+from tiny import tiny_params, write_fetched
+
+
+def _run_schedule(cfg: ScheduleConfig, epochs: int, steps_per_epoch: int, max_lr: float = 0.4, opt: str = "sgd"):
+    """The (lr, momentum) each optimizer step runs with, stepping the scheduler once per step."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=0.1, momentum=0.9) if opt == "sgd" else torch.optim.Adam([p], lr=0.1)
+    sched = build_scheduler(optimizer, cfg, max_lr, epochs, steps_per_epoch)
+    seen = []
+    for _ in range(epochs * steps_per_epoch):
+        seen.append((optimizer.param_groups[0]["lr"], current_momentum(optimizer)))
+        optimizer.step()
+        sched.step()
+    return np.array(seen)
+
+
+def test_one_cycle_peaks_at_pct_start_and_ends_at_the_final_lr():
+    cfg = ScheduleConfig(pct_start=0.25, div_factor=25, final_div_factor=1e4)
+    seen = _run_schedule(cfg, epochs=4, steps_per_epoch=10, max_lr=0.4)
+    lrs, moms = seen[:, 0], seen[:, 1]
+    assert lrs[0] == pytest.approx(0.4 / 25, rel=1e-12)
+    assert int(np.argmax(lrs)) == 9  # pct_start * total_steps - 1
+    assert lrs[9] == pytest.approx(0.4, rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.4 / 25 / 1e4, rel=1e-9)
+    # momentum cycles inversely: max at the start and end, base at the peak LR
+    assert moms[0] == pytest.approx(0.95) and moms[9] == pytest.approx(0.85) and moms[-1] == pytest.approx(0.95)
+
+
+def test_peak_epoch_and_no_annihilation_match_the_cifar_recipe():
+    # DAWNBench: peak at epoch 5 of 24, linear, ending where it started (final_div_factor 1).
+    cfg = ScheduleConfig(peak_epoch=5, anneal_strategy="linear", div_factor=10, final_div_factor=1)
+    seen = _run_schedule(cfg, epochs=24, steps_per_epoch=3, max_lr=0.4)
+    lrs = seen[:, 0]
+    assert int(np.argmax(lrs)) == 5 * 3 - 1
+    assert lrs[-1] == pytest.approx(0.04, rel=1e-9) == lrs[0]
+    # linear warm-up: constant increments
+    np.testing.assert_allclose(np.diff(lrs[:15]), (0.4 - 0.04) / 14, rtol=1e-9)
+
+
+def test_three_phase_ends_at_the_final_lr():
+    cfg = ScheduleConfig(pct_start=0.3, three_phase=True, div_factor=20, final_div_factor=100)
+    lrs = _run_schedule(cfg, epochs=2, steps_per_epoch=50, max_lr=1.0)[:, 0]
+    assert int(np.argmax(lrs)) == 29
+    assert lrs[58] == pytest.approx(1.0 / 20, rel=1e-9)  # back to the initial LR: torch ends phase 2 at 2 pct T - 2
+    assert lrs[-1] == pytest.approx(1.0 / 20 / 100, rel=1e-9)
+
+
+def test_adam_cycles_beta1():
+    seen = _run_schedule(ScheduleConfig(pct_start=0.5), epochs=1, steps_per_epoch=10, opt="adam")
+    assert seen[0, 1] == pytest.approx(0.95) and seen[4, 1] == pytest.approx(0.85)
+
+
+def test_scheduler_state_dict_round_trip_continues_exactly():
+    cfg = ScheduleConfig()
+    full = _run_schedule(cfg, epochs=3, steps_per_epoch=7)[:, 0]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = build_scheduler(opt, cfg, 0.4, 3, 7)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    state_opt, state_sched = opt.state_dict(), sched.state_dict()
+    opt2 = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched2 = build_scheduler(opt2, cfg, 0.4, 3, 7)
+    opt2.load_state_dict(state_opt)
+    sched2.load_state_dict(state_sched)
+    rest = []
+    for _ in range(21 - 8):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    np.testing.assert_array_equal(np.array(rest), full[8:])
+
+
+def test_peak_epoch_must_lie_inside_training():
+    with pytest.raises(ConfigError, match=r"^schedule\.peak_epoch must be below train\.epochs \(4\), got 4"):
+        parse_params({"schedule": {"peak_epoch": 4}, "train": {"epochs": 4}})
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    write_fetched(tmp_path / "data", n_train=600, n_test=100)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _client(workdir):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def _history(workdir):
+    with open(workdir / "reports/history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
+    import mlflow
+
+    from onecycle.train import main
+
+    tiny_params(workdir, mlflow={"registered_model": "tiny-resnet", "log_checkpoints": "best"})
+    assert main(["--params", "params.yaml"]) == 0
+    summary = json.loads((workdir / "reports/train.json").read_text())
+    client = _client(workdir)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["schedule.pct_start"] == "0.25"
+    assert run.data.params["model.name"] == "resnet9"
+    for tag in ("git_commit", "git_dirty", "device", "torch_version", "dataset"):
+        assert tag in run.data.tags
+    assert run.data.tags["dataset"] == "fashion_mnist"
+    # one point per epoch, one lr point per optimizer step (472 train images / 64 = 8 steps per epoch)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == list(range(16))
+    # the synthetic task is easy: two epochs must beat chance (10%) clearly
+    assert summary["best_val_top1"] > 0.3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/best.pt"}
+    assert any(a.path == "model_summary.txt" for a in client.list_artifacts(run.info.run_id))
+    versions = client.search_model_versions("name='tiny-resnet'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+    model = mlflow.pytorch.load_model("models:/tiny-resnet/1")
+    x = torch.randn(3, 1, 28, 28)
+    probs = model(x).detach()
+    assert probs.shape == (3, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+    # models/model.pt loads without running code and holds what rebuilds the model
+    bundle = ckpt.load(workdir / "models/model.pt")
+    assert bundle["dataset"]["classes"][0] == "class0" and bundle["model"]["width"] == 0.125
+    rows = _history(workdir)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from onecycle import train as train_mod
+
+    results = {}
+    for name in ("straight", "interrupted"):
+        work = tmp_path / name
+        write_fetched(work / "data", n_train=600, n_test=100)
+        monkeypatch.chdir(work)
+        tiny_params(work, train={"epochs": 3})
+        if name == "interrupted":
+            real = train_mod.train_one_epoch
+
+            def crash_in_epoch_3(*args, **kwargs):
+                if kwargs["epoch"] == 2:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_3)
+            assert train_mod.main(["--params", "params.yaml"]) == 130
+            first = ckpt.load(work / "checkpoints/last.pt")
+            assert first["epoch"] == 2
+            assert len(_history(work)) == 2
+            monkeypatch.setattr(train_mod, "train_one_epoch", real)
+        assert train_mod.main(["--params", "params.yaml"]) == 0
+        summary = json.loads((work / "reports/train.json").read_text())
+        if name == "interrupted":
+            assert summary["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continued
+        client = _client(work)
+        run_id = summary["mlflow_run_id"]
+        results[name] = {
+            "model": ckpt.load(work / "models/model.pt")["state_dict"],
+            "history": [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")}
+                        for r in _history(work)],
+            "val_steps": sorted(m.step for m in client.get_metric_history(run_id, "val/top1")),
+            "lr_steps": sorted(m.step for m in client.get_metric_history(run_id, "lr")),
+            "runs": len(client.search_runs([client.get_experiment_by_name("test").experiment_id])),
+        }
+    a, b = results["straight"], results["interrupted"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"] == b["history"]
+    assert b["val_steps"] == [1, 2, 3]  # no duplicated or missing epoch rows
+    assert b["lr_steps"] == a["lr_steps"] == list(range(24))
+    assert b["runs"] == 1
+
+
+@pytest.mark.slow
+def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workdir, caplog):
+    from onecycle.train import main
+
+    tiny_params(workdir, train={"epochs": 1})
+    assert main(["--params", "params.yaml"]) == 0
+    first = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
+    tiny_params(workdir, train={"epochs": 1}, schedule={"max_lr": 0.02})
+    assert main(["--params", "params.yaml"]) == 0
+    second = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
+    assert second != first
+    assert "different configuration" in caplog.text
+    assert ckpt.load(workdir / "checkpoints/previous/last.pt")["mlflow_run_id"] == first
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpoint(workdir, monkeypatch, capsys):
+    from onecycle import engine
+    from onecycle import train as train_mod
+
+    tiny_params(workdir, train={"epochs": 3})
+    real_step = engine.train_step
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        loss, logits = real_step(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 10 else loss), logits  # 8 steps per epoch
+
+    monkeypatch.setattr(train_mod, "train_step", nan_in_epoch_2)
+    assert train_mod.main(["--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the training loss became nan at epoch 2, step 11" in err
+    client = _client(workdir)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "nan" in runs[0].data.tags["failure_reason"]
+    best = ckpt.load(workdir / "checkpoints/best.pt")
+    assert best["epoch"] == 1
+    assert ckpt.load(workdir / "models/model.pt")["format"] == "onecycle-model/1"
+
+
+def test_max_lr_auto_without_lr_find_report_is_a_clear_error(workdir, capsys):
+    from onecycle.train import main
+
+    tiny_params(workdir, schedule={"max_lr": "auto"})
+    assert main(["--params", "params.yaml"]) == 1
+    assert "run `onecycle lr-find`" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_is_reported_not_replaced(workdir, capsys):
+    from onecycle.train import main
+
+    tiny_params(workdir)
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints/last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoints/last.pt is not a readable checkpoint" in err
+    assert (workdir / "checkpoints/last.pt").read_bytes() == b"PK\x03\x04 truncated"
+    assert not (workdir / "mlruns").exists()
+
+
+def test_params_flat_names_are_dotted():
+    names = parse_params({}).flat()
+    assert names["schedule.max_lr"] == "auto" and names["optimizer.betas"] == [0.9, 0.999]
