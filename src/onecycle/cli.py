@@ -17,6 +17,7 @@ COMMANDS = {
     "lr-find": ("onecycle.lr_find", "run the LR range test; write reports/lr_find.json and .png"),
     "train": ("onecycle.train", "train with the One Cycle policy; track the run in MLflow"),
     "evaluate": ("onecycle.evaluate", "evaluate models/model.pt on the test split"),
+    "predict": ("onecycle.predict", "top-k classes of image files from models/model.pt or an MLflow model"),
 }
 
 
@@ -34,9 +35,15 @@ def one_line(exc: BaseException) -> str:
 
 def run_command(name: str, description: str | None, argv: Sequence[str] | None,
                 body: Callable[[object, argparse.Namespace], int | None],
-                add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
-    """Parse a stage's arguments, load params, run ``body(params, args)``; user errors become one line + exit code."""
-    from .config import load_params
+                add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                params_optional: bool = False) -> int:
+    """Parse a stage's arguments, load params, run ``body(params, args)``; user errors become one line + exit code.
+
+    With ``params_optional`` a missing params file means the defaults (for commands usable outside the repo).
+    """
+    from pathlib import Path
+
+    from .config import load_params, parse_params
 
     parser = argparse.ArgumentParser(prog=f"onecycle {name}", description=description)
     parser.add_argument("--params", default="params.yaml", metavar="PATH", help="params file (default: params.yaml)")
@@ -46,7 +53,10 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        params = load_params(args.params)
+        if params_optional and args.params == "params.yaml" and not Path(args.params).exists():
+            params = parse_params({})
+        else:
+            params = load_params(args.params)
         return int(body(params, args) or 0)
     except OneCycleError as exc:
         print(f"onecycle {name}: error: {one_line(exc)}", file=sys.stderr)

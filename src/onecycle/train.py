@@ -343,6 +343,8 @@ def log_final_model(params, setup: Setup, state_dict: dict) -> str | None:
     info = mlflow.pytorch.log_model(
         served, name="model", signature=signature, input_example=example,
         registered_model_name=params.mlflow.registered_model, serialization_format="pt2",
+        # what `onecycle predict --model-uri` needs to preprocess images and name classes
+        metadata={"onecycle": {k: v for k, v in model_bundle(params, setup.info, {}).items() if k != "state_dict"}},
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
     )
     return info.model_uri

@@ -1,0 +1,242 @@
+"""End to end: a temporary clone of this repo, tiny params, the real `dvc repro`, MLflow store, serving and UI.
+
+One clone and one `dvc repro` (module fixture) serve every test here; each asserts on what a user
+would look at: dvc.lock, `dvc metrics show`, the reports, the MLflow run, `onecycle predict`,
+`mlflow models serve` and `mlflow ui` answering over HTTP on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+                       reason="needs Debian's dataset-fashion-mnist (make setup installs it as root)"),
+    pytest.mark.skipif(shutil.which("git") is None, reason="needs git"),
+]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, timeout=600, check=True, **env):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+def tiny_pipeline_params(path: Path) -> None:
+    params = yaml.safe_load(path.read_text())
+    params["data"].update(train_subset=1024, val_size=512, batch_size=128)
+    params["model"]["width"] = 0.125
+    params["lr_find"].update(num_iter=15, start_lr=1e-4)
+    params["train"].update(epochs=2, threads=2)
+    params["mlflow"]["registered_model"] = "tiny-onecycle"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    clone = tmp_path_factory.mktemp("pipeline") / "onecycle"
+    run(["git", "clone", "-q", str(REPO), str(clone)], cwd=clone.parent)
+    # the working tree's uncommitted source and params too, so the test checks what is being changed
+    for rel in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / rel, clone / rel)
+    tiny_pipeline_params(clone / "params.yaml")
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=clone, check=False)
+    proc = run([BIN / "dvc", "repro"], cwd=clone, timeout=900)
+    return {"path": clone, "repro": proc}
+
+
+def test_dvc_repro_runs_all_four_stages_and_locks_them(repo):
+    clone = repo["path"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch", "lr_find", "train", "evaluate"}
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train.epochs"] == 2
+    for stage in ("fetch", "lr_find", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in repo["repro"].stdout
+    assert (clone / "models/model.pt").is_file() and (clone / "checkpoints/last.pt").is_file()
+    again = run([BIN / "dvc", "repro"], cwd=clone)
+    assert "Running stage" not in again.stdout  # nothing changed, nothing re-runs
+
+
+def test_dvc_metrics_show_has_the_test_and_train_metrics(repo):
+    out = json.loads(run([BIN / "dvc", "metrics", "show", "--json"], cwd=repo["path"]).stdout)
+    files = next(iter(out.values()))["data"]
+    test_top1 = files["reports/metrics.json"]["data"]["test"]["top1"]
+    train = files["reports/train.json"]["data"]
+    assert 0.5 < test_top1 <= 1.0  # 2 epochs on 1024 Fashion-MNIST images: well above chance (0.1)
+    assert train["epochs"] == 2 and train["mlflow_run_id"]
+
+
+def test_reports_and_plots_are_complete(repo):
+    clone = repo["path"]
+    lr = json.loads((clone / "reports/lr_find.json").read_text())
+    assert len(lr["lrs"]) <= 15 and lr["suggested_lr"] == lr["suggestions"]["minimum"]
+    history = (clone / "reports/history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss,train_top1,val_loss,val_top1,val_top5,lr,momentum")
+    assert len(history) == 3
+    per_class = (clone / "reports/per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,support,accuracy,precision,recall,f1" and len(per_class) == 11
+    assert "Ankle boot" in per_class[-1]
+    for png in ("lr_find.png", "confusion_matrix.png", "misclassified.png"):
+        assert (clone / "reports" / png).stat().st_size > 10_000
+    assert len((clone / "reports/predictions.csv").read_text().splitlines()) == 10_001
+    rendered = run([BIN / "dvc", "plots", "show", "--json"], cwd=clone)
+    plots = json.loads(rendered.stdout)
+    names = set(plots) if isinstance(plots, dict) else set()
+    assert {"Loss", "Top-1 accuracy", "LR range test", "reports/predictions.csv"} <= names
+
+
+def _mlflow_client(clone: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlruns/mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_the_training_run_holds_train_test_and_lr_finder_links(repo):
+    clone = repo["path"]
+    client = _mlflow_client(clone)
+    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_ = client.get_run(run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.metrics["test/top1"] == pytest.approx(
+        json.loads((clone / "reports/metrics.json").read_text())["test"]["top1"])
+    lr_run = json.loads((clone / "reports/lr_find.json").read_text())["mlflow_run_id"]
+    assert run_.data.tags["lr_find_run_id"] == lr_run
+    assert client.get_run(lr_run).data.tags["stage"] == "lr_find"
+    assert run_.info.artifact_uri.startswith((clone / "mlruns/artifacts").as_uri())
+    evaluate = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    assert "evaluate/confusion_matrix.png" in evaluate and "evaluate/misclassified.png" in evaluate
+
+
+def _png_of_test_image(clone: Path, index: int, out: Path) -> int:
+    from PIL import Image
+
+    x = np.load(clone / "data/fashion_mnist/test_x.npy", mmap_mode="r")[index]
+    y = int(np.load(clone / "data/fashion_mnist/test_y.npy")[index])
+    Image.fromarray(np.asarray(x).squeeze()).resize((56, 56)).convert("RGB").save(out)  # other size, RGB
+    return y
+
+
+def test_predict_answers_each_file_and_reports_unreadable_ones(repo, tmp_path):
+    clone = repo["path"]
+    good = tmp_path / "shoe.png"
+    _png_of_test_image(clone, 0, good)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    proc = run([BIN / "onecycle", "predict", str(good), str(bad), "--json", "-k", "3"], cwd=clone, check=False)
+    assert proc.returncode == 1
+    answer = json.loads(proc.stdout.strip().splitlines()[0])
+    assert answer["image"] == str(good) and len(answer["top_k"]) == 3
+    probs = [c["probability"] for c in answer["top_k"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert "broken.jpg: not a readable image" in proc.stderr
+    via_registry = run([BIN / "onecycle", "predict", str(good), "--model-uri", "models:/tiny-onecycle/1", "--json"],
+                       cwd=clone)
+    again = json.loads(via_registry.stdout.strip().splitlines()[-1])
+    assert again["top_k"][0]["class"] == answer["top_k"][0]["class"]
+    assert again["top_k"][0]["probability"] == pytest.approx(answer["top_k"][0]["probability"], abs=1e-4)
+
+
+def test_mlflow_models_serve_answers_with_class_probabilities(repo):
+    clone = repo["path"]
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "models", "serve", "-m", "models:/tiny-onecycle/latest", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlruns/mlflow.db'}"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc=server)
+        from onecycle.evaluate import load_model_bundle
+        _, ds, _ = load_model_bundle(clone / "models/model.pt")
+        x = np.load(clone / "data/fashion_mnist/test_x.npy", mmap_mode="r")[:4].astype(np.float32) / 255.0
+        x = ((x - ds.mean[0]) / ds.std[0]).transpose(0, 3, 1, 2)
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        probs = np.asarray(answer["predictions"])
+        assert probs.shape == (4, 10)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_run_and_its_artifacts(repo):
+    clone = repo["path"]
+    port = free_port()
+    ui = subprocess.Popen(["make", "-s", "ui", f"PORT={port}", f"VENV={BIN.parent}"], cwd=clone,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc=ui)
+        run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+        got = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30).read())
+        metrics = {m["key"] for m in got["run"]["data"]["metrics"]}
+        assert {"val/top1", "train/loss", "test/top1", "lr"} <= metrics
+        hist = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val/top1", timeout=30).read())
+        assert [m["step"] for m in hist["metrics"]] == [1, 2]
+        arts = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}", timeout=30).read())
+        assert {"history.csv", "model_summary.txt"} <= {f["path"] for f in arts["files"]}
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
+
+
+def test_dvc_experiments_carry_their_name_into_mlflow(repo):
+    clone = repo["path"]
+    run([BIN / "dvc", "exp", "run", "-n", "lowlr", "-S", "schedule.max_lr=0.02"], cwd=clone, timeout=900)
+    shown = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=clone).stdout)
+    text = json.dumps(shown)
+    assert "lowlr" in text and "0.02" in text
+    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_ = _mlflow_client(clone).get_run(run_id)
+    assert run_.data.tags["dvc_exp_name"] == "lowlr"
+    assert run_.data.params["schedule.max_lr"] == "0.02"
