@@ -281,7 +281,7 @@ def find_resume_state(params, config_id: str, checkpoint_dir: Path = CHECKPOINT_
                     last, state.get("config_hash"), config_id, checkpoint_dir / "previous")
         _move_aside(checkpoint_dir)
         return None
-    if state.get("finished") and _run_finished(state.get("mlflow_run_id")):
+    if state.get("finished") and _run_finished(state.get("mlflow_run_id"), params.mlflow.experiment):
         log.info("the run in %s finished; training again from scratch", last)
         _move_aside(checkpoint_dir)
         return None
@@ -298,10 +298,14 @@ def _move_aside(checkpoint_dir: Path) -> None:
         f.replace(previous / f.name)
 
 
-def _run_finished(run_id: str | None) -> bool:
+def _run_finished(run_id: str | None, experiment: str) -> bool:
     if not run_id:
         return True
     import mlflow
+
+    from .tracking import configure
+
+    configure(experiment)
 
     try:
         return mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
