@@ -15,7 +15,7 @@ from onecycle.config import LRFindConfig, load_params, parse_params
 from onecycle.errors import ConfigError
 from onecycle.lr_find import (NoDescentError, descends, lr_schedule, range_test, read_suggestion, run_range_test,
                               smooth_losses, suggest_minimum, suggest_steepest, suggest_valley)
-from tiny import tiny_params, write_fetched
+from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
 
 
 def test_exponential_sweep_is_geometric_from_start_to_end():

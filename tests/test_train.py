@@ -13,7 +13,7 @@ from onecycle import checkpoint as ckpt
 from onecycle.config import ScheduleConfig, parse_params
 from onecycle.errors import ConfigError
 from onecycle.schedule import build_scheduler, current_momentum
-from tiny import tiny_params, write_fetched
+from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
 
 
 def _run_schedule(cfg: ScheduleConfig, epochs: int, steps_per_epoch: int, max_lr: float = 0.4, opt: str = "sgd"):

@@ -67,18 +67,21 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, n: int, shuffle: bool, seed: int):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.skip = 0  # indices to leave out at the start (resuming an interrupted epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+            order = list(range(self.n))
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return iter(order[self.skip:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.skip
 
 
 def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:

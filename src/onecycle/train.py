@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import torch
 from . import checkpoint as ckpt
 from .cli import run_command
 from .data import atomic_write_text
+from .errors import OneCycleError
 from .engine import (DivergenceError, Setup, build_optimizer, build_setup, check_finite, device_name, evaluate,
                      make_scaler, to_device, train_step)
 from .loaders import set_epoch
@@ -60,38 +63,98 @@ def config_hash(params, max_lr: float) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class Interrupted(OneCycleError):
+    """Training stopped on request (SIGINT/SIGTERM) after checkpointing; exit code 130."""
+
+    exit_code = 130
+
+
+class EpochInterrupted(Exception):
+    """A stop was requested between two optimizer steps; ``partial`` holds the epoch so far."""
+
+    def __init__(self, partial: dict):
+        super().__init__("epoch interrupted")
+        self.partial = partial
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, dtype, *, epoch: int,
                     global_step: int, channels_last: bool = False, grad_clip: float | None = None,
-                    progress: bool = True) -> tuple[dict, list[tuple[int, float, float]]]:
+                    progress: bool = True, partial: dict | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[dict, list[tuple[int, float, float]]]:
     """One pass over ``loader``; returns epoch metrics and the (step, lr, momentum) each step used.
 
-    The scheduler is stepped here, once per optimizer step, and nowhere else.
+    The scheduler is stepped here, once per optimizer step, and nowhere else. ``partial`` continues an
+    epoch that was interrupted (its first batches are skipped, its sums carried on); ``should_stop`` is
+    checked after every step and raises :class:`EpochInterrupted` with the state so far.
     """
     from tqdm.auto import tqdm
 
     model.train()
     set_epoch(loader, epoch)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
-    steps = []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=None if progress else True)
-    for images, labels in bar:
-        images, labels = to_device(images, labels, device, channels_last)
-        lr, momentum = optimizer.param_groups[0]["lr"], current_momentum(optimizer)
-        loss, logits = train_step(model, images, labels, optimizer, scaler, loss_fn, device, dtype, grad_clip)
-        check_finite(loss, f"epoch {epoch + 1}, step {global_step + 1}")
-        scheduler.step()
-        steps.append((global_step, lr, momentum))
-        global_step += 1
-        bs = labels.shape[0]
-        loss_sum += loss.float() * bs
-        correct += (logits.argmax(1) == labels).sum()
-        n += bs
-        if bar.disable is False:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-    bar.close()
-    return {"loss": loss_sum.item() / max(n, 1), "top1": correct.item() / max(n, 1), "images": n}, steps
+    partial = partial or {"step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "n": 0, "steps": [], "seconds": 0.0}
+    if partial["step_in_epoch"]:
+        loader.sampler.skip = partial["step_in_epoch"] * loader.batch_size
+    loss_sum = torch.tensor(float(partial["loss_sum"]), device=device)
+    correct = torch.tensor(int(partial["correct"]), device=device, dtype=torch.long)
+    n = int(partial["n"])
+    steps = [tuple(s) for s in partial["steps"]]
+    t0 = time.perf_counter() - float(partial["seconds"])
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=None if progress else True,
+               initial=partial["step_in_epoch"], total=partial["step_in_epoch"] + len(loader))
+    try:
+        for images, labels in bar:
+            images, labels = to_device(images, labels, device, channels_last)
+            lr, momentum = optimizer.param_groups[0]["lr"], current_momentum(optimizer)
+            loss, logits = train_step(model, images, labels, optimizer, scaler, loss_fn, device, dtype, grad_clip)
+            check_finite(loss, f"epoch {epoch + 1}, step {global_step + 1}")
+            scheduler.step()
+            steps.append((global_step, lr, momentum))
+            global_step += 1
+            bs = labels.shape[0]
+            loss_sum += loss.float() * bs
+            correct += (logits.argmax(1) == labels).sum()
+            n += bs
+            if bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            if should_stop is not None and should_stop():
+                raise EpochInterrupted({"step_in_epoch": len(steps), "loss_sum": loss_sum.item(),
+                                        "correct": int(correct.item()), "n": n, "steps": steps,
+                                        "seconds": time.perf_counter() - t0})
+    finally:
+        bar.close()
+        loader.sampler.skip = 0
+    return ({"loss": loss_sum.item() / max(n, 1), "top1": correct.item() / max(n, 1), "images": n,
+             "seconds": time.perf_counter() - t0}, steps)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only request a stop, honoured between two optimizer steps so that
+    the checkpoint written then is consistent. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 class RunLogger:
@@ -168,11 +231,13 @@ class FitResult:
 def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None, checkpoint_dir: Path | None = None,
         resume_state: dict | None = None, run_id: str | None = None, config_id: str = "",
         on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-        history_path: Path | None = None) -> FitResult:
+        history_path: Path | None = None, should_stop: Callable[[], bool] | None = None) -> FitResult:
     """Train ``setup.model`` for ``train.epochs`` with One Cycle to ``max_lr``; the epoch loop.
 
     Per epoch: train, validate, checkpoint (``checkpoint_dir``), then log (``logger``, ``history_path``)
     and call ``on_epoch(epoch, row)`` (tune's pruning hook). Returns the history and the best weights.
+    When ``should_stop()`` turns true, the current state (mid-epoch included) is checkpointed and
+    :class:`Interrupted` is raised.
     """
     tcfg = params.train
     model, device, dtype = setup.model, setup.device, setup.dtype
@@ -181,7 +246,7 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
     scheduler = build_scheduler(optimizer, params.schedule, max_lr, tcfg.epochs, steps_per_epoch)
     scaler = make_scaler(device, dtype)
     result = FitResult()
-    start_epoch = 0
+    start_epoch, partial = 0, None
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -189,6 +254,7 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
         scaler.load_state_dict(resume_state["scaler"])
         ckpt.set_rng_state(resume_state["rng"])
         start_epoch = int(resume_state["epoch"])
+        partial = resume_state.get("partial")
         result.global_step = int(resume_state["global_step"])
         result.history = list(resume_state["history"])
         result.best_top1 = float(resume_state["best_top1"])
@@ -201,19 +267,40 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
     logged_epochs = logger.existing_steps("val/top1" if setup.val_loader else "train/loss") if logger else set()
     logged_steps = logger.existing_steps("lr") if (logger and resume_state) else set()
 
+    def save_last(epoch_done: int, partial_state: dict | None = None) -> None:
+        ckpt.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch_done, "partial": partial_state,
+            "global_step": result.global_step, "rng": ckpt.rng_state(), "history": result.history,
+            "best_top1": result.best_top1, "best_epoch": result.best_epoch, "seconds": result.seconds,
+            "config_hash": config_id, "mlflow_run_id": run_id, "max_lr": float(max_lr),
+            "finished": epoch_done == tcfg.epochs,
+        }, checkpoint_dir / "last.pt")
+
     for epoch in range(start_epoch, tcfg.epochs):
-        t0 = time.perf_counter()
-        train_m, steps = train_one_epoch(step_model, setup.train_loader, optimizer, scheduler, scaler, setup.loss_fn,
-                                         device, dtype, epoch=epoch, global_step=result.global_step,
-                                         channels_last=tcfg.channels_last, grad_clip=tcfg.grad_clip, progress=progress)
-        result.global_step += len(steps)
+        try:
+            train_m, steps = train_one_epoch(step_model, setup.train_loader, optimizer, scheduler, scaler,
+                                             setup.loss_fn, device, dtype, epoch=epoch, global_step=result.global_step,
+                                             channels_last=tcfg.channels_last, grad_clip=tcfg.grad_clip,
+                                             progress=progress, partial=partial if epoch == start_epoch else None,
+                                             should_stop=should_stop)
+        except EpochInterrupted as stop:
+            result.global_step = stop.partial["steps"][-1][0] + 1
+            where = f"epoch {epoch + 1}, step {stop.partial['step_in_epoch']} of {steps_per_epoch}"
+            if checkpoint_dir is not None:
+                save_last(epoch, stop.partial)
+                raise Interrupted(f"stopped at {where}; the state is in {checkpoint_dir / 'last.pt'}: run "
+                                  "`onecycle train` (or `dvc repro`) again to resume") from None
+            raise Interrupted(f"stopped at {where}") from None
+        result.global_step = steps[-1][0] + 1
+        t_val = time.perf_counter()
         val_m = evaluate(model, setup.val_loader, device, dtype, tcfg.channels_last) if setup.val_loader else {}
-        secs = time.perf_counter() - t0
+        secs = train_m["seconds"] + time.perf_counter() - t_val
         result.seconds += secs
         row = {"epoch": epoch + 1, "train_loss": train_m["loss"], "train_top1": train_m["top1"],
                "val_loss": val_m.get("loss"), "val_top1": val_m.get("top1"), "val_top5": val_m.get("top5"),
                "lr": steps[-1][1], "momentum": steps[-1][2], "epoch_seconds": round(secs, 3),
-               "images_per_second": round(train_m["images"] / secs, 1)}
+               "images_per_second": round(train_m["images"] / train_m["seconds"], 1)}
         result.history.append(row)
         score = row["val_top1"] if row["val_top1"] is not None else -row["train_loss"]
         if score > result.best_top1:
@@ -222,14 +309,10 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
             if checkpoint_dir is not None:
                 ckpt.save({"model": result.best_state, "epoch": epoch + 1, "val_top1": row["val_top1"],
                            "config_hash": config_id, "mlflow_run_id": run_id}, checkpoint_dir / "best.pt")
-        if checkpoint_dir is not None and ((epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs):
-            ckpt.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": result.global_step,
-                "rng": ckpt.rng_state(), "history": result.history, "best_top1": result.best_top1,
-                "best_epoch": result.best_epoch, "seconds": result.seconds, "config_hash": config_id,
-                "mlflow_run_id": run_id, "max_lr": float(max_lr), "finished": epoch + 1 == tcfg.epochs,
-            }, checkpoint_dir / "last.pt")
+        stopping = should_stop is not None and should_stop()
+        if checkpoint_dir is not None and ((epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs
+                                           or stopping):
+            save_last(epoch + 1)
         if logger is not None:
             if epoch + 1 not in logged_epochs:
                 logger.log(_row_metrics(row), step=epoch + 1)
@@ -245,6 +328,8 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
               f"{val_txt}, lr {row['lr']:.2e}, {secs:.1f}s ({row['images_per_second']:.0f} img/s)", flush=True)
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if stopping and epoch + 1 < tcfg.epochs:
+            raise Interrupted(f"stopped after epoch {epoch + 1}; run `onecycle train` (or `dvc repro`) again to resume")
     return result
 
 
@@ -390,14 +475,16 @@ def _run(params, args) -> int:
         print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
               f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}; "
               f"MLflow run {run_id}")
-        result = fit(params, setup, max_lr, logger=logger, checkpoint_dir=CHECKPOINT_DIR, resume_state=resume_state,
-                     run_id=run_id, config_id=config_id, history_path=HISTORY_CSV)
+        with StopSignals() as stop:
+            result = fit(params, setup, max_lr, logger=logger, checkpoint_dir=CHECKPOINT_DIR,
+                         resume_state=resume_state, run_id=run_id, config_id=config_id, history_path=HISTORY_CSV,
+                         should_stop=stop)
     except DivergenceError as exc:
         _finish_failed(params, setup, run_id, str(exc), logger)
         raise
     except BaseException as exc:
         logger.flush()
-        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt | Interrupted) else "FAILED")
         raise
     _finish(params, setup, result, run_id, logger)
     return 0
