@@ -13,8 +13,18 @@ import torch
 
 from onecycle.config import LRFindConfig, load_params, parse_params
 from onecycle.errors import ConfigError
-from onecycle.lr_find import (NoDescentError, descends, lr_schedule, range_test, read_suggestion, run_range_test,
-                              smooth_losses, suggest_minimum, suggest_steepest, suggest_valley)
+from onecycle.lr_find import (
+    NoDescentError,
+    descends,
+    lr_schedule,
+    range_test,
+    read_suggestion,
+    run_range_test,
+    smooth_losses,
+    suggest_minimum,
+    suggest_steepest,
+    suggest_valley,
+)
 from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
 
 

@@ -165,7 +165,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         if name == "interrupted":
             real = train_mod.train_one_epoch
 
-            def crash_in_epoch_3(*args, **kwargs):
+            def crash_in_epoch_3(*args, real=real, **kwargs):
                 if kwargs["epoch"] == 2:
                     raise KeyboardInterrupt
                 return real(*args, **kwargs)

@@ -30,9 +30,19 @@ import torch
 from . import checkpoint as ckpt
 from .cli import run_command
 from .data import atomic_write_text
+from .engine import (
+    DivergenceError,
+    Setup,
+    build_optimizer,
+    build_setup,
+    check_finite,
+    device_name,
+    evaluate,
+    make_scaler,
+    to_device,
+    train_step,
+)
 from .errors import OneCycleError
-from .engine import (DivergenceError, Setup, build_optimizer, build_setup, check_finite, device_name, evaluate,
-                     make_scaler, to_device, train_step)
 from .loaders import set_epoch
 from .schedule import build_scheduler, current_momentum
 
