@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("onecycle.train", "train with the One Cycle policy; track the run in MLflow"),
     "evaluate": ("onecycle.evaluate", "evaluate models/model.pt on the test split"),
     "predict": ("onecycle.predict", "top-k classes of image files from models/model.pt or an MLflow model"),
+    "tune": ("onecycle.tune", "Optuna study over the One Cycle schedule; write reports/tune/ (best params, plots)"),
 }
 
 

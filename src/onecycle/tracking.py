@@ -51,8 +51,12 @@ def user_tracking_uri() -> str | None:
 
 
 def configure(experiment: str) -> str:
-    """Point MLflow at the project's store and select ``experiment``; return its id."""
-    import mlflow
+    """Point MLflow at the project's store and select ``experiment``; return its id.
+
+    For a SQLite store this holds a file lock: MLflow creates a fresh store's tables without one, and
+    two processes starting together (tune workers, queued DVC experiments) would both try.
+    """
+    from filelock import FileLock
 
     uri = user_tracking_uri()
     if not uri:
@@ -60,6 +64,17 @@ def configure(experiment: str) -> str:
         (root / "mlruns").mkdir(parents=True, exist_ok=True)
         uri = default_tracking_uri(root)
         _SET_BY_US.add(uri)
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return _configure(uri, experiment)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=600):
+        return _configure(uri, experiment)
+
+
+def _configure(uri: str, experiment: str) -> str:
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)

@@ -1,0 +1,288 @@
+"""onecycle tune: the search space, real studies on tiny data, MLflow runs, workers sharing a journal, pruning,
+resume and --apply."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from onecycle import tune as tune_mod
+from onecycle.config import ScheduleConfig, load_params, parse_params
+from onecycle.errors import ConfigError
+from tiny import tiny_params, write_fetched
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MAX_LR, PCT, DIV = "schedule.max_lr", "schedule.pct_start", "schedule.div_factor"
+
+
+# ------------------------------------------------------------------------------------------ the space
+
+def test_default_space_is_a_decade_either_side_of_the_lr_finder_suggestion(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/lr_find.json").write_text('{"suggested_lr": 0.02}')
+    space = tune_mod.search_space(parse_params({}))
+    assert list(space) == [MAX_LR, PCT, DIV]
+    assert (space[MAX_LR].low, space[MAX_LR].high, space[MAX_LR].log) == (pytest.approx(0.002), pytest.approx(0.2), True)
+    assert (space[PCT].low, space[PCT].high, space[PCT].log) == (0.1, 0.5, False)
+    assert (space[DIV].low, space[DIV].high, space[DIV].log) == (5.0, 100.0, True)
+
+    def no_report():
+        raise AssertionError("a numeric schedule.max_lr must not read the LR finder's report")
+
+    space = tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.4}}), suggestion=no_report)
+    assert (space[MAX_LR].low, space[MAX_LR].high) == (pytest.approx(0.04), pytest.approx(4.0))
+    # peak_epoch overrides pct_start, so it is not searched
+    space = tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.4, "peak_epoch": 1}}))
+    assert list(space) == [MAX_LR, DIV]
+
+
+def test_space_entries_give_bounds_add_keys_and_remove_defaults():
+    params = parse_params({"schedule": {"max_lr": 0.1}, "tune": {"epochs": 3, "space": {
+        MAX_LR: {"low": "1e-2", "high": 1},  # YAML 1.1 reads 1e-2 as a string; log stays from the default
+        DIV: None,
+        "optimizer.weight_decay": {"low": 1e-5, "high": 1e-3, "log": True},
+        "train.epochs": {"low": 2, "high": 6},
+        "schedule": {"anneal_strategy": {"choices": ["cos", "linear"]}},
+    }}})
+    space = tune_mod.search_space(params)
+    assert set(space) == {MAX_LR, PCT, "optimizer.weight_decay", "train.epochs", "schedule.anneal_strategy"}
+    assert (space[MAX_LR].low, space[MAX_LR].high, space[MAX_LR].log) == (0.01, 1, True)
+    assert space["train.epochs"].kind == "int"  # an int field searches ints
+    assert space["schedule.anneal_strategy"].choices == ("cos", "linear")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(8):
+        trial = study.ask()
+        values = {k: d.suggest(trial) for k, d in space.items()}
+        tparams = tune_mod.trial_params(params, values)
+        assert 0.01 <= tparams.schedule.max_lr <= 1 and 0.1 <= tparams.schedule.pct_start <= 0.5
+        assert tparams.train.epochs == values["train.epochs"] and 2 <= tparams.train.epochs <= 6
+        assert tparams.schedule.div_factor == 25.0 and tparams.optimizer.weight_decay == values["optimizer.weight_decay"]
+        study.tell(trial, 0.0)
+    # without train.epochs in the space, a trial trains tune.epochs
+    assert tune_mod.trial_params(params, {MAX_LR: 0.3}).train.epochs == 3
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"space": {"schedule.maxlr": {"low": 0.01, "high": 1}}}, "tune.space.schedule.maxlr: unknown key"),
+    ({"space": {"optimiser.momentum": {"low": 0.8, "high": 0.9}}}, "tune.space.optimiser.momentum: unknown key"),
+    ({"space": {MAX_LR: {"low": 1, "high": 0.5}}}, "tune.space.schedule.max_lr: low must be below high, got low=1, high=0.5"),
+    ({"space": {MAX_LR: {"low": 0.1, "high": 0.1}}}, "tune.space.schedule.max_lr: low must be below high"),
+    ({"space": {"optimizer.weight_decay": {"low": 0, "high": 1e-3, "log": True}}},
+     "tune.space.optimizer.weight_decay: a log scale needs low > 0, got low=0"),
+    ({"space": {PCT: {"low": 0.1, "high": 1.5}}}, "tune.space.schedule.pct_start.high: 1.5 is not a valid schedule.pct_start"),
+    ({"space": {MAX_LR: {"low": 0.01, "high": 1, "step": 2}}}, "tune.space.schedule.max_lr: unknown field step"),
+    ({"space": {MAX_LR: [0.01, 1]}}, "tune.space.schedule.max_lr must be a mapping"),
+    ({"space": {"data.val_size": {"low": 100, "high": 200}}}, "tune.space.data.val_size: cannot be tuned"),
+    ({"space": {"train.epochs": {"low": 1.5, "high": 4}}}, "tune.space.train.epochs: type int needs whole-number bounds"),
+    ({"metric": "val/accuracy"}, "tune.metric must be one of"),
+    ({"storage": "nosuchdb://somewhere/optuna"}, "tune.storage: cannot open nosuchdb://somewhere/optuna"),
+    ({"storage": "postgresql://tuner:s3cret@127.0.0.1:1/optuna"}, "tune.storage: cannot open postgresql://tuner:***@127.0.0.1:1/optuna"),
+])
+def test_bad_tune_params_exit_2_naming_the_key_before_anything_is_written(tmp_path, monkeypatch, capsys, tune, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tiny_params(tmp_path, tune=tune)
+    assert tune_mod.main(["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("onecycle tune: error: ")
+    assert message in err
+    assert "s3cret" not in err
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+
+
+def test_space_errors_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^tune\.space\.schedule\.max_lr: a log scale needs low > 0"):
+        tune_mod.search_space(parse_params({"tune": {"space": {MAX_LR: {"low": -1, "high": 1, "log": True}}}}))
+    with pytest.raises(ConfigError, match=r"^tune\.space\.optimizer\.weight_decay: null removes a default key"):
+        tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.1},
+                                            "tune": {"space": {"optimizer.weight_decay": None}}}))
+
+
+# ------------------------------------------------------------------------------------------ studies
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    write_fetched(tmp_path / "data", n_train=300, n_test=50)  # 172 training images after 128 for validation
+    monkeypatch.chdir(tmp_path)
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; an earlier test's must not pass for the user's choice
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _study(workdir, name: str = "onecycle") -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(workdir / "reports/tune/study.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _runs(workdir, experiment: str = "test"):
+    """(parent runs, nested runs) of the experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, nested
+
+
+@pytest.mark.slow
+def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs(workdir, monkeypatch):
+    from onecycle import engine
+
+    splits = []
+    real_build_split = engine.build_split
+
+    def recording(params, info, split, **kwargs):
+        splits.append(split)
+        return real_build_split(params, info, split, **kwargs)
+
+    monkeypatch.setattr(engine, "build_split", recording)
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 4})
+    assert tune_mod.main(["--params", "params.yaml"]) == 0
+
+    study = _study(workdir)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(set(t.params) == {MAX_LR, PCT, DIV} for t in trials)
+    assert all(0.005 <= t.params[MAX_LR] <= 0.5 for t in trials)  # a decade either side of max_lr 0.05
+    assert all(list(t.intermediate_values) == [0] and t.value == t.intermediate_values[0] for t in trials)
+    assert set(splits) == {"train", "val"}  # the test split is never used
+
+    best = yaml.safe_load((workdir / "reports/tune/best_params.yaml").read_text())
+    assert list(best) == ["schedule"] and set(best["schedule"]) == set(ScheduleConfig.model_fields)
+    for key in (MAX_LR, PCT, DIV):
+        assert best["schedule"][key.split(".")[1]] == pytest.approx(study.best_params[key], rel=1e-3)
+    parse_params({"schedule": best["schedule"]})  # ready to paste
+    for name in ("optimization_history", "param_importances", "contour_max_lr_pct_start"):
+        assert (workdir / f"reports/tune/{name}.png").read_bytes()[:8] == PNG, name
+
+    client, parents, nested = _runs(workdir)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "onecycle" and parent.data.tags["stage"] == "tune"
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert parent.data.metrics["best/value"] == pytest.approx(study.best_value)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "tune")} >= {
+        "tune/best_params.yaml", "tune/optimization_history.png", "tune/param_importances.png"}
+    assert sorted(r.info.run_name for r in nested) == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    for run in nested:
+        trial = trials[int(run.data.tags["trial_number"])]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert float(run.data.params[MAX_LR]) == pytest.approx(trial.params[MAX_LR])
+        assert run.data.params["train.epochs"] == "1"  # tune.epochs, not train.epochs
+        history = client.get_metric_history(run.info.run_id, "val/top1")
+        assert [(m.step, m.value) for m in history] == [(1, pytest.approx(trial.value))]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_share_the_study_without_losing_trials(workdir):
+    tiny_params(workdir, tune={"epochs": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    cmd = [sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml", "--n-trials", "2"]
+    workers = [subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert [o.count("tune: trial ") for o in outputs] == [2, 2]  # --n-trials counts this worker's trials
+
+    trials = _study(workdir).get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # the workers' samplers differ
+    _, parents, nested = _runs(workdir)
+    assert len(parents) == 1
+    assert sorted(r.data.tags["trial_number"] for r in nested) == ["0", "1", "2", "3"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_is_recorded_as_pruned(workdir, monkeypatch):
+    monkeypatch.setattr(tune_mod, "build_pruner", lambda params, space: _AlwaysPrune())
+    tiny_params(workdir, tune={"epochs": 2, "n_trials": 2})
+    assert tune_mod.main(["--params", "params.yaml"]) == 0
+    trials = _study(workdir).get_trials()
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
+    assert all(list(t.intermediate_values) == [0] for t in trials)  # stopped after the first of two epochs
+    _, parents, nested = _runs(workdir)
+    assert len(parents) == 1 and len(nested) == 2
+    assert {r.data.tags["state"] for r in nested} == {"PRUNED"}
+    assert not (workdir / "reports/tune/best_params.yaml").exists()  # no complete trial, no best params
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_pruned_and_the_study_goes_on(workdir, monkeypatch):
+    from onecycle import train as train_mod
+
+    real_step = train_mod.train_step
+    first_optimizer = []
+
+    def nan_in_the_first_trial(*args, **kwargs):
+        loss, logits = real_step(*args, **kwargs)
+        first_optimizer[:] = first_optimizer or [id(args[3])]
+        return (loss * math.nan if id(args[3]) == first_optimizer[0] else loss), logits
+
+    monkeypatch.setattr(train_mod, "train_step", nan_in_the_first_trial)
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 2})
+    assert tune_mod.main(["--params", "params.yaml"]) == 0
+    first, second = _study(workdir).get_trials()
+    assert first.state.name == "PRUNED" and "the training loss became nan" in first.user_attrs["diverged"]
+    assert second.state.name == "COMPLETE"
+    _, _, nested = _runs(workdir)
+    runs = {r.data.tags["trial_number"]: r for r in nested}
+    assert runs["0"].data.tags["state"] == "PRUNED" and runs["0"].info.status == "FAILED"
+    assert "nan" in runs["0"].data.tags["failure_reason"]
+    assert runs["1"].data.tags["state"] == "COMPLETE" and runs["1"].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_rerunning_resumes_the_study_and_apply_changes_only_the_tuned_keys(workdir):
+    path = tiny_params(workdir, schedule={"max_lr": 0.05, "pct_start": 0.25, "div_factor": 25.0},
+                       tune={"epochs": 1, "n_trials": 2})
+    text = path.read_text()
+    text = ("# tiny params for the tune tests\n" + text
+            .replace("  max_lr: 0.05\n", "  max_lr: 0.05          # peak LR: the centre of the search\n")
+            .replace("train:\n", "# trials train tune.epochs, not these\ntrain:\n"))
+    path.write_text(text)
+    path.chmod(0o644)
+    assert tune_mod.main(["--params", "params.yaml"]) == 0
+    assert len(_study(workdir).get_trials()) == 2
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "1"]) == 0
+    study = _study(workdir)
+    assert [t.number for t in study.get_trials()] == [0, 1, 2]
+    _, parents, nested = _runs(workdir)
+    assert len(parents) == 1 and len(nested) == 3  # the resumed study logs under the same parent run
+    assert path.read_text() == text  # nothing applied without --apply
+
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0", "--apply"]) == 0
+    assert len(_study(workdir).get_trials()) == 3  # --n-trials 0 runs none
+    new = path.read_text()
+    old_lines, new_lines = text.splitlines(), new.splitlines()
+    assert len(old_lines) == len(new_lines)
+    changed = {old.split(":")[0].strip() for old, line in zip(old_lines, new_lines, strict=True) if old != line}
+    assert changed <= {"max_lr", "pct_start", "div_factor"} and "max_lr" in changed
+    assert "# tiny params for the tune tests" in new and "# trials train tune.epochs, not these" in new
+    assert new_lines[old_lines.index("  max_lr: 0.05          # peak LR: the centre of the search")].endswith(
+        "# peak LR: the centre of the search")
+    applied = load_params(path)
+    for key in (MAX_LR, PCT, DIV):
+        assert getattr(applied.schedule, key.split(".")[1]) == pytest.approx(study.best_params[key], rel=1e-3)
+    assert applied.train.epochs == 2 and applied.tune.epochs == 1  # nothing else changed
+    assert path.stat().st_mode & 0o777 == 0o644  # the user's file keeps its permissions
