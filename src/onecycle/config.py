@@ -8,14 +8,17 @@ into exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -47,7 +50,8 @@ class DataConfig(_Section):
         if self.dataset == "imagefolder" and not self.source:
             raise ValueError("data.source: must name a folder with train/ and val/ when data.dataset is imagefolder")
         if self.dataset == "imagefolder" and not Path(self.source).expanduser().is_dir():
-            raise ValueError(f"data.source: image folder {self.source} does not exist")
+            raise ValueError(f"data.source must be an existing folder with train/ and val/ when data.dataset is "
+                             f"imagefolder; {self.source!r} is not a folder")
         return self
 
 
@@ -56,6 +60,15 @@ class AugmentConfig(_Section):
     # Empty = the dataset's standard recipe (see onecycle.transforms).
     train: list[dict[str, Any] | str] = Field(default_factory=list)
     eval: list[dict[str, Any] | str] = Field(default_factory=list)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _items_are_transforms(cls, v: Any, info: ValidationInfo) -> Any:
+        for i, item in enumerate(v if isinstance(v, list) else []):
+            if not isinstance(item, str | dict):
+                raise ValueError(f"augment.{info.field_name}[{i}] must be a transform name or a one-key mapping "
+                                 f"{{Name: {{arg: value}}}}, got {item!r}")
+        return v
 
     @model_validator(mode="after")
     def _transforms_exist(self) -> AugmentConfig:
@@ -77,7 +90,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _width_only_resnet9(self) -> ModelConfig:
         if self.name != "resnet9" and self.width != 1.0:
-            raise ValueError(f"model.width: only resnet9 scales its width (torchvision's {self.name} is fixed at 1), got {self.width}")
+            raise ValueError(f"model.width must be 1 for {self.name} (only resnet9 scales its width), got {self.width:g}")
         return self
 
 
@@ -91,11 +104,13 @@ class OptimizerConfig(_Section):
     # Adam/AdamW only: (beta1, beta2). With cycle_momentum, beta1 follows the momentum cycle.
     betas: tuple[float, float] = (0.9, 0.999)
 
-    @field_validator("betas")
+    @field_validator("betas", mode="before")
     @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
+    def _betas_in_range(cls, v: Any) -> Any:
+        ok = isinstance(v, list | tuple) and len(v) == 2 and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+        if not ok:
+            raise ValueError(f"must be two numbers in [0, 1), got {list(v) if isinstance(v, tuple) else v!r}")
         return v
 
 
@@ -116,7 +131,7 @@ class LRFindConfig(_Section):
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:
         if self.step_mult is not None and self.mode != "exp":
-            raise ValueError("lr_find.step_mult: only applies to mode exp")
+            raise ValueError(f"lr_find.step_mult only applies when lr_find.mode is exp (got {self.mode}); set it to null")
         if self.step_mult is None and self.start_lr >= self.end_lr:
             raise ValueError(f"lr_find.start_lr: must be below lr_find.end_lr ({self.end_lr:g}), got {self.start_lr:g}")
         return self
@@ -182,6 +197,10 @@ class TrainConfig(_Section):
     deterministic: bool = False
     # torch intra-op threads; 0 = one per physical core torch detects.
     threads: int = Field(0, ge=0)
+    # Processes to train with (DDP). >1 re-launches `onecycle train` under torchrun on this machine.
+    nproc_per_node: int = Field(1, gt=0)
+    # Under DDP: synchronize BatchNorm statistics across processes.
+    sync_bn: bool = False
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -260,45 +279,103 @@ class Params(_Section):
         return parse_params(raw)
 
 
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal[", "union["))]
-    # pydantic reports union members as extra path parts (e.g. "float", "literal['auto']"); drop them.
-    loc = [p for p in loc if p not in ("float", "int", "str", "bool", "dict[str,any]", "tuple[float, float]")]
-    key = ".".join(loc)
+# What a value must be, per pydantic error type, in words a params.yaml author uses.
+_NOUNS = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+    "bool_parsing": "true or false", "bool_type": "true or false", "string_type": "a string",
+    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+    "model_attributes_type": "a mapping", "none_required": "null",
+}
+
+
+def _walk_loc(loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """(dotted key, the section model holding its last part) of a pydantic error location.
+
+    pydantic adds union members ("float", "literal['auto']", "dict[str,any]") to the location; they are
+    not keys, so only field names (and unknown keys, for extra_forbidden) and list indices are kept.
+    """
+    key, model, parent = "", Params, None
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+            model = None
+            continue
+        fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+        if fields is None:
+            continue  # a union member tag below a leaf field
+        key = f"{key}.{part}" if key else str(part)
+        parent = model
+        ann = fields[part].annotation if part in fields else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return key, parent
+
+
+def _num(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    """One line for the first error, naming its dotted key the way params.yaml spells it."""
+    err = errors[0]
+    key, parent = _walk_loc(err["loc"])
     kind = err["type"]
     got = err.get("input")
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        parent = loc[:-1]
-        model: Any = Params
-        for part in parent:
-            field = model.model_fields.get(part)
-            model = field.annotation if field is not None else None
-        allowed = ", ".join(model.model_fields) if model is not None and hasattr(model, "model_fields") else ""
-        where = ".".join(parent) or "the top level"
-        return f"unknown key {key} (allowed in {where}: {allowed})"
+        where, _, name = key.rpartition(".")
+        allowed = list(getattr(parent, "model_fields", {}))
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+        return f"unknown key {key}{hint} (allowed in {where or 'the top level'}: {', '.join(allowed)})"
     if kind == "value_error":
-        msg = str(ctx.get("error", err["msg"]))
-        if ":" in msg and msg.split(":", 1)[0].count(".") >= 1 and " " not in msg.split(":", 1)[0]:
-            dotted, rest = msg.split(":", 1)
-            return f"{dotted}{rest}"
-        return f"{key} {msg}"
-    if kind == "literal_error":
-        expected = ctx.get("expected", "")
-        return f"{key} must be one of {expected.replace(' or ', ', ')}; got {got!r}"
-    bounds = {
-        "greater_than": f"must be > {ctx.get('gt')}",
-        "greater_than_equal": f"must be >= {ctx.get('ge')}",
-        "less_than": f"must be < {ctx.get('lt')}",
-        "less_than_equal": f"must be <= {ctx.get('le')}",
-    }
+        msg = " ".join(str(ctx.get("error", err["msg"])).split())
+        head = msg.split(" ", 1)[0].rstrip(":")
+        if "." in head and head.split(".")[0] in Params.model_fields:
+            return head + msg[len(msg.split(" ", 1)[0]):]  # the validator already named the key
+        return f"{key} {msg}".strip()
+    # A union (e.g. max_lr: number | auto) fails once per member, at the same key: list them all.
+    nouns = []
+    for e in errors:
+        if _walk_loc(e["loc"])[0] != key:
+            continue
+        if e["type"] == "literal_error":
+            # pydantic writes the choices as Python ("False or 'auto'"); YAML spells booleans lower case.
+            choices = str((e.get("ctx") or {}).get("expected", "")).replace(" or ", ", ")
+            choices = choices.replace("False", "false").replace("True", "true")
+            nouns.append(f"one of {choices}" if ", " in choices else choices)
+        elif e["type"] in _NOUNS:
+            nouns.append(_NOUNS[e["type"]])
+        else:
+            nouns = []
+            break
+    if nouns:
+        if len(nouns) == 1 and kind == "literal_error":
+            return f"{key} must be {nouns[0]}; got {got!r}"
+        return f"{key} must be {' or '.join(dict.fromkeys(nouns))}, got {got!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
-        return f"{key} {bounds[kind]}, got {got!r}"
+        limit = next(iter(v for k, v in ctx.items() if k in ("gt", "ge", "lt", "le")), "")
+        return f"{key} must be {bounds[kind]} {_num(limit)}, got {got!r}"
+    if kind == "missing":
+        return f"{key} is required"
     return f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
 
 
 # Bounds that read better as an interval than as two separate checks.
 _INTERVALS = {"schedule.pct_start": "(0, 1)", "lr_find.smooth": "[0, 1)", "train.label_smoothing": "[0, 1)"}
+
+
+def _takes_numbers_not_bools(annotation: Any) -> bool:
+    """Whether a field's type is a number (or number | None, number | Literal[...]) with no boolean choice."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    numeric = False
+    for m in members:
+        if m is bool or (typing.get_origin(m) is Literal and any(isinstance(c, bool) for c in typing.get_args(m))):
+            return False
+        numeric = numeric or m in (int, float)
+    return numeric
 
 
 def parse_params(raw: Any) -> Params:
@@ -310,15 +387,40 @@ def parse_params(raw: Any) -> Params:
     for section, value in raw.items():
         if value is None and section in Params.model_fields:
             raise ConfigError(f"{section} must be a mapping, got null")
+        # pydantic reads true as 1 for a number; in YAML (where yes/on are true too) it is a mistake.
+        fields = getattr(Params.model_fields.get(section), "annotation", None)
+        fields = getattr(fields, "model_fields", {})
+        for key, v in (value.items() if isinstance(value, dict) else ()):
+            if isinstance(v, bool) and key in fields and _takes_numbers_not_bools(fields[key].annotation):
+                raise ConfigError(f"{section}.{key} must be a number, got {str(v).lower()}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        line = _describe(err, raw)
+        line = _describe(exc.errors())
         key = line.split(" ", 1)[0]
         if key in _INTERVALS and "must be" in line:
             line = f"{key} must be in {_INTERVALS[key]}, got {err.get('input')!r}"
         raise ConfigError(line) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -327,7 +429,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (pass --params PATH)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -151,6 +151,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
     model.train(was_training)
+    from . import distributed as dist
+
+    loss_sum, top1, top5, n = dist.sum_(loss_sum, top1, top5, n)  # the whole split, not one rank's shard
+    n = int(n)
     out = {"loss": loss_sum / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "n": n}
     if collect:
         out["logits"] = torch.cat(all_logits) if all_logits else torch.empty(0)
@@ -160,7 +164,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
 
 @dataclass
 class Setup:
-    """Everything built from params that a training-like stage needs."""
+    """Everything built from params that a training-like stage needs.
+
+    ``model`` is what trains (wrapped in DistributedDataParallel under torchrun); ``net`` is the plain
+    network inside it, whose ``state_dict`` checkpoints and models store.
+    """
 
     info: DatasetInfo
     device: torch.device
@@ -169,6 +177,11 @@ class Setup:
     loss_fn: nn.Module
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
+    net: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.net is None:
+            self.net = self.model
 
 
 def configure_threads(threads: int) -> None:
@@ -178,32 +191,54 @@ def configure_threads(threads: int) -> None:
 
 
 def build_setup(params, *, with_val: bool = True) -> Setup:
-    """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them."""
+    """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them.
+
+    Under ``torchrun`` this joins the process group, shards the data (``data.batch_size`` stays the
+    global batch) and wraps the model in DistributedDataParallel (SyncBatchNorm with ``train.sync_bn``).
+    """
+    from . import distributed as dist
+
     info = load_info(params.data)
     tcfg = params.train
     configure_threads(tcfg.threads)
     device = resolve_device(tcfg.device)
+    device = dist.init(device.type) or device
+    rank, world = dist.rank(), dist.world_size()
+    dist.per_process_batch(params.data.batch_size)
     dtype = amp_dtype(tcfg.amp, device)
-    seed_everything(tcfg.seed, tcfg.deterministic)
-    model = build_model(params.model, info.num_classes, info.in_channels).to(device)
+    seed_everything(tcfg.seed, tcfg.deterministic)  # the same seed on every rank: identical initial weights
+    net = build_model(params.model, info.num_classes, info.in_channels)
+    if world > 1 and tcfg.sync_bn:
+        if device.type != "cuda":
+            raise OneCycleError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version)")
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
     if tcfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    model = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     pin = device.type == "cuda"
     train_ds = build_split(params, info, "train", train_augment=True)
     train_loader = make_loader(train_ds, params.data.batch_size, shuffle=True, seed=tcfg.seed,
-                               num_workers=params.data.num_workers, drop_last=False, pin_memory=pin)
+                               num_workers=params.data.num_workers, pin_memory=pin, rank=rank, world=world)
     val_loader = None
     if with_val and params.data.val_size > 0:
         val_ds = build_split(params, info, "val", train_augment=False)
         val_loader = make_loader(val_ds, params.data.batch_size, shuffle=False, seed=0,
-                                 num_workers=params.data.num_workers, pin_memory=pin)
+                                 num_workers=params.data.num_workers, pin_memory=pin, rank=rank, world=world)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
-    return Setup(info, device, dtype, model, loss_fn, train_loader, val_loader)
+    return Setup(info, device, dtype, model, loss_fn, train_loader, val_loader, net)
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise DivergenceError(f"the training loss became {loss.item()} at {where}; lower schedule.max_lr "
+    """Raise DivergenceError when the loss is NaN/inf (on any rank, so that all ranks stop together)."""
+    from . import distributed as dist
+
+    bad = not bool(torch.isfinite(loss))
+    if dist.any_(bad):
+        value = loss.item() if bad else "NaN/inf on another rank"
+        raise DivergenceError(f"the training loss became {value} at {where}; lower schedule.max_lr "
                               "(or div_factor), or enable train.grad_clip")
 
 

@@ -63,25 +63,58 @@ class ImageFileDataset(ArrayDataset):
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffles (or not) the same way for the same (seed, epoch); ``set_epoch`` as with DistributedSampler."""
+    """Shuffles (or not) the same way for the same (seed, epoch); ``set_epoch`` as with DistributedSampler.
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
+    ``batch_size`` is the global batch. Under DDP (``world`` > 1) each rank takes its ``batch_size/world``
+    share of every global batch, so all ranks together see exactly the batches of a single process with
+    the same batch size; the incomplete last global batch is dropped there (every rank must take the same
+    number of steps). ``skip_batches`` resumes an interrupted epoch after that many global batches.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
-        self.skip = 0  # indices to leave out at the start (resuming an interrupted epoch)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _order(self) -> list[int]:
         if not self.shuffle:
-            order = list(range(self.n))
-        else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        return iter(order[self.skip:])
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        start = self.skip_batches * self.batch_size
+        if self.world == 1:
+            return iter(order[start:])
+        share = self.batch_size // self.world
+        full = self.n // self.batch_size * self.batch_size
+        return iter(i for k in range(start, full, self.batch_size)
+                    for i in order[k + self.rank * share: k + (self.rank + 1) * share])
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        if self.world == 1:
+            return max(self.n - self.skip_batches * self.batch_size, 0)
+        return (self.n // self.batch_size - self.skip_batches) * (self.batch_size // self.world)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation under DDP: rank r takes examples r, r + world, ... (every example exactly once overall)."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.n, self.rank, self.world = n, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
 
 
 def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
@@ -115,10 +148,17 @@ def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> A
 
 
 def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
-                drop_last: bool = False, pin_memory: bool = False, sampler: Sampler | None = None) -> DataLoader:
-    """A DataLoader whose order and augmentation depend only on (seed, epoch); call ``set_epoch`` each epoch."""
-    sampler = sampler or EpochSampler(len(ds), shuffle, seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """A DataLoader whose order and augmentation depend only on (seed, epoch); call ``set_epoch`` each epoch.
+
+    ``batch_size`` is global; under DDP each rank's loader yields its share (see :class:`EpochSampler`).
+    Training loaders shuffle; evaluation loaders (``shuffle=False``) are sharded example by example.
+    """
+    if world > 1 and not shuffle:
+        sampler: Sampler = ShardSampler(len(ds), rank, world)
+    else:
+        sampler = EpochSampler(len(ds), shuffle, seed, batch_size, rank, world)
+    return DataLoader(ds, batch_size=max(batch_size // world, 1), sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False)
 
 

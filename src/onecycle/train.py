@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .cli import run_command
 from .data import atomic_write_text
 from .engine import (
@@ -103,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
     set_epoch(loader, epoch)
     partial = partial or {"step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "n": 0, "steps": [], "seconds": 0.0}
     if partial["step_in_epoch"]:
-        loader.sampler.skip = partial["step_in_epoch"] * loader.batch_size
+        loader.sampler.skip_batches = partial["step_in_epoch"]
     loss_sum = torch.tensor(float(partial["loss_sum"]), device=device)
     correct = torch.tensor(int(partial["correct"]), device=device, dtype=torch.long)
     n = int(partial["n"])
@@ -126,14 +127,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
             n += bs
             if bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            if should_stop is not None and should_stop():
+            if should_stop is not None and dist.any_(should_stop()):
                 raise EpochInterrupted({"step_in_epoch": len(steps), "loss_sum": loss_sum.item(),
                                         "correct": int(correct.item()), "n": n, "steps": steps,
                                         "seconds": time.perf_counter() - t0})
     finally:
         bar.close()
-        loader.sampler.skip = 0
-    return ({"loss": loss_sum.item() / max(n, 1), "top1": correct.item() / max(n, 1), "images": n,
+        loader.sampler.skip_batches = 0
+    total_loss, total_correct, total_n = dist.sum_(loss_sum.item(), correct.item(), n)  # all ranks' images
+    return ({"loss": total_loss / max(total_n, 1), "top1": total_correct / max(total_n, 1), "images": int(total_n),
              "seconds": time.perf_counter() - t0}, steps)
 
 
@@ -250,15 +252,15 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
     :class:`Interrupted` is raised.
     """
     tcfg = params.train
-    model, device, dtype = setup.model, setup.device, setup.dtype
-    optimizer = build_optimizer(params.optimizer, model, lr=max_lr / params.schedule.div_factor)
+    model, net, device, dtype = setup.model, setup.net, setup.device, setup.dtype
+    optimizer = build_optimizer(params.optimizer, net, lr=max_lr / params.schedule.div_factor)
     steps_per_epoch = len(setup.train_loader)
     scheduler = build_scheduler(optimizer, params.schedule, max_lr, tcfg.epochs, steps_per_epoch)
     scaler = make_scaler(device, dtype)
     result = FitResult()
     start_epoch, partial = 0, None
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        net.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
@@ -279,7 +281,7 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
 
     def save_last(epoch_done: int, partial_state: dict | None = None) -> None:
         ckpt.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch_done, "partial": partial_state,
             "global_step": result.global_step, "rng": ckpt.rng_state(), "history": result.history,
             "best_top1": result.best_top1, "best_epoch": result.best_epoch, "seconds": result.seconds,
@@ -315,11 +317,11 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
         score = row["val_top1"] if row["val_top1"] is not None else -row["train_loss"]
         if score > result.best_top1:
             result.best_top1, result.best_epoch = score, epoch + 1
-            result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            result.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             if checkpoint_dir is not None:
                 ckpt.save({"model": result.best_state, "epoch": epoch + 1, "val_top1": row["val_top1"],
                            "config_hash": config_id, "mlflow_run_id": run_id}, checkpoint_dir / "best.pt")
-        stopping = should_stop is not None and should_stop()
+        stopping = should_stop is not None and dist.any_(should_stop())
         if checkpoint_dir is not None and ((epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs
                                            or stopping):
             save_last(epoch + 1)
@@ -334,8 +336,9 @@ def fit(params, setup: Setup, max_lr: float, *, logger: RunLogger | None = None,
             write_history(result.history, history_path)
         val_txt = (f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.4f} top5 {row['val_top5']:.4f}"
                    if row["val_top1"] is not None else "no validation split")
-        print(f"epoch {epoch + 1}/{tcfg.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.4f}, "
-              f"{val_txt}, lr {row['lr']:.2e}, {secs:.1f}s ({row['images_per_second']:.0f} img/s)", flush=True)
+        if dist.is_main():
+            print(f"epoch {epoch + 1}/{tcfg.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.4f}, "
+                  f"{val_txt}, lr {row['lr']:.2e}, {secs:.1f}s ({row['images_per_second']:.0f} img/s)", flush=True)
         if on_epoch is not None:
             on_epoch(epoch, row)
         if stopping and epoch + 1 < tcfg.epochs:
@@ -361,24 +364,31 @@ def _lr_find_run_id() -> str | None:
         return None
 
 
-def find_resume_state(params, config_id: str, checkpoint_dir: Path = CHECKPOINT_DIR) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning)."""
+def find_resume_state(params, config_id: str, checkpoint_dir: Path = CHECKPOINT_DIR,
+                      move_aside: bool = True) -> dict | None:
+    """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning).
+
+    Under DDP every rank reads the same checkpoint; only rank 0 (``move_aside``) moves files.
+    """
     last = checkpoint_dir / "last.pt"
     if not last.exists():
         return None
     if not params.train.resume:
         log.warning("train.resume is false: starting fresh; the old checkpoints move to %s", checkpoint_dir / "previous")
-        _move_aside(checkpoint_dir)
+        if move_aside:
+            _move_aside(checkpoint_dir)
         return None
     state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
     if state.get("config_hash") != config_id:
         log.warning("%s is from a different configuration (hash %s, now %s): starting fresh; it moves to %s",
                     last, state.get("config_hash"), config_id, checkpoint_dir / "previous")
-        _move_aside(checkpoint_dir)
+        if move_aside:
+            _move_aside(checkpoint_dir)
         return None
     if state.get("finished") and _run_finished(state.get("mlflow_run_id"), params.mlflow.experiment):
         log.info("the run in %s finished; training again from scratch", last)
-        _move_aside(checkpoint_dir)
+        if move_aside:
+            _move_aside(checkpoint_dir)
         return None
     log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], params.train.epochs,
              state.get("mlflow_run_id"))
@@ -449,16 +459,39 @@ def log_final_model(params, setup: Setup, state_dict: dict) -> str | None:
     return info.model_uri
 
 
+def _relaunch_under_torchrun(params, args) -> int:
+    """``train.nproc_per_node`` > 1 outside torchrun: run this same command as N DDP processes on this machine."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={params.train.nproc_per_node}", "-m", "onecycle", "train", "--params", args.params]
+    log.info("train.nproc_per_node is %d: %s", params.train.nproc_per_node, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def _run(params, args) -> int:
     import mlflow
 
     from .models import model_summary
     from .tracking import configure, log_params_flat, provenance_tags, quiet_mlflow
 
+    if params.train.nproc_per_node > 1 and not dist.launched():
+        return _relaunch_under_torchrun(params, args)
     max_lr = resolve_max_lr(params)
     config_id = config_hash(params, max_lr)
-    resume_state = find_resume_state(params, config_id)
+    main = dist.is_main()
+    resume_state = find_resume_state(params, config_id, move_aside=main)
     setup = build_setup(params)
+    if not main:  # other DDP ranks: train in step with rank 0, which alone logs, checkpoints and reports
+        try:
+            with StopSignals() as stop:
+                fit(params, setup, max_lr, resume_state=resume_state, config_id=config_id, progress=False,
+                    should_stop=stop)
+        finally:
+            dist.barrier()
+            dist.shutdown()
+        return 0
     quiet_mlflow()
     configure(params.mlflow.experiment)
     run_id = resume_state.get("mlflow_run_id") if resume_state else None
@@ -468,7 +501,7 @@ def _run(params, args) -> int:
     try:
         if resume_state is None:
             mlflow.set_tags({**provenance_tags(params.data.dataset, device_name(setup.device)), "stage": "train",
-                             "config_hash": config_id})
+                             "config_hash": config_id, "processes": str(dist.world_size())})
             lr_run = _lr_find_run_id()
             if lr_run:
                 mlflow.set_tag("lr_find_run_id", lr_run)
@@ -477,14 +510,13 @@ def _run(params, args) -> int:
             if PLOT.is_file():
                 mlflow.log_artifact(str(PLOT), artifact_path="lr_find")
             log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
-            h, w, c = setup.info.image_shape
             sample = setup.train_loader.dataset[0][0]
-            mlflow.log_text(model_summary(setup.model, (1, *sample.shape)), "model_summary.txt")
+            mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
         else:
             mlflow.set_tag("resumed_from_epoch", str(resume_state["epoch"]))
         print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
-              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}; "
-              f"MLflow run {run_id}")
+              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}"
+              f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
         with StopSignals() as stop:
             result = fit(params, setup, max_lr, logger=logger, checkpoint_dir=CHECKPOINT_DIR,
                          resume_state=resume_state, run_id=run_id, config_id=config_id, history_path=HISTORY_CSV,
@@ -496,7 +528,10 @@ def _run(params, args) -> int:
         logger.flush()
         mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt | Interrupted) else "FAILED")
         raise
+    finally:
+        dist.barrier()
     _finish(params, setup, result, run_id, logger)
+    dist.shutdown()
     return 0
 
 
