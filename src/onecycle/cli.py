@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -65,6 +64,10 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
     except KeyboardInterrupt:
         print(f"onecycle {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"onecycle {name}: error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

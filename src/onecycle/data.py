@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import http.client
+import io
 import json
 import logging
 import os
@@ -88,10 +90,17 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; reports are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _publish_dir(tmp: Path, out: Path) -> None:
@@ -130,11 +139,18 @@ def _download(url: str, folder: Path, filename: str, md5: str) -> Path:
     path = folder / filename
     if path.exists() and md5sum(path) == md5:
         return path
+    # torchvision skips the download when a file of that name exists and no md5 is given, so a partial file
+    # left by an interrupted run would be "downloaded" as is: remove it first.
+    path.unlink(missing_ok=True)
     try:
         download_url(url, str(folder), filename, md5=None)
-    except (urllib.error.URLError, OSError) as exc:
+    except (OSError, http.client.HTTPException, RecursionError, RuntimeError) as exc:  # URLError is an OSError
         path.unlink(missing_ok=True)
-        raise DatasetError(f"could not download {url}: {getattr(exc, 'reason', exc)}") from None
+        detail = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or repr(exc)
+        raise DatasetError(f"could not download {url}: {detail}") from None
+    except BaseException:  # Ctrl-C mid-download: leave no partial file behind
+        path.unlink(missing_ok=True)
+        raise
     got = md5sum(path)
     if got != md5:
         path.unlink(missing_ok=True)
@@ -223,8 +239,6 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(data: bytes) -> dict:
-    import io
-
     try:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
@@ -278,13 +292,24 @@ def _fetch_cifar(data_cfg, tmp: Path, cache: Path) -> dict[str, Any]:
             if not path.is_file():
                 raise DatasetError(f"{archive} has no {spec['folder']}/{name}; it is not the official archive")
             batch = _unpickle(path.read_bytes())
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(batch[spec["labels"]], dtype=np.int64))
+            try:
+                x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                y = np.asarray(batch[spec["labels"]], dtype=np.int64)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise DatasetError(f"{spec['folder']}/{name} in {archive} is not a CIFAR batch ({exc!r})") from None
+            if len(x) != len(y):
+                raise DatasetError(f"{spec['folder']}/{name} in {archive} has {len(x)} images but {len(y)} labels")
+            xs.append(x)
+            ys.append(y)
         return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
     train_x, train_y = load(spec["train"])
     test_x, test_y = load(spec["test"])
+    if not (folder / spec["meta"]).is_file():
+        raise DatasetError(f"{archive} has no {spec['folder']}/{spec['meta']}; it is not the official archive")
     meta = _unpickle((folder / spec["meta"]).read_bytes())
+    if spec["names"] not in meta:
+        raise DatasetError(f"{spec['folder']}/{spec['meta']} in {archive} has no {spec['names']}")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec["names"]]]
     for key, arr in (("train_x", train_x), ("train_y", train_y), ("test_x", test_x), ("test_y", test_y)):
         np.save(tmp / f"{key}.npy", arr)
@@ -310,9 +335,8 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, str]
     return classes, items
 
 
-def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> dict[str, Any]:
-    from PIL import Image
-
+def _imagefolder_index(data_cfg) -> tuple[Path, list[str], dict[str, list[tuple[str, str]]], dict[str, str]]:
+    """(root, classes, {split: [(relative path, class)]}, {csv name: csv text}) of an image folder."""
     root = Path(data_cfg.source).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"data.source {root} is not a folder; it must hold train/<class>/ and val/<class>/")
@@ -323,6 +347,31 @@ def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> di
         only_val = sorted(set(val_classes) - set(train_classes))[:5]
         raise DatasetError(f"train/ and val/ of {root} have different classes (only in train: {only_train}, "
                            f"only in val: {only_val})")
+    index = {c: i for i, c in enumerate(train_classes)}
+    texts = {}
+    for split, items in (("train", train_items), ("test", val_items)):
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label"])
+        w.writerows((rel, index[c]) for rel, c in items)
+        texts[f"{split}.csv"] = buf.getvalue()
+    return root, train_classes, {"train": train_items, "test": val_items}, texts
+
+
+def _imagefolder_unchanged(data_cfg, old_meta: dict) -> bool:
+    """Whether the image folder still lists exactly the images the fetched index holds."""
+    try:
+        *_, texts = _imagefolder_index(data_cfg)
+    except DatasetError:
+        return False  # fetch again, and let it report what is wrong
+    return old_meta.get("checksums") == {name: hashlib.md5(text.encode()).hexdigest() for name, text in texts.items()}
+
+
+def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> dict[str, Any]:
+    from PIL import Image
+
+    root, train_classes, items, texts = _imagefolder_index(data_cfg)
+    train_items, val_items = items["train"], items["test"]
     rng = random.Random(0)
     for rel, _ in rng.sample(train_items, min(sample, len(train_items))) + rng.sample(val_items, min(sample, len(val_items))):
         try:
@@ -330,12 +379,8 @@ def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> di
                 im.verify()
         except Exception as exc:  # PIL raises many types for broken files
             raise DatasetError(f"{root / rel} is not a readable image ({exc}); remove or replace it") from None
-    index = {c: i for i, c in enumerate(train_classes)}
-    for split, items in (("train", train_items), ("test", val_items)):
-        with open(tmp / f"{split}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label"])
-            w.writerows((rel, index[c]) for rel, c in items)
+    for name, text in texts.items():
+        (tmp / name).write_bytes(text.encode())
     return {
         "classes": train_classes, "source": str(root), "num_train": len(train_items), "num_test": len(val_items),
         "image_shape": [224, 224, 3], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
@@ -366,7 +411,9 @@ def fetch(data_cfg) -> tuple[Path, bool]:
             old = json.loads(meta_path.read_text())
         except ValueError:
             old = {}
-        if all(old.get(k) == v for k, v in wanted.items()) and _outputs_intact(out, old):
+        # An image folder is read in place: images added or removed since the last fetch change the index.
+        if (all(old.get(k) == v for k, v in wanted.items()) and _outputs_intact(out, old)
+                and (data_cfg.dataset != "imagefolder" or _imagefolder_unchanged(data_cfg, old))):
             return out, False
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_cfg.dataset}.", dir=root))
     try:
@@ -448,7 +495,7 @@ def load_index(data_cfg, split: str) -> tuple[Path, list[str], np.ndarray]:
     out = dataset_dir(data_cfg)
     info = load_info(data_cfg)
     paths, labels = [], []
-    with open(out / f"{split}.csv", newline="") as f:
+    with open(out / f"{split}.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             paths.append(row["path"])
             labels.append(int(row["label"]))

@@ -89,6 +89,9 @@ def model_summary(model: nn.Module, input_size: tuple[int, ...]) -> str:
     """A torchinfo summary (layers, output shapes, parameter counts, mult-adds) as text."""
     import torchinfo
 
-    stats = torchinfo.summary(model, input_size=input_size, verbose=0, device="cpu", mode="eval",
+    # torchinfo moves the model to ``device`` (in place); use the one it is on, so that summarising a model
+    # on the GPU mid-training does not move it to the CPU.
+    device = next(model.parameters(), torch.empty(0)).device
+    stats = torchinfo.summary(model, input_size=input_size, verbose=0, device=device, mode="eval",
                               col_names=("output_size", "num_params", "mult_adds"))
     return str(stats)

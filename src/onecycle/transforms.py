@@ -99,7 +99,20 @@ def _build_one(name: str, args: dict[str, Any], where: str):
             warnings.simplefilter("error", UserWarning)
             return cls(**args)
     except Exception as exc:  # albumentations validates with pydantic; keep its first complaint on one line
-        detail = " ".join(str(exc).split())
+        # albumentations re-raises its pydantic ValidationError as a ValueError; the original is the cause.
+        cause = exc if hasattr(exc, "errors") else exc.__cause__
+        errors = getattr(cause, "errors", None)
+        if callable(errors) and errors():  # a pydantic ValidationError: name the argument, drop the jargon
+            err = errors()[0]
+            arg = ".".join(str(p) for p in err.get("loc", ()) if "[" not in str(p))  # drop union members
+            msg = err["msg"].removeprefix("Value error, ")
+            msg = msg[:1].lower() + msg[1:]
+            if err["type"] == "missing":
+                detail = f"{arg} is required"
+            else:
+                detail = f"{arg}: {msg}" + ("" if "got" in msg else f", got {err.get('input')!r}")
+        else:
+            detail = " ".join(str(exc).split())
         raise ValueError(f"{where}.{name} bad arguments: {detail[:300]}") from None
 
 
@@ -113,13 +126,31 @@ def check_spec(spec: Spec, where: str, *, deterministic: bool = False) -> None:
 
 
 def _is_random(t) -> bool:
-    from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform  # noqa: F401
-
     if getattr(t, "p", 1.0) < 1.0:
         return True
     name = type(t).__name__
-    return name.startswith("Random") or name in ("HorizontalFlip", "VerticalFlip", "CoarseDropout", "GridDropout",
-                                                   "Affine", "ShiftScaleRotate", "ColorJitter", "GaussNoise")
+    if name.startswith("Random") or name in ("HorizontalFlip", "VerticalFlip", "CoarseDropout", "GridDropout",
+                                               "Affine", "ShiftScaleRotate", "ColorJitter", "GaussNoise"):
+        return True
+    # Most albumentations transforms draw their parameters at random even with p=1 (Rotate, GaussianBlur,
+    # Sharpen, ...), and no attribute says so: run it under a few seeds and see whether the output changes.
+    return _varies_with_seed(t)
+
+
+def _varies_with_seed(t, seeds: tuple[int, ...] = (0, 1, 2)) -> bool:
+    A = _albumentations()  # noqa: N806
+    probe = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    outs = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for seed in seeds:
+                pipeline = A.Compose([t])
+                pipeline.set_random_seed(seed)
+                outs.append(np.asarray(pipeline(image=probe)["image"]))
+    except Exception:  # cannot run on a 256x256 RGB probe (e.g. needs one channel): judge by name alone
+        return False
+    return any(o.shape != outs[0].shape or not np.array_equal(o, outs[0]) for o in outs[1:])
 
 
 def _compose(spec: Spec, where: str, mean: list[float], std: list[float]):
