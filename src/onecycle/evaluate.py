@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .cli import run_command
 from .data import atomic_write_text, load_info
 from .errors import OneCycleError
+from .files import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_title("confusion matrix (normalized over true class)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_misclassified(images: list[np.ndarray], titles: list[str], path: Path, cols: int = 6) -> None:
@@ -117,17 +118,7 @@ def plot_misclassified(images: list[np.ndarray], titles: list[str], path: Path, 
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center")
     fig.suptitle("misclassified test images: true -> predicted (probability)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _raw_test_image(params, dataset, i: int) -> np.ndarray:

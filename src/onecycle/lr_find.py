@@ -20,6 +20,7 @@ import numpy as np
 
 from .cli import run_command
 from .errors import OneCycleError
+from .files import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +225,7 @@ def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def read_suggestion(path: Path = REPORT) -> float:

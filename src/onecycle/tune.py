@@ -21,7 +21,7 @@ import io
 import logging
 import math
 import os
-import tempfile
+import stat
 import time
 import typing
 import warnings
@@ -33,6 +33,7 @@ from typing import Any
 from .cli import run_command
 from .data import atomic_write_text
 from .errors import ConfigError, OneCycleError
+from .files import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -590,19 +591,6 @@ def best_params_text(params, values: dict[str, Any], study, metric: str) -> str:
     return header + yaml.safe_dump(out, sort_keys=False)
 
 
-def _save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is as readable as any other output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plots(study, metric: str, out: Path = TUNE_DIR) -> list[Path]:
     """PNGs of the study: optimization history, intermediate values, parameter importances (>= 2 complete
     trials with > 1 parameter varied), and a contour (>= 3 complete trials) or slice of max_lr vs pct_start.
@@ -645,8 +633,7 @@ def write_plots(study, metric: str, out: Path = TUNE_DIR) -> list[Path]:
                 plt.close("all")
                 continue
             path = out / f"{name}.png"
-            _save_figure(fig, path)
-            plt.close(fig)
+            save_figure(fig, path, dpi=110, bbox_inches="tight")
         written.append(path)
     return written
 
@@ -702,26 +689,8 @@ def apply_best(path: Path, values: dict[str, Any]) -> list[str]:
     if wrong:
         raise OneCycleError(f"--apply: {path} would not read back {wrong[0]} = {values[wrong[0]]!r}; not written")
     if changed:
-        _replace_keeping_mode(path, new_text)
+        atomic_write_text(path, new_text, mode=stat.S_IMODE(path.stat().st_mode))  # params.yaml keeps its mode
     return changed
-
-
-def _replace_keeping_mode(path: Path, text: str) -> None:
-    """Like :func:`onecycle.data.atomic_write_text`, but the file keeps its permissions (it is the user's)."""
-    import stat
-
-    mode = stat.S_IMODE(path.stat().st_mode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------- the stage
