@@ -266,3 +266,45 @@ def test_queued_experiments_log_to_the_workspace_store(repo):
     assert new["q1"].data.params["schedule.max_lr"] == "0.03"
     assert new["q2"].data.metrics["test/top1"] > 0
     assert not list(clone.glob(".dvc/tmp/exps/**/mlruns/mlflow.db"))  # nothing stranded in the temp copies
+
+
+def test_a_dvc_remote_round_trips_the_outputs_into_a_fresh_clone(repo, tmp_path):
+    clone = repo["path"]
+    remote = tmp_path / "remote"
+    run([BIN / "dvc", "remote", "add", "-f", "-d", "shared", str(remote)], cwd=clone)
+    run(["git", "add", "-A"], cwd=clone)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline results"], cwd=clone,
+        check=False)
+    run([BIN / "dvc", "push"], cwd=clone)
+    other = tmp_path / "other"
+    run(["git", "clone", "-q", str(clone), str(other)], cwd=tmp_path)
+    run([BIN / "dvc", "pull"], cwd=other)
+    for rel in ("models/model.pt", "data/fashion_mnist/train_x.npy", "data/fashion_mnist/meta.json"):
+        assert (other / rel).read_bytes() == (clone / rel).read_bytes(), rel
+    status = run([BIN / "dvc", "status"], cwd=other).stdout
+    # Everything cached came back; only checkpoints/ (cache: false by design, machine-local) is missing.
+    assert "checkpoints" in status
+    assert "model.pt" not in status and "fetch" not in status and "lr_find" not in status
+
+
+def test_training_against_an_mlflow_tracking_server(repo, tmp_path):
+    """A team server (SQL backend, artifacts served) via MLFLOW_TRACKING_URI, on loopback."""
+    clone = repo["path"]
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc=server)
+        run([BIN / "onecycle", "train"], cwd=clone, MLFLOW_TRACKING_URI=base)
+        run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+        got = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30).read())
+        assert got["run"]["info"]["status"] == "FINISHED"
+        assert {"val/top1", "lr"} <= {m["key"] for m in got["run"]["data"]["metrics"]}
+        assert list((tmp_path / "server-artifacts").rglob("history.csv"))  # artifacts went through the server
+        assert not list((clone / "mlruns").rglob(f"*{run_id}*"))  # nothing in the local store
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

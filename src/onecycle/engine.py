@@ -207,6 +207,8 @@ def build_setup(params, *, with_val: bool = True) -> Setup:
     dist.per_process_batch(params.data.batch_size)
     dtype = amp_dtype(tcfg.amp, device)
     seed_everything(tcfg.seed, tcfg.deterministic)  # the same seed on every rank: identical initial weights
+    if device.type == "cuda" and not tcfg.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     net = build_model(params.model, info.num_classes, info.in_channels)
     if world > 1 and tcfg.sync_bn:
         if device.type != "cuda":
