@@ -9,32 +9,57 @@ batches an uninterrupted run would have seen, whatever the number of DataLoader 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .data import DatasetInfo, load_arrays, load_index, split_train_val
-from .transforms import apply, build_eval_transforms, build_train_transforms
+from .transforms import apply, batch_pipeline, build_eval_transforms, build_train_transforms
 
 # The train/val split is fixed across seeds so that every run and trial is judged on the same examples.
 SPLIT_SEED = 0
 
 
-class ArrayDataset(Dataset):
-    """uint8 N x H x W x C images in memory, transformed per item into CHW float32 tensors."""
+class Batch(NamedTuple):
+    """A batch a dataset built whole (the batched augmentation path); collated as is."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate(batch):
+    if isinstance(batch, Batch):
+        return batch.images, batch.labels
+    return default_collate(batch)
+
+
+class ArrayDataset(Dataset):
+    """uint8 N x H x W x C images in memory, transformed into CHW float32 tensors.
+
+    With ``batch_transform`` (the standard recipe, :class:`~onecycle.transforms.BatchAugment`) a whole batch
+    is augmented at once; otherwise each image goes through the albumentations ``transform``.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform, seed: int = 0, batch_transform=None):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self.batch_transform = batch_transform
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make the augmentation of the following batches depend on ``epoch``."""
         self.epoch = epoch
 
-    def __getitems__(self, indices: list[int]) -> list:
+    def _seed(self, first_index: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 100_003 + int(first_index)) % 2**32
+
+    def __getitems__(self, indices: list[int]):
         """One batch; the DataLoader calls this instead of __getitem__ per index. Seeds once per batch."""
-        self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + int(indices[0])) % 2**32)
+        if self.batch_transform is not None:
+            g = torch.Generator().manual_seed(self._seed(indices[0]))
+            return Batch(self.batch_transform(self.images[indices], g), torch.from_numpy(self.labels[indices]))
+        self.transform.set_random_seed(self._seed(indices[0]))
         return [self[i] for i in indices]
 
     def __len__(self) -> int:
@@ -44,6 +69,9 @@ class ArrayDataset(Dataset):
         return self.images[i]
 
     def __getitem__(self, i: int):
+        if self.batch_transform is not None:
+            g = torch.Generator().manual_seed(self._seed(i))
+            return self.batch_transform(self.images[i:i + 1], g)[0], int(self.labels[i])
         return torch.from_numpy(apply(self.transform, self.load(i))), int(self.labels[i])
 
 
@@ -140,7 +168,8 @@ def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> A
         ds: ArrayDataset = ImageFileDataset(root, paths, labels, tf, channels=c, seed=params.train.seed)
     else:
         images, labels = load_arrays(data, source_split)
-        ds = ArrayDataset(images, labels, tf, seed=params.train.seed)
+        fast = batch_pipeline(params.augment, data.dataset, info.mean, info.std, train=train_augment)
+        ds = ArrayDataset(images, labels, tf, seed=params.train.seed, batch_transform=fast)
     if split != "test":
         train_idx, val_idx = split_train_val(len(ds), data.val_size, SPLIT_SEED, data.train_subset)
         ds = _subset(ds, train_idx if split == "train" else val_idx)
@@ -159,7 +188,7 @@ def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, 
     else:
         sampler = EpochSampler(len(ds), shuffle, seed, batch_size, rank, world)
     return DataLoader(ds, batch_size=max(batch_size // world, 1), sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False, collate_fn=collate)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
 
 Spec = list[dict[str, Any] | str]
 
@@ -178,3 +179,53 @@ def apply(transform, image: np.ndarray) -> np.ndarray:
     if out.ndim == 2:
         out = out[:, :, None]
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+
+class BatchAugment:
+    """The standard pad/crop/flip (and CIFAR's 8x8 cutout) recipe, applied to a whole uint8 batch with torch ops.
+
+    Used instead of the per-image albumentations pipeline when ``augment.train`` / ``augment.eval`` are left
+    empty on an array dataset: the same distribution of crops, flips and holes (hole fully inside the image,
+    as albumentations' CoarseDropout), about 10x less CPU per image. Any listed pipeline still goes through
+    albumentations. ``train=False`` only normalizes.
+    """
+
+    def __init__(self, dataset: str, mean: list[float], std: list[float], train: bool):
+        self.train = train
+        cifar = dataset in ("cifar10", "cifar100")
+        self.pad = 4 if cifar else 2
+        self.pad_mode = "reflect" if cifar else "constant"  # reflect = albumentations' BORDER_REFLECT_101
+        self.hole = 8 if cifar else 0
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+
+    def __call__(self, images: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """uint8 B x H x W x C -> normalized float32 B x C x H x W."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        if self.train:
+            b, _, h, w = x.shape
+            p = self.pad
+            x = torch.nn.functional.pad(x, (p, p, p, p), mode=self.pad_mode)
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # B,1,H,1
+            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # B,1,1,W
+            x = x[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+            flip = torch.rand(b, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            if self.hole:
+                cy = torch.randint(0, h - self.hole + 1, (b,), generator=generator)[:, None, None, None]
+                cx = torch.randint(0, w - self.hole + 1, (b,), generator=generator)[:, None, None, None]
+                r = torch.arange(h)[None, None, :, None]
+                c = torch.arange(w)[None, None, None, :]
+                inside = (r >= cy) & (r < cy + self.hole) & (c >= cx) & (c < cx + self.hole)
+                x = x.masked_fill(inside, 0.0)
+        return ((x - self.mean) / self.std).contiguous()
+
+
+def batch_pipeline(augment, dataset: str, mean: list[float], std: list[float], train: bool) -> BatchAugment | None:
+    """The batched fast path for a dataset's standard recipe, or None when albumentations must run."""
+    spec = augment.train if train else augment.eval
+    if spec or dataset == "imagefolder":
+        return None
+    return BatchAugment(dataset, mean, std, train)
