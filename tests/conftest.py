@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
+import tiny
 from onecycle import data
 from onecycle.config import parse_params
 
@@ -215,3 +216,18 @@ def make_image_folder(root: Path, classes: tuple[str, ...] = ("dog", "cat", "zeb
 def image_folder(tmp_path) -> Path:
     """A tiny image folder in tmp_path/images: 3 classes, 3 train and 2 val JPEGs each."""
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() copies its URI into MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """A working folder holding a tiny fetched dataset (600 train / 100 test images), made the cwd."""
+    tiny.write_fetched(tmp_path / "data", n_train=600, n_test=100)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

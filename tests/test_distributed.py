@@ -14,7 +14,7 @@ import torch
 
 from onecycle import checkpoint as ckpt
 from onecycle.loaders import EpochSampler, ShardSampler
-from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
+from tiny import tiny_params, write_fetched
 
 BIN = Path(sys.executable).parent
 

@@ -25,7 +25,7 @@ from onecycle.lr_find import (
     suggest_steepest,
     suggest_valley,
 )
-from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
+from tiny import tiny_params
 
 
 def test_exponential_sweep_is_geometric_from_start_to_end():
@@ -145,19 +145,12 @@ def test_nan_loss_stops_the_sweep():
     assert "nan" in result.reason
 
 
-@pytest.fixture()
-def tiny_workdir(tmp_path, monkeypatch):
-    write_fetched(tmp_path / "data", n_train=600, n_test=100)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(tiny_workdir):
+def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(workdir):
     from onecycle.engine import build_setup
 
     # 600 - 128 validation = 472 training images: batch 64 does not divide them (last batch 24),
     # and 12 steps run past one epoch, so the data loader is restarted mid-sweep.
-    params = load_params(tiny_params(tiny_workdir, lr_find={"num_iter": 12}))
+    params = load_params(tiny_params(workdir, lr_find={"num_iter": 12}))
     setup = build_setup(params, with_val=False)
     before = {k: v.clone() for k, v in setup.model.state_dict().items()}
     torch_rng = torch.get_rng_state()
@@ -172,21 +165,21 @@ def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(tiny_workdir)
 
 
 @pytest.mark.slow
-def test_lr_find_stage_writes_reports_and_an_mlflow_run(tiny_workdir):
+def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     import mlflow
 
     from onecycle.lr_find import main
 
-    tiny_params(tiny_workdir, lr_find={"num_iter": 20, "start_lr": 1e-4, "end_lr": 10}, schedule={"max_lr": "auto"})
+    tiny_params(workdir, lr_find={"num_iter": 20, "start_lr": 1e-4, "end_lr": 10}, schedule={"max_lr": "auto"})
     assert main(["--params", "params.yaml"]) == 0
-    report = json.loads((tiny_workdir / "reports/lr_find.json").read_text())
+    report = json.loads((workdir / "reports/lr_find.json").read_text())
     assert len(report["lrs"]) == 20 == len(report["smoothed"])
     assert set(report["suggestions"]) == {"steepest", "valley", "minimum"}
     assert report["suggested_lr"] == report["suggestions"]["minimum"]
-    assert (tiny_workdir / "reports/lr_find.png").stat().st_size > 10_000
-    rows = (tiny_workdir / "reports/lr_find.csv").read_text().splitlines()
+    assert (workdir / "reports/lr_find.png").stat().st_size > 10_000
+    rows = (workdir / "reports/lr_find.csv").read_text().splitlines()
     assert rows[0] == "lr,loss,smoothed_loss" and len(rows) == 21
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_workdir / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
     run = mlflow.get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/smoothed_loss")) == 20

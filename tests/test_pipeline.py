@@ -21,8 +21,6 @@ import numpy as np
 import pytest
 import yaml
 
-from tiny import isolated_tracking_uri  # noqa: F401  (autouse)
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")

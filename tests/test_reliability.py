@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from onecycle import checkpoint as ckpt
-from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
+from tiny import tiny_params, write_fetched
 
 BIN = Path(sys.executable).parent
 

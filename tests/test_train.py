@@ -13,7 +13,7 @@ from onecycle import checkpoint as ckpt
 from onecycle.config import ScheduleConfig, parse_params
 from onecycle.errors import ConfigError
 from onecycle.schedule import build_scheduler, current_momentum
-from tiny import isolated_tracking_uri, tiny_params, write_fetched  # noqa: F401  (autouse fixture)
+from tiny import tiny_params, write_fetched
 
 
 def _run_schedule(cfg: ScheduleConfig, epochs: int, steps_per_epoch: int, max_lr: float = 0.4, opt: str = "sgd"):
@@ -93,13 +93,6 @@ def test_peak_epoch_must_lie_inside_training():
 
 
 # ------------------------------------------------------------------------------------------- the stage
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    write_fetched(tmp_path / "data", n_train=600, n_test=100)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 def _client(workdir):
     import mlflow

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import yaml
 
 
@@ -66,9 +65,3 @@ def tiny_params(workdir: Path, **sections: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
 
-
-@pytest.fixture(autouse=True)
-def isolated_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri() copies its URI into MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
