@@ -43,13 +43,22 @@ def lr_schedule(start_lr: float, end_lr: float, num_iter: int, mode: str = "exp"
     return start_lr + (end_lr - start_lr) * i
 
 
-def smooth_losses(losses, beta: float) -> np.ndarray:
+class LossSmoother:
     """Bias-corrected exponential moving average: avg_i = beta avg_{i-1} + (1-beta) loss_i, / (1 - beta^(i+1))."""
-    out, avg = [], 0.0
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta ** (i + 1)) if beta > 0 else loss)
-    return np.asarray(out, dtype=np.float64)
+
+    def __init__(self, beta: float):
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def __call__(self, loss: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        return self.avg / (1 - self.beta ** self.n) if self.beta > 0 else loss
+
+
+def smooth_losses(losses, beta: float) -> np.ndarray:
+    """The whole smoothed curve, as the range test computes it step by step."""
+    smoother = LossSmoother(beta)
+    return np.asarray([smoother(loss) for loss in losses], dtype=np.float64)
 
 
 def _window(lrs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -131,11 +140,10 @@ def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -
     lrs = lr_schedule(lr_cfg.start_lr, lr_cfg.resolved_end_lr, lr_cfg.num_iter, lr_cfg.mode)
     raw, smoothed, used = [], [], []
     best = math.inf
-    avg = 0.0
-    beta = lr_cfg.smooth
+    smoother = LossSmoother(lr_cfg.smooth)
     reason = "completed"
     bar = tqdm(total=lr_cfg.num_iter, desc="lr_find", unit="step", disable=None if progress else True, leave=False)
-    for i, lr in enumerate(lrs):
+    for lr in lrs:
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
         images, labels = next(batches)
@@ -146,8 +154,7 @@ def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -
             smoothed.append(float("nan"))
             reason = f"loss became {loss} at lr {lr:.3g}"
             break
-        avg = beta * avg + (1 - beta) * loss
-        sm = avg / (1 - beta ** (i + 1)) if beta > 0 else loss
+        sm = smoother(loss)
         smoothed.append(sm)
         best = min(best, sm)
         bar.update(1)
@@ -261,8 +268,6 @@ def _run(params, args) -> int:
 
     quiet_mlflow()
     configure(params.mlflow.experiment)
-    report_dir = REPORT.parent
-    report_dir.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name="lr_find") as run:
         mlflow.set_tags({**provenance_tags(params.data.dataset, device_name(setup.device)), "stage": "lr_find"})
         log_params_flat({k: v for k, v in params.flat().items()

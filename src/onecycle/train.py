@@ -195,8 +195,10 @@ class RunLogger:
                          if v is not None and math.isfinite(float(v))]
 
     def flush(self) -> bool:
-        if self.run_id is None or not self.pending:
-            self.pending.clear() if self.run_id is None else None
+        if self.run_id is None:  # no run to log to (a DDP rank other than 0, a bare fit): nothing to keep
+            self.pending.clear()
+            return True
+        if not self.pending:
             return True
         import mlflow
 
