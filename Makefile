@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast repro ui tune bench lint clean
+.PHONY: setup system test test-fast repro ui tune bench lint clean
 
-setup: $(VENV)/.installed dataset  ## create .venv, install pinned requirements and the package, get Fashion-MNIST
+setup: $(VENV)/.installed system  ## .venv with the pinned requirements and the package; Debian's Fashion-MNIST and PostgreSQL
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-dataset:
-	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
-		echo "dataset-fashion-mnist is installed (/usr/share/datasets/fashion-mnist)"; \
+# Debian packages: the offline default dataset, and the PostgreSQL server the distributed-tune test starts
+SYSTEM_PACKAGES := dataset-fashion-mnist postgresql
+
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then \
+		echo "Debian packages installed: $(SYSTEM_PACKAGES)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else \
-		echo "note: Debian's dataset-fashion-mnist is not installed; 'onecycle fetch' will download Fashion-MNIST"; \
+		echo "note: not installed:$$missing (make setup installs them as root on Debian). Without"; \
+		echo "  dataset-fashion-mnist 'onecycle fetch' downloads Fashion-MNIST; without postgresql the"; \
+		echo "  PostgreSQL tune test is skipped."; \
 	fi
 
 test:  ## the whole suite, slow (training, DVC, MLflow) tests included

@@ -1,12 +1,17 @@
-"""onecycle tune: the search space, real studies on tiny data, MLflow runs, workers sharing a journal, pruning,
-resume and --apply."""
+"""onecycle tune: the search space, real studies on tiny data, MLflow runs, workers sharing a journal or a
+PostgreSQL database, pruning, resume and --apply."""
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import optuna
 import pytest
@@ -116,12 +121,50 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _study(workdir, name: str = "onecycle") -> optuna.Study:
+def _study(workdir, name: str = "onecycle", url: str | None = None) -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(workdir / "reports/tune/study.journal")))
+    storage = url or JournalStorage(JournalFileBackend(str(workdir / "reports/tune/study.journal")))
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throw-away PostgreSQL cluster on loopback (Debian's server binaries), with an empty database.
+
+    Skipped only when no server is installed (``make setup`` installs Debian's ``postgresql`` as root);
+    a server that is installed but does not start fails the test. As root, the server runs as ``postgres``.
+    """
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    if found[-1] is None:
+        pytest.skip("no PostgreSQL server installed: `make setup` as root installs Debian's postgresql")
+    bindir = Path(found[-1]).parent
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="onecycle-pg-"))  # not under pytest's tmp: that is private to root
+    if as_user:
+        shutil.chown(home, "postgres", "postgres")
+    port, db = _free_port(), home / "db"
+
+    def run(*cmd):
+        subprocess.run(as_user + [str(c) for c in cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    run(bindir / "initdb", "-D", db, "-A", "trust", "-U", "onecycle", "-E", "UTF8", "--no-sync")
+    run(bindir / "pg_ctl", "-D", db, "-l", home / "server.log", "-w", "-t", "60",
+        "-o", f"-h 127.0.0.1 -p {port} -k {home} -c fsync=off", "start")
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "onecycle", "optuna")
+        yield f"postgresql://onecycle@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _runs(workdir, experiment: str = "test"):
@@ -188,8 +231,11 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_journal_share_the_study_without_losing_trials(workdir):
-    tiny_params(workdir, tune={"epochs": 1})
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_two_workers_share_one_study_without_losing_trials(workdir, request, storage):
+    """Two worker processes, as on two machines, against the journal file or a PostgreSQL server."""
+    url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
+    tiny_params(workdir, tune={"epochs": 1, "storage": url})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     cmd = [sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml", "--n-trials", "2"]
     workers = [subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -198,7 +244,7 @@ def test_two_workers_on_one_journal_share_the_study_without_losing_trials(workdi
     assert [w.returncode for w in workers] == [0, 0], outputs
     assert [o.count("tune: trial ") for o in outputs] == [2, 2]  # --n-trials counts this worker's trials
 
-    trials = _study(workdir).get_trials()
+    trials = _study(workdir, url=url).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # the workers' samplers differ
@@ -206,6 +252,8 @@ def test_two_workers_on_one_journal_share_the_study_without_losing_trials(workdi
     assert len(parents) == 1
     assert sorted(r.data.tags["trial_number"] for r in nested) == ["0", "1", "2", "3"]
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
+    if url:
+        assert parents[0].data.tags["optuna_storage"] == url  # the run says where its study lives
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):

@@ -4,6 +4,10 @@ Randomness is tied to the epoch and the batch, not to how many batches came befo
 order of epoch ``e`` derives from ``(seed, e)`` and the augmentation RNG of a batch from
 ``(seed, e, first index of the batch)``. A run resumed at epoch ``e`` therefore sees exactly the
 batches an uninterrupted run would have seen, whatever the number of DataLoader workers.
+
+The epoch travels with every batch of indices (:class:`Keys`), from the batch sampler in the main
+process to the dataset in whichever process loads it, so DataLoader workers can be persistent (kept
+across epochs, as forked copies of the dataset) and still augment epoch ``e`` as epoch ``e``.
 """
 
 from __future__ import annotations
@@ -55,10 +59,17 @@ class ArrayDataset(Dataset):
         return (self.seed * 1_000_003 + self.epoch * 100_003 + int(first_index)) % 2**32
 
     def __getitems__(self, indices: list[int]):
-        """One batch; the DataLoader calls this instead of __getitem__ per index. Seeds once per batch."""
+        """One batch; the DataLoader calls this instead of __getitem__ per index. Seeds once per batch.
+
+        ``indices`` tagged with an epoch (:class:`Keys`, from :class:`EpochBatches`) set the epoch first.
+        """
+        epoch = getattr(indices, "epoch", None)
+        if epoch is not None:
+            self.epoch = epoch
         if self.batch_transform is not None:
             g = torch.Generator().manual_seed(self._seed(indices[0]))
-            return Batch(self.batch_transform(self.images[indices], g), torch.from_numpy(self.labels[indices]))
+            idx = list(indices)
+            return Batch(self.batch_transform(self.images[idx], g), torch.from_numpy(self.labels[idx]))
         self.transform.set_random_seed(self._seed(indices[0]))
         return [self[i] for i in indices]
 
@@ -145,6 +156,49 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world))
 
 
+class Keys(list):
+    """The indices of one batch, tagged with the epoch they belong to (pickled to workers with it)."""
+
+    def __init__(self, indices, epoch: int):
+        super().__init__(indices)
+        self.epoch = epoch
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Groups ``sampler``'s indices into batches of ``batch_size`` tagged with the epoch (:class:`Keys`).
+
+    ``set_epoch`` and ``skip_batches`` reach the index sampler; the tag reaches the dataset, wherever it runs.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int):
+        self.sampler, self.batch_size, self.epoch = sampler, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def skip_batches(self) -> int:
+        return getattr(self.sampler, "skip_batches", 0)
+
+    @skip_batches.setter
+    def skip_batches(self, n: int) -> None:
+        self.sampler.skip_batches = n
+
+    def __iter__(self):
+        batch = []
+        for i in self.sampler:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield Keys(batch, self.epoch)
+                batch = []
+        if batch:
+            yield Keys(batch, self.epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+
 def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
     if ds.images is not None:
         ds.images = ds.images[idx]
@@ -182,18 +236,24 @@ def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, 
 
     ``batch_size`` is global; under DDP each rank's loader yields its share (see :class:`EpochSampler`).
     Training loaders shuffle; evaluation loaders (``shuffle=False``) are sharded example by example.
+    Workers (``num_workers`` > 0) persist across epochs and prefetch 4 batches each.
     """
     if world > 1 and not shuffle:
         sampler: Sampler = ShardSampler(len(ds), rank, world)
     else:
         sampler = EpochSampler(len(ds), shuffle, seed, batch_size, rank, world)
-    return DataLoader(ds, batch_size=max(batch_size // world, 1), sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False, collate_fn=collate)
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(ds, batch_sampler=EpochBatches(sampler, max(batch_size // world, 1)), num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=collate, **extra)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Reseed a loader's shuffle order and augmentation for ``epoch``."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+    for part in (loader.batch_sampler, loader.sampler, loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+def skip_batches(loader: DataLoader, n: int) -> None:
+    """Resume the loader's next epoch after ``n`` (global) batches."""
+    loader.batch_sampler.skip_batches = n

@@ -44,7 +44,7 @@ from .engine import (
     train_step,
 )
 from .errors import OneCycleError
-from .loaders import set_epoch
+from .loaders import set_epoch, skip_batches
 from .schedule import build_scheduler, current_momentum
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
     set_epoch(loader, epoch)
     partial = partial or {"step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "n": 0, "steps": [], "seconds": 0.0}
     if partial["step_in_epoch"]:
-        loader.sampler.skip_batches = partial["step_in_epoch"]
+        skip_batches(loader, partial["step_in_epoch"])
     loss_sum = torch.tensor(float(partial["loss_sum"]), device=device)
     correct = torch.tensor(int(partial["correct"]), device=device, dtype=torch.long)
     n = int(partial["n"])
@@ -133,7 +133,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
                                         "seconds": time.perf_counter() - t0})
     finally:
         bar.close()
-        loader.sampler.skip_batches = 0
+        skip_batches(loader, 0)
     total_loss, total_correct, total_n = dist.sum_(loss_sum.item(), correct.item(), n)  # all ranks' images
     return ({"loss": total_loss / max(total_n, 1), "top1": total_correct / max(total_n, 1), "images": int(total_n),
              "seconds": time.perf_counter() - t0}, steps)

@@ -1,0 +1,42 @@
+"""bench/gpu.py runs every path (throughput, loader feed, the CIFAR-10 recipe) tiny on a CPU.
+
+The figures themselves come from a GPU machine; here only that the script works and says what it measured.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import write_fetched
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_every_path_on_cpu_in_smoke_mode(tmp_path):
+    write_fetched(tmp_path / "data", dataset="cifar10", n_train=300, n_test=64, size=32, channels=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data")}}))
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py"), "--device", "cpu", "--smoke", "--workers", "1",
+                          "--params", str(tmp_path / "params.yaml")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("ResNet9", "ResNet-50"))]
+    assert len(rows) == 4 and all(float(r.split()[-2]) > 0 for r in rows), out.stdout  # images/s per row
+    assert sum("workers:" in line for line in lines) == 2
+    assert [line.split(":")[0].strip() for line in lines if "after epoch" in line] == ["after epoch  1",
+                                                                                        "after epoch  2"]
+    assert lines[-1].startswith("cifar10: ") and "skipped" not in lines[-1], out.stdout
+
+
+def test_gpu_bench_without_a_gpu_says_nothing_was_measured():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the no-GPU message cannot be shown")
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no CUDA GPU is visible; nothing measured" in out.stderr
