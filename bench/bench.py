@@ -52,6 +52,8 @@ def bench_floor(params, setup, steps: int) -> float:
     n = bs * min(steps, 8)
     ds.set_epoch(0)
     x = torch.stack([ds[i][0] for i in range(n)])
+    if params.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.tensor([int(ds.labels[i]) for i in range(n)])
     model = setup.model
     model.train()
@@ -64,7 +66,7 @@ def bench_floor(params, setup, steps: int) -> float:
         loss_fn(model(xb), yb).backward()
         opt.step()
 
-    for xb, yb in batches[:2]:  # warm-up
+    for xb, yb in batches[:4]:  # warm-up (oneDNN builds its kernels in the first steps)
         step(xb, yb)
     t = time.perf_counter()
     for i in range(steps):
@@ -112,7 +114,7 @@ def bench_evaluate(params, setup) -> float:
     test = build_split(params, setup.info, "test", train_augment=False)
     loader = make_loader(test, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     t = time.perf_counter()
-    out = evaluate(setup.model, loader, setup.device, setup.dtype, collect=True)
+    out = evaluate(setup.model, loader, setup.device, setup.dtype, params.train.channels_last, collect=True)
     return out["n"] / (time.perf_counter() - t)
 
 
@@ -133,17 +135,22 @@ def main(argv=None) -> int:
     shape = tuple(setup.train_loader.dataset[0][0].shape)
     flops_fwd = forward_flops(setup.model, shape)
     peak = matmul_gflops()
-    floor = bench_floor(params, setup, args.floor_steps)
+    floor_before = bench_floor(params, setup, args.floor_steps)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, epoch_s, epoch_images = bench_trainer(params, Path(tmp))
     lr_find = bench_lr_find(params, args.lr_steps)
     evaluate = bench_evaluate(params, setup)
+    floor_after = bench_floor(params, setup, args.floor_steps)
+    # The floor is measured first and last: a shared 2-core machine drifts by +-10% over minutes, and
+    # the mean of both brackets the runs in between better than either alone.
+    floor = (floor_before + floor_after) / 2
     train_flops = 3 * flops_fwd  # forward + backward (about twice the forward)
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {threads} threads; model {params.model.name} width {params.model.width}, "
           f"batch {params.data.batch_size}, input {shape}, {flops_fwd / 1e6:.1f} MFLOP/image forward")
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; floor measured first {floor_before:.0f} and last "
+          f"{floor_after:.0f} images/s (the table uses their mean)")
     print(f"{'measurement':<40}{'images/s':>10}{'vs floor':>10}{'GFLOP/s':>10}{'of peak':>9}")
     rows = [("(a) floor: bare loop, in memory", floor, train_flops),
             (f"(b) trainer: 1 epoch ({epoch_images} img) + val", trainer, train_flops),

@@ -156,7 +156,10 @@ def _run(params, args) -> int:
                             "retrain or point data.dataset at the model's dataset")
     test_ds = build_split(params, info, "test", train_augment=False)
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
-    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device), collect=True)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device), params.train.channels_last,
+                   collect=True)
     logits, labels = out["logits"], out["labels"].numpy()
     probs = torch.softmax(logits, 1)
     preds = probs.argmax(1).numpy()
