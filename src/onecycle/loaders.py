@@ -68,8 +68,7 @@ class ArrayDataset(Dataset):
             self.epoch = epoch
         if self.batch_transform is not None:
             g = torch.Generator().manual_seed(self._seed(indices[0]))
-            idx = list(indices)
-            return Batch(self.batch_transform(self.images[idx], g), torch.from_numpy(self.labels[idx]))
+            return Batch(self.batch_transform(self.images[indices], g), torch.from_numpy(self.labels[indices]))
         self.transform.set_random_seed(self._seed(indices[0]))
         return [self[i] for i in indices]
 
@@ -248,10 +247,8 @@ def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, 
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reseed a loader's shuffle order and augmentation for ``epoch``."""
-    for part in (loader.batch_sampler, loader.sampler, loader.dataset):
-        if hasattr(part, "set_epoch"):
-            part.set_epoch(epoch)
+    """Reseed a loader's shuffle order and augmentation for ``epoch`` (the batches carry it to the dataset)."""
+    loader.batch_sampler.set_epoch(epoch)
 
 
 def skip_batches(loader: DataLoader, n: int) -> None:
