@@ -79,8 +79,10 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     import mlflow
 
     from onecycle.engine import build_setup
-    from onecycle.tracking import configure, quiet_mlflow
-    from onecycle.train import RunLogger, fit
+    from onecycle.loop import fit
+    from onecycle.paths import Workspace
+    from onecycle.tracking import RunLogger, configure, quiet_mlflow
+    from onecycle.train import stage_hooks
 
     p = params.replace(train={"epochs": 1})
     setup = build_setup(p)
@@ -90,15 +92,15 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     configure("bench")
     with mlflow.start_run() as run:
         t = time.perf_counter()
-        fit(p, setup, 0.1, logger=RunLogger(run.info.run_id), checkpoint_dir=workdir / "checkpoints",
-            run_id=run.info.run_id, progress=False, history_path=workdir / "history.csv")
+        hooks = stage_hooks(Workspace(workdir), "bench", run.info.run_id, RunLogger(run.info.run_id), resumed=False)
+        fit(p, setup, 0.1, hooks=hooks, progress=False)
         secs = time.perf_counter() - t
     return images / secs, secs, images
 
 
 def bench_lr_find(params, steps: int) -> float:
     from onecycle.engine import build_setup
-    from onecycle.lr_find import run_range_test
+    from onecycle.rangetest import run_range_test
 
     p = params.replace(lr_find={"num_iter": max(steps, 10), "end_lr": 1.0, "step_mult": None})
     setup = build_setup(p, with_val=False)

@@ -99,7 +99,7 @@ def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool)
     from onecycle.data import load_info
     from onecycle.engine import build_setup, evaluate
     from onecycle.loaders import build_split, make_loader
-    from onecycle.train import fit
+    from onecycle.loop import FitHooks, fit
 
     recipe = {k: dict(v) for k, v in CIFAR_RECIPE.items()}
     recipe["train"]["device"] = device.type
@@ -119,7 +119,7 @@ def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool)
     clock = {"train": 0.0, "since": time.perf_counter(), "reached": None}
     lines = []
 
-    def on_epoch(epoch: int, row: dict) -> None:  # epoch counts from 0
+    def on_epoch(epoch: int, row: dict, steps: list, history: list) -> None:  # epoch counts from 0
         epoch += 1
         sync(device)
         clock["train"] += time.perf_counter() - clock["since"]
@@ -129,7 +129,7 @@ def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool)
             clock["reached"] = (epoch, clock["train"])
         clock["since"] = time.perf_counter()
 
-    fit(params, setup, params.schedule.max_lr, on_epoch=on_epoch, progress=False)
+    fit(params, setup, params.schedule.max_lr, hooks=FitHooks(on_epoch=on_epoch), progress=False)
     print("\n".join(lines))
     if clock["reached"] is None:
         return f"not reached in {params.train.epochs} epochs ({clock['train']:.1f} s of training)"

@@ -42,7 +42,7 @@ LEVERS: list[tuple[str, dict]] = [
 def measure(params, overrides: dict, batches: int) -> tuple[float, int]:
     """Training images/s of one short epoch of ``params`` with ``overrides`` (after a 3-batch warm-up)."""
     from onecycle.engine import build_setup, configure_threads
-    from onecycle.train import fit
+    from onecycle.loop import fit
 
     configure_threads(os.cpu_count() or 1)  # undo an earlier lever's thread setting
     merged = {k: dict(v) for k, v in overrides.items()}

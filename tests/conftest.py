@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 import tiny
-from onecycle import data
+from onecycle import fetch as data
 from onecycle.config import parse_params
 
 PYTHON = sys.executable

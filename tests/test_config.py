@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_load_with_the_documented_values():
     p = parse_params({})
     assert p.data.dataset == "fashion_mnist" and p.data.source is None and p.data.val_size == 5000
-    assert p.model.name == "resnet9" and p.model.stem == "cifar" and p.model.width == 1.0
+    assert p.model.name == "resnet9" and p.model.stem == "cifar" and p.model.width == 0.25  # as params.yaml
+    assert p.data.batch_size == 256 and p.train.channels_last is True
     assert p.schedule.max_lr == "auto" and p.schedule.pct_start == 0.25 and p.schedule.anneal_strategy == "cos"
     assert p.lr_find.start_lr == 1e-7 and p.lr_find.end_lr == 10.0 and p.lr_find.num_iter == 100
     assert p.optimizer.name == "sgd" and p.optimizer.betas == (0.9, 0.999)
@@ -41,7 +42,7 @@ def test_the_defaults_written_to_a_file_load_back_equal(tmp_path, write_params):
 
 
 def test_overrides_are_applied(tmp_path, write_params):
-    p = load_params(write_params(tmp_path, schedule={"max_lr": 0.4, "pct_start": 0.3}, model={"name": "resnet18"}))
+    p = load_params(write_params(tmp_path, schedule={"max_lr": 0.4, "pct_start": 0.3}, model={"name": "resnet18", "width": 1.0}))
     assert (p.schedule.max_lr, p.schedule.pct_start, p.model.name) == (0.4, 0.3, "resnet18")
     assert p.schedule.div_factor == 25.0  # untouched keys keep their defaults
 

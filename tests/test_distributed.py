@@ -88,7 +88,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert set(wa) == set(wb)  # plain (unwrapped) parameter names, loadable without DDP
     conv = "prep.0.weight"  # the first layer moved the same way in both runs
     assert torch.nn.functional.cosine_similarity(wa[conv].flatten(), wb[conv].flatten(), dim=0) > 0.99
-    mlflow.set_tracking_uri(f"sqlite:///{ddp / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ddp / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["processes"] == "2"

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_FOLDER, FASHION_FILES, idx_bytes, make_cifar_archive, make_fashion_source, make_image_folder
-from onecycle import data
+from onecycle import data as datamod
+from onecycle import fetch as data
 from onecycle.config import DataConfig
 from onecycle.errors import DatasetError
 
@@ -109,7 +110,7 @@ def test_fashion_fetch_writes_arrays_and_meta(tmp_path, fashion_checksums):
     assert meta["checksums"] == {name: raw for name, _, raw in src.table.values()}
     assert meta["files"] == {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in out.glob("*.npy")}
     assert len(meta["files"]) == 4
-    info = data.load_info(cfg(tmp_path, source=str(src.folder)))
+    info = datamod.load_info(cfg(tmp_path, source=str(src.folder)))
     assert (info.num_classes, info.in_channels, info.num_train) == (10, 1, 12)
 
 
@@ -128,7 +129,7 @@ def test_a_deleted_output_file_is_fetched_again(tmp_path, fashion_checksums):
     out, _ = data.fetch(c)
     (out / "test_y.npy").unlink()
     with pytest.raises(DatasetError, match="incomplete"):
-        data.load_info(c)
+        datamod.load_info(c)
     assert data.fetch(c) == (out, True)
     assert np.load(out / "test_y.npy").tolist() == fashion_checksums.arrays["test_y"].tolist()
 
@@ -430,7 +431,7 @@ def test_imagefolder_writes_index_csvs_and_meta(tmp_path, image_folder):
     assert train[-1] == ("train/zebra/zebra_2.jpg", 2)
     assert sorted({lab for _, lab in train}) == [0, 1, 2]
     assert _rows(out / "test.csv")[2:4] == [("val/dog/dog_0.jpg", 1), ("val/dog/dog_1.jpg", 1)]
-    root, paths, labels = data.load_index(c, "test")
+    root, paths, labels = datamod.load_index(datamod.load_info(c), "test")
     assert root == image_folder.resolve() and len(paths) == 6 and labels.dtype == np.int64
     assert all((root / p).is_file() for p in paths)
     assert data.fetch(c) == (out, False)
@@ -472,15 +473,15 @@ def test_imagefolder_without_a_val_folder(tmp_path):
 # ----------------------------------------------------------------------------------------------- split
 
 def test_split_train_val_is_seeded_disjoint_and_complete():
-    train, val = data.split_train_val(100, 20, seed=0, train_subset=None)
+    train, val = datamod.split_train_val(100, 20, seed=0, train_subset=None)
     assert len(val) == 20 and len(train) == 80 and set(train).isdisjoint(val)
     assert sorted([*train, *val]) == list(range(100))
-    again = data.split_train_val(100, 20, seed=0, train_subset=None)
+    again = datamod.split_train_val(100, 20, seed=0, train_subset=None)
     assert np.array_equal(again[1], val)
-    sub, val2 = data.split_train_val(100, 20, seed=0, train_subset=10)
+    sub, val2 = datamod.split_train_val(100, 20, seed=0, train_subset=10)
     assert len(sub) == 10 and set(sub) <= set(train) and np.array_equal(val2, val)
     with pytest.raises(DatasetError, match=r"data.val_size \(100\) must be smaller"):
-        data.split_train_val(100, 100, seed=0, train_subset=None)
+        datamod.split_train_val(100, 100, seed=0, train_subset=None)
 
 
 def test_imagefolder_index_follows_images_added_or_removed(tmp_path, image_folder):
@@ -495,5 +496,5 @@ def test_imagefolder_index_follows_images_added_or_removed(tmp_path, image_folde
     extra.unlink()
     (image_folder / "val" / "zebra" / "zebra_1.jpg").unlink()
     assert data.fetch(c) == (out, True)
-    assert data.load_info(c).num_train == 9 and data.load_info(c).num_test == 5
+    assert datamod.load_info(c).num_train == 9 and datamod.load_info(c).num_test == 5
     assert data.fetch(c) == (out, False)

@@ -13,7 +13,7 @@ import torch
 
 from onecycle.config import LRFindConfig, load_params, parse_params
 from onecycle.errors import ConfigError
-from onecycle.lr_find import (
+from onecycle.rangetest import (
     NoDescentError,
     descends,
     lr_schedule,
@@ -179,7 +179,7 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     assert (workdir / "reports/lr_find.png").stat().st_size > 10_000
     rows = (workdir / "reports/lr_find.csv").read_text().splitlines()
     assert rows[0] == "lr,loss,smoothed_loss" and len(rows) == 21
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     run = mlflow.get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/smoothed_loss")) == 20

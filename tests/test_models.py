@@ -19,6 +19,7 @@ def record_shape(module: nn.Module, seen: dict, key: str) -> None:
 
 
 def build(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
+    kw.setdefault("width", 1.0)  # the published architectures (params.yaml's default is a quarter width)
     torch.manual_seed(0)
     return build_model(ModelConfig(name=name, **kw), num_classes=num_classes, in_channels=in_channels)
 

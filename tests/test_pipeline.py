@@ -81,9 +81,12 @@ def repo(tmp_path_factory):
     clone = tmp_path_factory.mktemp("pipeline") / "onecycle"
     run(["git", "clone", "-q", str(REPO), str(clone)], cwd=clone.parent)
     # the working tree's uncommitted source and params too, so the test checks what is being changed
-    for rel in ("dvc.yaml", "params.yaml"):
+    for rel in ("dvc.yaml", "params.yaml", "README.md"):
         shutil.copy(REPO / rel, clone / rel)
+    shutil.rmtree(clone / "src")
+    shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     tiny_pipeline_params(clone / "params.yaml")
+    run(["git", "add", "-A", "src"], cwd=clone)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=clone, check=False)
     proc = run([BIN / "dvc", "repro"], cwd=clone, timeout=900)
     return {"path": clone, "repro": proc}
@@ -99,6 +102,31 @@ def test_dvc_repro_runs_all_four_stages_and_locks_them(repo):
     assert (clone / "models/model.pt").is_file() and (clone / "checkpoints/last.pt").is_file()
     again = run([BIN / "dvc", "repro"], cwd=clone)
     assert "Running stage" not in again.stdout  # nothing changed, nothing re-runs
+
+
+def _dvc_status(clone: Path) -> dict:
+    return json.loads(run([BIN / "dvc", "status", "--json"], cwd=clone).stdout or "{}")
+
+
+def test_dvc_status_changes_only_for_the_stages_that_run_an_edited_module(repo):
+    clone = repo["path"]
+    assert _dvc_status(clone) == {}
+    edited = ["src/onecycle/predict.py", "src/onecycle/tune.py", "README.md", "src/onecycle/loop.py",
+              "src/onecycle/fetch.py"]
+    try:
+        for rel in edited[:3]:  # modules no pipeline stage runs, and the docs
+            with open(clone / rel, "a") as f:
+                f.write("\n# an edit\n")
+        assert _dvc_status(clone) == {}
+        with open(clone / "src/onecycle/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
+            f.write("\n# an edit\n")
+        assert set(_dvc_status(clone)) == {"train"}
+        with open(clone / "src/onecycle/fetch.py", "a") as f:  # the fetch stage's own module
+            f.write("\n# an edit\n")
+        assert set(_dvc_status(clone)) == {"fetch", "train"}
+    finally:
+        run(["git", "checkout", "--", *edited], cwd=clone)
+    assert _dvc_status(clone) == {}
 
 
 def test_dvc_metrics_show_has_the_test_and_train_metrics(repo):
@@ -131,7 +159,7 @@ def test_reports_and_plots_are_complete(repo):
 def _mlflow_client(clone: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
     return mlflow.MlflowClient()
 
 
@@ -187,10 +215,10 @@ def test_mlflow_models_serve_answers_with_class_probabilities(repo):
         [BIN / "mlflow", "models", "serve", "-m", "models:/tiny-onecycle/latest", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlruns/mlflow.db'}"))
+        env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}"))
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc=server)
-        from onecycle.evaluate import load_model_bundle
+        from onecycle.modelfile import load_model_bundle
         _, ds, _ = load_model_bundle(clone / "models/model.pt")
         x = np.load(clone / "data/fashion_mnist/test_x.npy", mmap_mode="r")[:4].astype(np.float32) / 255.0
         x = ((x - ds.mean[0]) / ds.std[0]).transpose(0, 3, 1, 2)
@@ -263,7 +291,7 @@ def test_queued_experiments_log_to_the_workspace_store(repo):
     assert {"q1", "q2"} <= set(new)
     assert new["q1"].data.params["schedule.max_lr"] == "0.03"
     assert new["q2"].data.metrics["test/top1"] > 0
-    assert not list(clone.glob(".dvc/tmp/exps/**/mlruns/mlflow.db"))  # nothing stranded in the temp copies
+    assert not list(clone.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing stranded in the temp copies
 
 
 def test_a_dvc_remote_round_trips_the_outputs_into_a_fresh_clone(repo, tmp_path):

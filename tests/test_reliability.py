@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 def _client(work: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     return mlflow.MlflowClient()
 
 

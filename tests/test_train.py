@@ -97,7 +97,7 @@ def test_peak_epoch_must_lie_inside_training():
 def _client(workdir):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     return mlflow.MlflowClient()
 
 
@@ -146,30 +146,33 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    from onecycle import train as train_mod
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    from onecycle import train
+    from onecycle.cli import guarded
+    from onecycle.config import load_params
+    from onecycle.engine import train_step
+    from onecycle.paths import Workspace
 
     results = {}
     for name in ("straight", "interrupted"):
         work = tmp_path / name
         write_fetched(work / "data", n_train=600, n_test=100)
-        monkeypatch.chdir(work)
         tiny_params(work, train={"epochs": 3})
+        params, ws = load_params(work / "params.yaml"), Workspace(work)
         if name == "interrupted":
-            real = train_mod.train_one_epoch
+            calls = {"n": 0}
 
-            def crash_in_epoch_3(*args, real=real, **kwargs):
-                if kwargs["epoch"] == 2:
+            def crash_in_epoch_3(*args, calls=calls, **kwargs):  # 8 steps per epoch: the first step of epoch 3
+                calls["n"] += 1
+                if calls["n"] == 17:
                     raise KeyboardInterrupt
-                return real(*args, **kwargs)
+                return train_step(*args, **kwargs)
 
-            monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_3)
-            assert train_mod.main(["--params", "params.yaml"]) == 130
+            assert guarded("train", lambda p=params, w=ws, f=crash_in_epoch_3: train.run(p, w, step_fn=f)) == 130
             first = ckpt.load(work / "checkpoints/last.pt")
             assert first["epoch"] == 2
             assert len(_history(work)) == 2
-            monkeypatch.setattr(train_mod, "train_one_epoch", real)
-        assert train_mod.main(["--params", "params.yaml"]) == 0
+        assert guarded("train", lambda p=params, w=ws: train.run(p, w)) == 0
         summary = json.loads((work / "reports/train.json").read_text())
         if name == "interrupted":
             assert summary["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continued
@@ -208,9 +211,11 @@ def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workd
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpoint(workdir, monkeypatch, capsys):
-    from onecycle import engine
-    from onecycle import train as train_mod
+def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpoint(workdir, capsys):
+    from onecycle import engine, train
+    from onecycle.cli import guarded
+    from onecycle.config import load_params
+    from onecycle.paths import Workspace
 
     tiny_params(workdir, train={"epochs": 3})
     real_step = engine.train_step
@@ -221,8 +226,8 @@ def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpo
         loss, logits = real_step(*args, **kwargs)
         return (loss * float("nan") if calls["n"] > 10 else loss), logits  # 8 steps per epoch
 
-    monkeypatch.setattr(train_mod, "train_step", nan_in_epoch_2)
-    assert train_mod.main(["--params", "params.yaml"]) == 1
+    params = load_params(workdir / "params.yaml")
+    assert guarded("train", lambda: train.run(params, Workspace(workdir), step_fn=nan_in_epoch_2)) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the training loss became nan at epoch 2, step 11" in err
     client = _client(workdir)
@@ -252,7 +257,7 @@ def test_a_corrupt_checkpoint_is_reported_not_replaced(workdir, capsys):
     err = capsys.readouterr().err
     assert "checkpoints/last.pt is not a readable checkpoint" in err
     assert (workdir / "checkpoints/last.pt").read_bytes() == b"PK\x03\x04 truncated"
-    assert not (workdir / "mlruns").exists()
+    assert not (workdir / "mlflow.db").exists()
 
 
 def test_params_flat_names_are_dotted():

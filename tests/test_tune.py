@@ -17,6 +17,7 @@ import optuna
 import pytest
 import yaml
 
+from onecycle import search_space as space_mod
 from onecycle import tune as tune_mod
 from onecycle.config import ScheduleConfig, load_params, parse_params
 from onecycle.errors import ConfigError
@@ -32,7 +33,7 @@ def test_default_space_is_a_decade_either_side_of_the_lr_finder_suggestion(tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports/lr_find.json").write_text('{"suggested_lr": 0.02}')
-    space = tune_mod.search_space(parse_params({}))
+    space = space_mod.search_space(parse_params({}))
     assert list(space) == [MAX_LR, PCT, DIV]
     assert (space[MAX_LR].low, space[MAX_LR].high, space[MAX_LR].log) == (pytest.approx(0.002), pytest.approx(0.2), True)
     assert (space[PCT].low, space[PCT].high, space[PCT].log) == (0.1, 0.5, False)
@@ -41,10 +42,10 @@ def test_default_space_is_a_decade_either_side_of_the_lr_finder_suggestion(tmp_p
     def no_report():
         raise AssertionError("a numeric schedule.max_lr must not read the LR finder's report")
 
-    space = tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.4}}), suggestion=no_report)
+    space = space_mod.search_space(parse_params({"schedule": {"max_lr": 0.4}}), suggestion=no_report)
     assert (space[MAX_LR].low, space[MAX_LR].high) == (pytest.approx(0.04), pytest.approx(4.0))
     # peak_epoch overrides pct_start, so it is not searched
-    space = tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.4, "peak_epoch": 1}}))
+    space = space_mod.search_space(parse_params({"schedule": {"max_lr": 0.4, "peak_epoch": 1}}))
     assert list(space) == [MAX_LR, DIV]
 
 
@@ -56,7 +57,7 @@ def test_space_entries_give_bounds_add_keys_and_remove_defaults():
         "train.epochs": {"low": 2, "high": 6},
         "schedule": {"anneal_strategy": {"choices": ["cos", "linear"]}},
     }}})
-    space = tune_mod.search_space(params)
+    space = space_mod.search_space(params)
     assert set(space) == {MAX_LR, PCT, "optimizer.weight_decay", "train.epochs", "schedule.anneal_strategy"}
     assert (space[MAX_LR].low, space[MAX_LR].high, space[MAX_LR].log) == (0.01, 1, True)
     assert space["train.epochs"].kind == "int"  # an int field searches ints
@@ -65,13 +66,13 @@ def test_space_entries_give_bounds_add_keys_and_remove_defaults():
     for _ in range(8):
         trial = study.ask()
         values = {k: d.suggest(trial) for k, d in space.items()}
-        tparams = tune_mod.trial_params(params, values)
+        tparams = space_mod.trial_params(params, values)
         assert 0.01 <= tparams.schedule.max_lr <= 1 and 0.1 <= tparams.schedule.pct_start <= 0.5
         assert tparams.train.epochs == values["train.epochs"] and 2 <= tparams.train.epochs <= 6
         assert tparams.schedule.div_factor == 25.0 and tparams.optimizer.weight_decay == values["optimizer.weight_decay"]
         study.tell(trial, 0.0)
     # without train.epochs in the space, a trial trains tune.epochs
-    assert tune_mod.trial_params(params, {MAX_LR: 0.3}).train.epochs == 3
+    assert space_mod.trial_params(params, {MAX_LR: 0.3}).train.epochs == 3
 
 
 @pytest.mark.parametrize("tune, message", [
@@ -99,14 +100,14 @@ def test_bad_tune_params_exit_2_naming_the_key_before_anything_is_written(tmp_pa
     assert len(err.splitlines()) == 1 and err.startswith("onecycle tune: error: ")
     assert message in err
     assert "s3cret" not in err
-    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
 
 
 def test_space_errors_are_config_errors():
     with pytest.raises(ConfigError, match=r"^tune\.space\.schedule\.max_lr: a log scale needs low > 0"):
-        tune_mod.search_space(parse_params({"tune": {"space": {MAX_LR: {"low": -1, "high": 1, "log": True}}}}))
+        space_mod.search_space(parse_params({"tune": {"space": {MAX_LR: {"low": -1, "high": 1, "log": True}}}}))
     with pytest.raises(ConfigError, match=r"^tune\.space\.optimizer\.weight_decay: null removes a default key"):
-        tune_mod.search_space(parse_params({"schedule": {"max_lr": 0.1},
+        space_mod.search_space(parse_params({"schedule": {"max_lr": 0.1},
                                             "tune": {"space": {"optimizer.weight_decay": None}}}))
 
 
@@ -171,7 +172,7 @@ def _runs(workdir, experiment: str = "test"):
     """(parent runs, nested runs) of the experiment."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -276,10 +277,12 @@ def test_a_pruned_trial_is_recorded_as_pruned(workdir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_is_pruned_and_the_study_goes_on(workdir, monkeypatch):
-    from onecycle import train as train_mod
+def test_a_diverging_trial_is_pruned_and_the_study_goes_on(workdir):
+    from onecycle.cli import guarded
+    from onecycle.config import load_params
+    from onecycle.engine import train_step as real_step
+    from onecycle.paths import Workspace
 
-    real_step = train_mod.train_step
     first_optimizer = []
 
     def nan_in_the_first_trial(*args, **kwargs):
@@ -287,9 +290,9 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on(workdir, monkeypatch)
         first_optimizer[:] = first_optimizer or [id(args[3])]
         return (loss * math.nan if id(args[3]) == first_optimizer[0] else loss), logits
 
-    monkeypatch.setattr(train_mod, "train_step", nan_in_the_first_trial)
     tiny_params(workdir, tune={"epochs": 1, "n_trials": 2})
-    assert tune_mod.main(["--params", "params.yaml"]) == 0
+    params = load_params(workdir / "params.yaml")
+    assert guarded("tune", lambda: tune_mod.run(params, Workspace(workdir), step_fn=nan_in_the_first_trial)) == 0
     first, second = _study(workdir).get_trials()
     assert first.state.name == "PRUNED" and "the training loss became nan" in first.user_attrs["diverged"]
     assert second.state.name == "COMPLETE"

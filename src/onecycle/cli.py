@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("onecycle.evaluate", "evaluate models/model.pt on the test split"),
     "predict": ("onecycle.predict", "top-k classes of image files from models/model.pt or an MLflow model"),
     "tune": ("onecycle.tune", "Optuna study over the One Cycle schedule; write reports/tune/ (best params, plots)"),
+    "demo": ("onecycle.demo", "a web page on loopback to try the model: upload an image, see its top classes"),
 }
 
 
@@ -52,12 +53,21 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
         add_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
+
+    def body_with_params() -> int | None:
         if params_optional and args.params == "params.yaml" and not Path(args.params).exists():
             params = parse_params({})
         else:
             params = load_params(args.params)
-        return int(body(params, args) or 0)
+        return body(params, args)
+
+    return guarded(name, body_with_params)
+
+
+def guarded(name: str, fn: Callable[[], int | None]) -> int:
+    """Run ``fn``; user errors, interrupts and OS errors become one line on stderr and an exit code."""
+    try:
+        return int(fn() or 0)
     except OneCycleError as exc:
         print(f"onecycle {name}: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code

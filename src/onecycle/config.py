@@ -39,7 +39,7 @@ class DataConfig(_Section):
     val_size: int = Field(5000, ge=0)
     # Use only the first N (shuffled, seeded) training examples; null = all.
     train_subset: int | None = Field(None, gt=0)
-    batch_size: int = Field(512, gt=0)
+    batch_size: int = Field(256, gt=0)
     # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, see README).
     num_workers: int = Field(0, ge=0)
     # Folder that fetch writes data/<dataset>/ under.
@@ -82,13 +82,15 @@ class AugmentConfig(_Section):
 class ModelConfig(_Section):
     name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet9"
     # Multiplies every layer's channel count (resnet9: 1.0 = 64-128-256-512; 0.25 = 16-32-64-128).
-    width: float = Field(1.0, gt=0, le=8)
+    width: float = Field(0.25, gt=0, le=8)
     # cifar: 3x3 stride-1 conv, no max-pool (small images); imagenet: 7x7/2 conv + max-pool.
     stem: Literal["cifar", "imagenet"] = "cifar"
     zero_init_residual: bool = False
 
     @model_validator(mode="after")
     def _width_only_resnet9(self) -> ModelConfig:
+        if self.name != "resnet9" and "width" not in self.model_fields_set:
+            object.__setattr__(self, "width", 1.0)  # the default width is resnet9's; the others are full width
         if self.name != "resnet9" and self.width != 1.0:
             raise ValueError(f"model.width must be 1 for {self.name} (only resnet9 scales its width), got {self.width:g}")
         return self
@@ -184,7 +186,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU.
     amp: Literal[False, True, "fp16", "bf16"] = False
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Clip the global gradient norm to this value; null = no clipping.

@@ -190,15 +190,15 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def build_setup(params, *, with_val: bool = True) -> Setup:
+def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
     """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them.
 
-    Under ``torchrun`` this joins the process group, shards the data (``data.batch_size`` stays the
+    A relative ``data.root`` is taken from ``root`` (default: the cwd). Under ``torchrun`` this joins the process group, shards the data (``data.batch_size`` stays the
     global batch) and wraps the model in DistributedDataParallel (SyncBatchNorm with ``train.sync_bn``).
     """
     from . import distributed as dist
 
-    info = load_info(params.data)
+    info = load_info(params.data, root)
     tcfg = params.train
     configure_threads(tcfg.threads)
     device = resolve_device(tcfg.device)

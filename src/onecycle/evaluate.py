@@ -17,40 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
+from . import tracking
 from .cli import run_command
-from .data import atomic_write_text, load_info
+from .data import load_info
 from .errors import OneCycleError
-from .files import save_figure
+from .files import atomic_write_text, save_figure
+from .modelfile import load_model_bundle
+from .paths import Workspace
 
 log = logging.getLogger(__name__)
-
-REPORTS = Path("reports")
-METRICS_JSON = REPORTS / "metrics.json"
-PER_CLASS_CSV = REPORTS / "per_class.csv"
-PREDICTIONS_CSV = REPORTS / "predictions.csv"
-CONFUSION_PNG = REPORTS / "confusion_matrix.png"
-MISCLASSIFIED_PNG = REPORTS / "misclassified.png"
-
-
-def load_model_bundle(path: Path, device: torch.device | str = "cpu"):
-    """Rebuild the network stored in models/model.pt (weights-only load: no code runs from the file)."""
-    from types import SimpleNamespace
-
-    from .config import ModelConfig
-    from .models import build_model
-
-    if not Path(path).is_file():
-        raise OneCycleError(f"{path} does not exist: run `onecycle train` (or `dvc repro train`) first")
-    bundle = ckpt.load(path)
-    if bundle.get("format") != "onecycle-model/1":
-        raise OneCycleError(f"{path} is not a onecycle model file (no onecycle-model/1 format marker)")
-    ds = bundle["dataset"]
-    model = build_model(ModelConfig(**bundle["model"]), len(ds["classes"]), ds["image_shape"][2])
-    model.load_state_dict(bundle["state_dict"])
-    model.to(device).eval()
-    return model, SimpleNamespace(**ds), bundle
-
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
     """counts[true, predicted]."""
@@ -142,17 +117,17 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _run(params, args) -> int:
+def run(params, ws: Workspace) -> dict:
+    """The evaluate stage in ``ws``: test metrics of ``ws.model``, reports, MLflow; returns metrics.json's dict."""
     from .engine import amp_dtype, configure_threads, evaluate, resolve_device
     from .loaders import build_split, make_loader
-    from .train import MODEL_PATH, TRAIN_JSON
 
     configure_threads(params.train.threads)
     device = resolve_device(params.train.device)
-    model, ds_meta, _ = load_model_bundle(MODEL_PATH, device)
-    info = load_info(params.data)
+    model, ds_meta, _ = load_model_bundle(ws.model, device)
+    info = load_info(params.data, ws.root)
     if list(info.classes) != list(ds_meta.classes):
-        raise OneCycleError(f"{MODEL_PATH} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
+        raise OneCycleError(f"{ws.model} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
                             "retrain or point data.dataset at the model's dataset")
     test_ds = build_split(params, info, "test", train_augment=False)
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
@@ -168,47 +143,43 @@ def _run(params, args) -> int:
     table = per_class_table(cm, info.classes)
     metrics = {"test": {"loss": out["loss"], "top1": out["top1"], "top5": out["top5"], "n": out["n"]},
                "per_class_top1": {r["class"]: r["accuracy"] for r in table}}
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(METRICS_JSON, json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(PER_CLASS_CSV, _csv([{**r, "accuracy": round(r["accuracy"], 5), "precision": round(r["precision"], 5),
-                                            "recall": round(r["recall"], 5), "f1": round(r["f1"], 5)} for r in table]))
-    atomic_write_text(PREDICTIONS_CSV, _csv([{"actual": info.classes[a], "predicted": info.classes[p]}
-                                             for a, p in zip(labels, preds, strict=True)]))
-    plot_confusion(cm, info.classes, CONFUSION_PNG)
+    atomic_write_text(ws.metrics_json, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(ws.per_class_csv, _csv([{**r, "accuracy": round(r["accuracy"], 5),
+                                               "precision": round(r["precision"], 5), "recall": round(r["recall"], 5),
+                                               "f1": round(r["f1"], 5)} for r in table]))
+    atomic_write_text(ws.predictions_csv, _csv([{"actual": info.classes[a], "predicted": info.classes[p]}
+                                                for a, p in zip(labels, preds, strict=True)]))
+    plot_confusion(cm, info.classes, ws.confusion_png)
     wrong = np.flatnonzero(preds != labels)[:36]
     plot_misclassified([_raw_test_image(params, test_ds, int(i)) for i in wrong],
                        [f"{info.classes[labels[i]]} -> {info.classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
-                        for i in wrong], MISCLASSIFIED_PNG)
-    _log_to_training_run(params, TRAIN_JSON, metrics, table)
+                        for i in wrong], ws.misclassified_png)
+    _log_to_training_run(params, ws, metrics, table)
     print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
-          f"images -> {METRICS_JSON}, {PER_CLASS_CSV}, {CONFUSION_PNG}, {MISCLASSIFIED_PNG}")
-    return 0
+          f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
+    return metrics
 
 
-def _log_to_training_run(params, train_json: Path, metrics: dict, table: list[dict]) -> None:
+def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
     """Add the test metrics and images to the training's MLflow run (its id is in reports/train.json)."""
-    import mlflow
-
-    from .tracking import configure, quiet_mlflow
-
     try:
-        run_id = json.loads(train_json.read_text()).get("mlflow_run_id")
+        run_id = json.loads(ws.train_json.read_text()).get("mlflow_run_id")
     except (OSError, ValueError):
         run_id = None
     if not run_id:
-        log.warning("%s names no MLflow run; test metrics are not logged to MLflow", train_json)
+        log.warning("%s names no MLflow run; test metrics are not logged to MLflow", ws.train_json)
         return
-    quiet_mlflow()
-    configure(params.mlflow.experiment)
+    mlflow = tracking.mlflow()
+    tracking.configure(params.mlflow.experiment, ws.root)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items() if k != "n"})
         mlflow.log_metrics({f"test/class_top1/{r['class'].replace('/', '_')}": r["accuracy"] for r in table})
-        for path in (METRICS_JSON, PER_CLASS_CSV, CONFUSION_PNG, MISCLASSIFIED_PNG):
+        for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
 
 
 def main(argv=None) -> int:
-    return run_command("evaluate", __doc__.splitlines()[0], argv, _run)
+    return run_command("evaluate", __doc__.splitlines()[0], argv, lambda params, args: run(params, Workspace()) and 0)
 
 
 if __name__ == "__main__":

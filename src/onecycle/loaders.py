@@ -217,10 +217,10 @@ def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> A
         tf = build_eval_transforms(params.augment, data.dataset, info.mean, info.std)
     source_split = "test" if split == "test" else "train"
     if data.dataset == "imagefolder":
-        root, paths, labels = load_index(data, source_split)
+        root, paths, labels = load_index(info, source_split)
         ds: ArrayDataset = ImageFileDataset(root, paths, labels, tf, channels=c, seed=params.train.seed)
     else:
-        images, labels = load_arrays(data, source_split)
+        images, labels = load_arrays(info, source_split)
         fast = batch_pipeline(params.augment, data.dataset, info.mean, info.std, train=train_augment)
         ds = ArrayDataset(images, labels, tf, seed=params.train.seed, batch_transform=fast)
     if split != "test":

@@ -1,11 +1,8 @@
-"""lr_find stage: the LR range test (Leslie Smith), as torch-lr-finder's ``range_test`` and fastai's ``lr_find``.
+"""lr_find stage: run the LR range test (``rangetest.py``) as ``train`` would train, and report it.
 
-The learning rate grows from ``lr_find.start_lr`` to ``end_lr`` over ``num_iter`` mini-batches of the
-training split, with the model, optimizer, augmentations, batch size and precision that ``train`` uses.
-The loss is smoothed by a bias-corrected exponential moving average; the sweep stops early when the
-smoothed loss exceeds ``diverge`` x its best, or is not finite. Three suggestions are reported
-(``steepest``, ``valley``, ``minimum``) and ``lr_find.suggestion`` picks the one ``train`` uses when
-``schedule.max_lr`` is ``auto``. Model, optimizer and RNG states are restored bit-for-bit afterwards.
+Writes ``reports/lr_find.json`` (LRs, raw and smoothed losses, every suggestion, the chosen one, the MLflow
+run id), ``reports/lr_find.csv`` (the curve, for ``dvc plots``) and ``reports/lr_find.png`` (log-x, the
+suggestions marked), and logs all of it to an MLflow run of its own.
 """
 
 from __future__ import annotations
@@ -13,191 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from . import tracking
 from .cli import run_command
-from .errors import OneCycleError
-from .files import save_figure
+from .files import atomic_write_text, save_figure
+from .paths import Workspace
+from .rangetest import NoDescentError, RangeTestResult, run_range_test
 
 log = logging.getLogger(__name__)
-
-REPORT = Path("reports/lr_find.json")
-CURVE_CSV = Path("reports/lr_find.csv")  # the curve as rows, for `dvc plots`
-PLOT = Path("reports/lr_find.png")
-# fastai trims the first tenth and the last 5 points of the curve before suggesting (noisy ends).
-SKIP_END = 5
-
-
-class NoDescentError(OneCycleError):
-    """The loss never went down during the sweep."""
-
-
-def lr_schedule(start_lr: float, end_lr: float, num_iter: int, mode: str = "exp") -> np.ndarray:
-    """The LR of each of ``num_iter`` steps: lr[0] = start_lr, lr[-1] = end_lr, geometric or evenly spaced."""
-    i = np.arange(num_iter, dtype=np.float64) / (num_iter - 1)
-    if mode == "exp":
-        return start_lr * (end_lr / start_lr) ** i
-    return start_lr + (end_lr - start_lr) * i
-
-
-class LossSmoother:
-    """Bias-corrected exponential moving average: avg_i = beta avg_{i-1} + (1-beta) loss_i, / (1 - beta^(i+1))."""
-
-    def __init__(self, beta: float):
-        self.beta, self.avg, self.n = beta, 0.0, 0
-
-    def __call__(self, loss: float) -> float:
-        self.n += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * loss
-        return self.avg / (1 - self.beta ** self.n) if self.beta > 0 else loss
-
-
-def smooth_losses(losses, beta: float) -> np.ndarray:
-    """The whole smoothed curve, as the range test computes it step by step."""
-    smoother = LossSmoother(beta)
-    return np.asarray([smoother(loss) for loss in losses], dtype=np.float64)
-
-
-def _window(lrs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Drop the noisy ends (first tenth, last 5 points) when the curve is long enough."""
-    n = len(losses)
-    start = n // 10
-    end = n - SKIP_END if n - SKIP_END - start >= 3 else n
-    return lrs[start:end], losses[start:end], start
-
-
-def suggest_steepest(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """LR at the most negative slope of loss against log LR (forward differences, as fastai's ``steep``)."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    grads = np.diff(loss_w) / np.diff(np.log(lr_w))
-    return float(lr_w[int(np.argmin(grads))])
-
-
-def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """fastai's ``valley``: the longest steadily decreasing stretch, a little past its middle."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    n = len(loss_w)
-    lds = [1] * n  # length of the longest decreasing subsequence ending at each point
-    max_start = max_end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if loss_w[i] < loss_w[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[max_end] < lds[i]:
-                max_end = i
-                max_start = max_end - lds[max_end]
-    sections = (max_end - max_start) / 3
-    idx = max_start + int(sections) + int(sections / 2)
-    return float(lr_w[min(idx, n - 1)])
-
-
-def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """The LR of the lowest loss, divided by 10 (fastai's ``minimum``)."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    return float(lr_w[int(np.argmin(loss_w))] / 10)
-
-
-SUGGESTERS = {"steepest": suggest_steepest, "valley": suggest_valley, "minimum": suggest_minimum}
-
-
-def descends(smoothed: np.ndarray, tolerance: float = 0.01) -> bool:
-    """Whether the smoothed loss ever fell at least ``tolerance`` (relative) below where it started."""
-    finite = smoothed[np.isfinite(smoothed)]
-    return len(finite) >= 2 and float(finite.min()) < float(finite[0]) * (1 - tolerance)
-
-
-@dataclass
-class RangeTestResult:
-    lrs: list[float]
-    losses: list[float]
-    smoothed: list[float]
-    stopped_early: bool
-    reason: str
-    suggestions: dict[str, float | None] = field(default_factory=dict)
-    descended: bool = True
-
-    def suggest(self) -> None:
-        lrs = np.asarray(self.lrs)
-        sm = np.asarray(self.smoothed)
-        self.descended = descends(sm)
-        ok = np.isfinite(sm)
-        lrs, sm = lrs[ok], sm[ok]
-        self.suggestions = {name: (fn(lrs, sm) if self.descended and len(sm) >= 3 else None)
-                            for name, fn in SUGGESTERS.items()}
-
-
-def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -> RangeTestResult:
-    """Sweep the LR over ``lr_cfg.num_iter`` calls of ``step(images, labels) -> loss``; restore nothing itself.
-
-    ``batches`` is an iterator that is restarted (by the caller's factory) when the data run out.
-    The LR of step i is set before the step, in one place: ``lr_schedule(...)[i]``.
-    """
-    from tqdm.auto import tqdm
-
-    lrs = lr_schedule(lr_cfg.start_lr, lr_cfg.resolved_end_lr, lr_cfg.num_iter, lr_cfg.mode)
-    raw, smoothed, used = [], [], []
-    best = math.inf
-    smoother = LossSmoother(lr_cfg.smooth)
-    reason = "completed"
-    bar = tqdm(total=lr_cfg.num_iter, desc="lr_find", unit="step", disable=None if progress else True, leave=False)
-    for lr in lrs:
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr)
-        images, labels = next(batches)
-        loss = float(step(images, labels))
-        used.append(float(lr))
-        raw.append(loss)
-        if not math.isfinite(loss):
-            smoothed.append(float("nan"))
-            reason = f"loss became {loss} at lr {lr:.3g}"
-            break
-        sm = smoother(loss)
-        smoothed.append(sm)
-        best = min(best, sm)
-        bar.update(1)
-        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{sm:.3f}")
-        if sm > lr_cfg.diverge * best:
-            reason = f"smoothed loss {sm:.3g} exceeded {lr_cfg.diverge:g} x best {best:.3g} at lr {lr:.3g}"
-            break
-    bar.close()
-    result = RangeTestResult(used, raw, smoothed, stopped_early=len(used) < lr_cfg.num_iter, reason=reason)
-    result.suggest()
-    return result
-
-
-def cycle(loader):
-    """Batches forever: restart the loader (next epoch's order) when it runs out."""
-    from .loaders import set_epoch
-
-    epoch = 0
-    while True:
-        set_epoch(loader, epoch)
-        yield from loader
-        epoch += 1
-
-
-def run_range_test(params, setup=None, progress: bool = True) -> RangeTestResult:
-    """The LR range test exactly as ``train`` would train: same model, optimizer, data, precision."""
-    from .engine import build_optimizer, build_setup, make_scaler, preserved_state, to_device, train_step
-
-    setup = setup or build_setup(params, with_val=False)
-    model = setup.model
-    model.train()
-    optimizer = build_optimizer(params.optimizer, model, lr=params.lr_find.start_lr)
-    scaler = make_scaler(setup.device, setup.dtype)
-    channels_last = params.train.channels_last
-
-    def step(images, labels):
-        images, labels = to_device(images, labels, setup.device, channels_last)
-        loss, _ = train_step(model, images, labels, optimizer, scaler, setup.loss_fn, setup.device, setup.dtype,
-                             params.train.grad_clip)
-        return loss.item()
-
-    with preserved_state(model, optimizer):
-        return range_test(model, optimizer, cycle(setup.train_loader), step, params.lr_find, progress=progress)
 
 
 def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
@@ -235,99 +59,63 @@ def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
     save_figure(fig, path)
 
 
-def read_suggestion(path: Path = REPORT) -> float:
-    """The LR ``train`` uses for ``schedule.max_lr: auto``: the chosen suggestion in reports/lr_find.json."""
-    if not path.is_file():
-        raise OneCycleError(f"schedule.max_lr is auto but {path} does not exist: run `onecycle lr-find` "
-                            "(or `dvc repro lr_find`) first, or set schedule.max_lr to a number")
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:
-        raise OneCycleError(f"{path} is corrupt: run `onecycle lr-find` again") from None
-    lr = report.get("suggested_lr")
-    if lr is None:
-        raise NoDescentError(f"schedule.max_lr is auto but the LR finder found no suggestion ({path}: the loss never "
-                             "descended); set schedule.max_lr to a number or widen lr_find.start_lr/end_lr")
-    return float(lr)
-
-
-def _run(params, args) -> int:
-    from .data import atomic_write_text
+def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
+    """The lr_find stage in ``ws``: sweep, write the reports, log the MLflow run; returns the result."""
     from .engine import build_setup, device_name
-    from .tracking import configure, log_params_flat, provenance_tags, quiet_mlflow
 
-    setup = build_setup(params, with_val=False)
+    setup = build_setup(params, with_val=False, root=ws.root)
     cfg = params.lr_find
     log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s", cfg.mode, cfg.start_lr,
              cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name)
-    result = run_range_test(params, setup)
+    result = run_range_test(params, setup, progress=progress)
     chosen = cfg.suggestion
     suggested = result.suggestions.get(chosen)
 
-    import mlflow
-
-    quiet_mlflow()
-    configure(params.mlflow.experiment)
-    with mlflow.start_run(run_name="lr_find") as run:
-        mlflow.set_tags({**provenance_tags(params.data.dataset, device_name(setup.device)), "stage": "lr_find"})
-        log_params_flat({k: v for k, v in params.flat().items()
-                         if k.split(".")[0] in ("data", "augment", "model", "optimizer", "lr_find", "train")})
+    mlflow = tracking.mlflow()
+    tracking.configure(params.mlflow.experiment, ws.root)
+    with mlflow.start_run(run_name="lr_find") as active:
+        mlflow.set_tags({**tracking.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
+                         "stage": "lr_find"})
+        tracking.log_params_flat({k: v for k, v in params.flat().items()
+                                  if k.split(".")[0] in ("data", "augment", "model", "optimizer", "lr_find", "train")})
         report = {
-            **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": run.info.run_id,
+            **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": active.info.run_id,
             "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
         }
         # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
-        report["curve"] = [{"lr": lr, "loss": _finite(loss), "smoothed_loss": _finite(sm)}
-                           for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed, strict=True)]
-        atomic_write_text(CURVE_CSV, "lr,loss,smoothed_loss\n" + "".join(
-            f"{r['lr']!r},{'' if r['loss'] is None else r['loss']},{'' if r['smoothed_loss'] is None else r['smoothed_loss']}\n"
-            for r in report["curve"]))
-        del report["curve"]
+        curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,
+                                                                          strict=True)]
+        atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss\n" + "".join(
+            f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}\n" for lr, loss, sm in curve))
         report["losses"] = [_finite(v) for v in result.losses]
         report["smoothed"] = [_finite(v) for v in result.smoothed]
-        atomic_write_text(REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")
-        plot(result, chosen, PLOT)
-        metrics = [("lr_find/lr", result.lrs), ("lr_find/loss", result.losses), ("lr_find/smoothed_loss", result.smoothed)]
-        _log_series(metrics)
-        for name, lr in result.suggestions.items():
-            if lr is not None:
-                mlflow.log_metric(f"lr_find/suggested_{name}", lr)
-        mlflow.log_artifact(str(REPORT))
-        mlflow.log_artifact(str(PLOT))
+        atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")
+        plot(result, chosen, ws.lr_find_png)
+        logger = tracking.RunLogger(active.info.run_id)
+        logger.log_series({"lr_find/lr": result.lrs, "lr_find/loss": result.losses,
+                           "lr_find/smoothed_loss": result.smoothed})
+        logger.log({f"lr_find/suggested_{name}": lr for name, lr in result.suggestions.items() if lr is not None}, 0)
+        logger.flush()
+        mlflow.log_artifact(str(ws.lr_find_json))
+        mlflow.log_artifact(str(ws.lr_find_png))
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
-          f"using {chosen} -> {REPORT}, {PLOT}")
+          f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")
     if not result.descended:
         msg = (f"the loss never descended between lr {cfg.start_lr:g} and {result.lrs[-1]:g}; "
                "widen lr_find.start_lr/end_lr or set schedule.max_lr to a number")
         if params.schedule.max_lr == "auto":
             raise NoDescentError(msg)
         log.warning("%s (schedule.max_lr = %s is used)", msg, params.schedule.max_lr)
-    return 0
+    return result
 
 
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _log_series(series: list[tuple[str, list[float]]]) -> None:
-    """Log per-step curves in batches (step = sweep index)."""
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(v), now, i) for key, values in series for i, v in enumerate(values)
-               if v is not None and math.isfinite(v)]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
-
-
 def main(argv=None) -> int:
-    return run_command("lr-find", __doc__.splitlines()[0], argv, _run)
+    return run_command("lr-find", __doc__.splitlines()[0], argv, lambda params, args: run(params, Workspace()) and 0)
 
 
 if __name__ == "__main__":

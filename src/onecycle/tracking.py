@@ -1,30 +1,41 @@
-"""MLflow: where the store is, how runs are opened, and what provenance every run carries.
+"""MLflow, in one place: where the store is, how runs are opened, what every run carries, and batched logging.
 
-The store is ``mlruns/mlflow.db`` (SQLite metadata) with artifacts in ``mlruns/artifacts``, at the
-workspace root, unless ``MLFLOW_TRACKING_URI`` names another (a team server). Experiments that DVC
-runs in a temporary copy of the repo (``dvc exp run --temp`` / ``--queue``) still log to the
-workspace's store: DVC passes the workspace as ``DVC_ROOT``.
+The store is MLflow's own default, so that a bare ``mlflow ui``, ``mlflow models serve`` and notebooks see
+the runs with no flags: ``mlflow.db`` (SQLite metadata) at the workspace root, artifacts under the
+top-level ``mlruns/`` (``mlruns/artifacts``). ``MLFLOW_TRACKING_URI`` overrides (a team server). A store of an earlier version
+at ``mlruns/mlflow.db`` is moved to ``mlflow.db`` the first time it is opened (same SQLite file, same
+artifact locations). Experiments that DVC runs in a temporary copy of the repo (``dvc exp run --temp`` /
+``--queue``) still log to the workspace's store: DVC passes the workspace as ``DVC_ROOT``.
+
+Metric values are buffered (:class:`RunLogger`) and sent in batches; if the store is locked or
+unreachable they are kept and retried at the next flush. No other module imports ``mlflow`` at load time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+STORE = "mlflow.db"          # MLflow 3's default store, relative to the workspace root
+ARTIFACTS = Path("mlruns") / "artifacts"  # under the top-level mlruns/ folder MLflow's users know
+LEGACY_STORE = Path("mlruns") / "mlflow.db"  # onecycle 0.1's location
+
 
 def workspace_root(start: Path | None = None) -> Path:
     """The project's workspace: DVC_ROOT when DVC runs us, else the nearest folder with .dvc or .git."""
-    env = os.environ.get("DVC_ROOT")
-    if env:
-        return Path(env).resolve()
     here = (start or Path.cwd()).resolve()
+    env = os.environ.get("DVC_ROOT")
+    if env and here == Path.cwd().resolve():
+        return Path(env).resolve()
     for folder in (here, *here.parents):
         if folder.name == ".dvc":  # inside .dvc/tmp/exps/...: the workspace is the folder holding .dvc
             return folder.parent
@@ -35,8 +46,8 @@ def workspace_root(start: Path | None = None) -> Path:
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
-    root = root or workspace_root()
-    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    root = (root or workspace_root()).resolve()
+    return f"sqlite:///{root / STORE}"
 
 
 # URIs this process chose itself. mlflow.set_tracking_uri() copies its argument into the
@@ -50,8 +61,31 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _SET_BY_US else None
 
 
-def configure(experiment: str) -> str:
-    """Point MLflow at the project's store and select ``experiment``; return its id.
+def _migrate_legacy_store(root: Path) -> None:
+    old, new = root / LEGACY_STORE, root / STORE
+    if old.is_file() and not new.exists():
+        os.replace(old, new)
+        log.warning("moved the MLflow store %s to %s (MLflow's default location; artifacts stay in %s/)",
+                    old, new, ARTIFACTS)
+
+
+def mlflow():
+    """The ``mlflow`` module, imported on first use (2 s) and quietened."""
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow as _mlflow
+
+    warnings.filterwarnings("ignore", module="mlflow")
+    return _mlflow
+
+
+def quiet_mlflow() -> None:
+    """MLflow warns about things users cannot act on (pip version inference, git, etc.)."""
+    mlflow()
+
+
+def configure(experiment: str | None, root: Path | None = None) -> str | None:
+    """Point MLflow at the project's store and select ``experiment`` (None: only the store); return its id.
 
     For a SQLite store this holds a file lock: MLflow creates a fresh store's tables without one, and
     two processes starting together (tune workers, queued DVC experiments) would both try.
@@ -59,36 +93,36 @@ def configure(experiment: str) -> str:
     from filelock import FileLock
 
     uri = user_tracking_uri()
+    root = workspace_root(Path(root) if root is not None else None)
     if not uri:
-        root = workspace_root()
-        (root / "mlruns").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _migrate_legacy_store(root)
         uri = default_tracking_uri(root)
         _SET_BY_US.add(uri)
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return _configure(uri, experiment)
+        return _configure(uri, experiment, root)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=600):
-        return _configure(uri, experiment)
+        return _configure(uri, experiment, root)
 
 
-def _configure(uri: str, experiment: str) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
+    mlf = mlflow()
+    mlf.set_tracking_uri(uri)
+    if experiment is None:
+        return None
+    client = mlf.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        location = None
-        if uri in _SET_BY_US:
-            location = (workspace_root() / "mlruns" / "artifacts").as_uri()
+        location = (root / ARTIFACTS).as_uri() if uri in _SET_BY_US else None
         try:
             exp_id = client.create_experiment(experiment, artifact_location=location)
         except Exception:  # another process created it between our look-up and create
             exp_id = client.get_experiment_by_name(experiment).experiment_id
     else:
         exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    mlf.set_experiment(experiment_id=exp_id)
     return exp_id
 
 
@@ -106,11 +140,11 @@ def git_info(root: Path | None = None) -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower()}
 
 
-def provenance_tags(dataset: str, device_name: str) -> dict[str, str]:
+def provenance_tags(dataset: str, device_name: str, root: Path | None = None) -> dict[str, str]:
     """Tags every run carries: git commit and dirty flag, DVC experiment, device, torch, dataset."""
     import torch
 
-    tags = {**git_info(), "device": device_name, "torch_version": torch.__version__, "dataset": dataset,
+    tags = {**git_info(root), "device": device_name, "torch_version": torch.__version__, "dataset": dataset,
             "cuda_version": str(torch.version.cuda)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -120,17 +154,64 @@ def provenance_tags(dataset: str, device_name: str) -> dict[str, str]:
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:
-    """Log dotted params, batched (MLflow limits a batch to 100)."""
-    import mlflow
-
+    """Log dotted params to the active run, batched (MLflow limits a batch to 100)."""
+    mlf = mlflow()
     items = {k: ("null" if v is None else json.dumps(v) if isinstance(v, list | dict) else v) for k, v in flat.items()}
     keys = sorted(items)
     for i in range(0, len(keys), 100):
-        mlflow.log_params({k: items[k] for k in keys[i:i + 100]})
+        mlf.log_params({k: items[k] for k in keys[i:i + 100]})
 
 
-def quiet_mlflow() -> None:
-    """MLflow warns about things users cannot act on (pip version inference, git, etc.)."""
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", module="mlflow")
+class RunLogger:
+    """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
+
+    With ``run_id`` None (a DDP rank other than 0, a bare ``fit``) it logs nothing.
+    """
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+        self.pending: list = []
+        self.warned = False
+
+    def existing_steps(self, key: str) -> set[int]:
+        if self.run_id is None:
+            return set()
+        try:
+            return {m.step for m in mlflow().MlflowClient().get_metric_history(self.run_id, key)}
+        except Exception:  # a store we cannot read now: assume nothing was logged (duplicates beat gaps)
+            return set()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if v is not None and math.isfinite(float(v))]
+
+    def log_series(self, series: dict[str, list[float]]) -> None:
+        """Per-step curves (step = index in the list)."""
+        for key, values in series.items():
+            for i, v in enumerate(values):
+                self.log({key: v}, step=i)
+
+    def flush(self) -> bool:
+        if self.run_id is None or not self.pending:
+            self.pending.clear()
+            return True
+        client = mlflow().MlflowClient()
+        try:
+            while self.pending:
+                chunk = self.pending[:1000]
+                client.log_batch(self.run_id, metrics=chunk)
+                del self.pending[:len(chunk)]
+        except Exception as exc:
+            log.warning("MLflow is not reachable (%s); %d metric values kept and retried after the next epoch",
+                        " ".join(str(exc).split())[:160], len(self.pending))
+            self.warned = True
+            return False
+        if self.warned:
+            log.warning("MLflow is reachable again; the kept metrics were logged")
+            self.warned = False
+        return True
