@@ -4,16 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup system test test-fast repro ui tune bench lint clean
+.PHONY: setup system test test-fast repro ui tune bench lint lock clean
 
 setup: $(VENV)/.installed system  ## .venv with the pinned requirements and the package; Debian's Fashion-MNIST and PostgreSQL
 
-$(VENV)/.installed: requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=25"
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $@
+# pip prints its errors only: no per-package notes, version nags or warnings about a machine's pip.conf
+# (`make setup PIP_QUIET=` shows them all). --no-build-isolation builds the editable package with the pinned
+# setuptools (requirements.txt), so the build needs no download and no other setuptools.
+PIP_QUIET ?= -qq
+PIP_INSTALL := $(PY) -m pip install $(PIP_QUIET) --disable-pip-version-check --no-warn-script-location
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup: installing requirements.txt and requirements-dev.txt into $(VENV)"
+	@$(PIP_INSTALL) --upgrade "pip>=25"
+	@$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
+	@$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	@touch $@
+	@echo "setup: $$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV), onecycle $$($(PY) -c 'import onecycle; print(onecycle.__version__)')"
 
 # Debian packages: the offline default dataset, and the PostgreSQL server the distributed-tune test starts
 SYSTEM_PACKAGES := dataset-fashion-mnist postgresql
@@ -50,6 +58,15 @@ bench:
 
 lint:
 	$(BIN)/ruff check src tests bench
+
+# Re-pin requirements.txt (runtime, every platform: Linux with or without CUDA, macOS, Windows; Python 3.11-3.13)
+# and requirements-dev.txt (test and lint tools) from pyproject.toml. Keeps the current pins where they still
+# fit; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest releases. Needs PyPI.
+LOCK_FLAGS ?=
+UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --custom-compile-command "make lock" --quiet $(LOCK_FLAGS)
+lock:
+	$(UV_COMPILE) pyproject.toml -o requirements.txt
+	$(UV_COMPILE) --group pyproject.toml:dev -c requirements.txt -o requirements-dev.txt
 
 clean:
 	rm -rf data models checkpoints reports mlruns
