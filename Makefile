@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup system test test-fast repro ui tune bench lint lock clean
+.PHONY: setup system test test-fast repro ui demo tune bench lint lock clean
 
 setup: $(VENV)/.installed system  ## .venv with the pinned requirements and the package; Debian's Fashion-MNIST and PostgreSQL
 
@@ -49,6 +49,9 @@ repro:
 
 ui:  ## MLflow UI on the project's store, bound to loopback
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $${PORT:-5000}
+
+demo:  ## the demo page for models/model.pt on http://127.0.0.1:7860 (PORT=... to change): upload an image, see its top classes
+	$(BIN)/onecycle demo --port $${PORT:-7860}
 
 tune:
 	$(BIN)/onecycle tune
