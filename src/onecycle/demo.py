@@ -266,10 +266,33 @@ if __name__ == "__main__":
 '''
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import version
+def space_requirements(gradio_version: str) -> list[str]:
+    """The Space's requirements.txt: the versions running here, each within gradio's own range for it.
 
-    return version(dist).split("+")[0]
+    A version outside gradio's range (e.g. a newer pillow than it allows) would make the Space's install
+    fail, so that package gets gradio's range instead of a pin, with a warning.
+    """
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    ranges = {}
+    for line in requires("gradio") or []:
+        req = Requirement(line)
+        if req.marker is None:
+            ranges[canonicalize_name(req.name)] = req.specifier
+    lines = [f"--extra-index-url {TORCH_CPU_INDEX}", f"gradio=={gradio_version}"]
+    for name in SPACE_REQUIREMENTS:
+        have = version(name).split("+")[0]
+        allowed = ranges.get(canonicalize_name(name))
+        if allowed is not None and not allowed.contains(have, prereleases=True):
+            log.warning("%s %s is outside gradio %s's range %s: the Space installs %s%s", name, have, gradio_version,
+                        allowed, name, allowed)
+            lines.append(f"{name}{allowed}")
+        else:
+            lines.append(f"{name}=={have}")
+    return lines
 
 
 def space_readme(ds, gradio_version: str) -> str:
@@ -316,9 +339,7 @@ def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k
     cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source}
     (out / SPACE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "app.py").write_text(APP_PY)
-    reqs = [f"--extra-index-url {TORCH_CPU_INDEX}", f"gradio=={gradio.__version__}"]
-    reqs += [f"{name}=={_version(name)}" for name in SPACE_REQUIREMENTS]
-    (out / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__)) + "\n")
     (out / "README.md").write_text(space_readme(ds, gradio.__version__))
     # Hugging Face stores binary files with Xet/LFS; `hf upload` does it by itself, git needs this line.
     (out / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n"
@@ -348,6 +369,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 def _run(params, args) -> int:
     telemetry_off()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop as Ctrl-C does, temporary files removed
+    try:
+        return _serve(params, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(params, args) -> int:
     if args.export_space and args.model_uri:
         raise OneCycleError("--export-space copies a model file: use --model (the file train writes), not --model-uri")
     if not 1 <= args.port <= 65535:
@@ -369,7 +398,6 @@ def _run(params, args) -> int:
         if args.host not in LOOPBACK:
             print(f"onecycle demo: note: listening on {args.host}, not loopback: anyone who can reach this "
                   f"machine on port {args.port} can use the page", file=sys.stderr)
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop as on Ctrl-C, removing the temporary files
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"onecycle demo: {source} on http://{shown}:{args.port}/ (Ctrl-C stops it)", flush=True)
         try:
