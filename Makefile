@@ -66,7 +66,8 @@ lint:
 # and requirements-dev.txt (test and lint tools) from pyproject.toml. Keeps the current pins where they still
 # fit; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest releases. Needs PyPI.
 LOCK_FLAGS ?=
-UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --custom-compile-command "make lock" --quiet $(LOCK_FLAGS)
+UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --custom-compile-command "make lock" \
+	--no-python-downloads --quiet $(LOCK_FLAGS)
 lock:
 	$(UV_COMPILE) pyproject.toml -o requirements.txt
 	$(UV_COMPILE) --group pyproject.toml:dev -c requirements.txt -o requirements-dev.txt
