@@ -4,6 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
+# Offline by default, as `import onecycle` is, for what make starts itself too (`make ui`'s MLflow server):
+# a value set in the environment wins, and ONECYCLE_TELEMETRY=1 leaves the libraries at their own defaults.
+ifeq ($(filter 1 true yes on TRUE True YES Yes ON On,$(ONECYCLE_TELEMETRY)),)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+endif
+
 .PHONY: setup system test test-fast repro ui demo tune bench lint lock clean
 
 setup: $(VENV)/.installed system  ## .venv with the pinned requirements and the package; Debian's Fashion-MNIST and PostgreSQL

@@ -283,3 +283,16 @@ def test_dvc_analytics_and_update_check_are_off_in_the_repo():
     assert core, config
     settings = dict(re.findall(r"^\s+(\S+)\s*=\s*(\S+)", core.group(1), re.M))
     assert settings.get("analytics") == "false" and settings.get("check_update") == "false", settings
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "true 1"), ({"MLFLOW_DISABLE_TELEMETRY": "false"}, "false 1"),
+                                               ({"ONECYCLE_TELEMETRY": "1"}, "- -")])
+def test_make_exports_the_offline_defaults_to_what_it_starts(tmp_path, env, expected):
+    """`make ui` starts MLflow's own server, which never imports onecycle: the Makefile sets the same defaults."""
+    probe = tmp_path / "probe.mk"
+    probe.write_text("probe:\n\t@echo $${MLFLOW_DISABLE_TELEMETRY:--} $${NO_ALBUMENTATIONS_UPDATE:--}\n")
+    clean = {k: v for k, v in os.environ.items() if k not in SCRUBBED and not k.startswith("MAKE")}
+    proc = subprocess.run(["make", "-s", "-f", "Makefile", "-f", str(probe), "probe"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**clean, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected.split()

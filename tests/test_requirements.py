@@ -98,10 +98,10 @@ def test_the_pins_the_issue_names():
 
 
 # (uv's target triple, Python): macOS on Apple silicon (torch 2.14 has no Intel macOS wheel; it needs macOS 14),
-# Linux x86_64 (CUDA or CPU-only: PyPI's torch runs on the CPU where there is no GPU), Linux aarch64, Windows.
+# Linux x86_64 (CUDA or CPU-only: PyPI's torch runs on the CPU where there is no GPU) and aarch64. Linux x86_64
+# on 3.11 is what `make setup` installs in CI. Windows resolves too (checked by hand, not here).
 PLATFORMS = [("aarch64-apple-darwin", v) for v in ("3.11", "3.12", "3.13")] + [
-    ("x86_64-unknown-linux-gnu", "3.12"), ("x86_64-unknown-linux-gnu", "3.13"),
-    ("aarch64-unknown-linux-gnu", "3.12"), ("x86_64-pc-windows-msvc", "3.13")]
+    ("x86_64-unknown-linux-gnu", "3.13"), ("aarch64-unknown-linux-gnu", "3.12")]
 
 
 def _resolve(platform: str, python: str, out: Path, offline: bool) -> subprocess.CompletedProcess:
