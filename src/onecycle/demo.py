@@ -50,6 +50,7 @@ SPACE_REQUIREMENTS = ("torch", "torchvision", "albumentations", "numpy", "pillow
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CSS = """
 #input-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#examples .gallery-item .container, #examples .gallery-item img { width: 56px; height: 56px; object-fit: contain; }
 """
 
 
@@ -87,7 +88,7 @@ def _one_per_class(labels: np.ndarray, n: int) -> list[int]:
     return picks
 
 
-def write_examples(data_dir: Path, classes: list[str], out: Path, n: int = 8) -> list[Example]:
+def write_examples(data_dir: Path, classes: list[str], out: Path, n: int = 10) -> list[Example]:
     """Up to ``n`` images of the fetched test split in ``data_dir`` (one per class first), as files in ``out``.
 
     Array datasets (``test_x.npy``) are written as PNGs; an image folder's files are copied as they are.
@@ -203,7 +204,7 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
             with gr.Column():
                 label = gr.Label(num_top_classes=k, label=f"Top {k} classes", elem_id="top-classes")
         if examples:
-            gr.Examples([str(e.path) for e in examples], inputs=image, cache_examples=False,
+            gr.Examples([str(e.path) for e in examples], inputs=image, cache_examples=False, elem_id="examples",
                         label="Examples from the test split, in order: " + ", ".join(e.label for e in examples),
                         examples_per_page=max(10, len(examples)))
         image.change(classify, inputs=image, outputs=label, api_name="classify", show_progress="minimal")
@@ -361,8 +362,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--examples", type=int, default=8, metavar="N",
-                   help="example images taken from the fetched test split (default 8; 0: none)")
+    p.add_argument("--examples", type=int, default=10, metavar="N",
+                   help="example images taken from the fetched test split, one per class first (default 10; 0: none)")
     p.add_argument("--export-space", type=Path, metavar="DIR",
                    help="write a Hugging Face Space (app.py, requirements.txt, model, examples) into DIR and exit")
 
