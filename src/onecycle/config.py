@@ -42,6 +42,8 @@ class DataConfig(_Section):
     batch_size: int = Field(256, gt=0)
     # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, see README).
     num_workers: int = Field(0, ge=0)
+    # Hold an array dataset on the training device as uint8 and augment whole batches there (no DataLoader).
+    on_device: bool = False
     # Folder that fetch writes data/<dataset>/ under.
     root: str = "data"
 
@@ -184,8 +186,10 @@ class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU.
+    # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU...
     amp: Literal[False, True, "fp16", "bf16"] = False
+    # ...unless this is true (slower than fp32 there; it lets the mixed-precision path run, e.g. in tests).
+    amp_on_cpu: bool = False
     channels_last: bool = True
     compile: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -203,6 +207,8 @@ class TrainConfig(_Section):
     nproc_per_node: int = Field(1, gt=0)
     # Under DDP: synchronize BatchNorm statistics across processes.
     sync_bn: bool = False
+    # Optimizer steps between NaN/inf and stop-request checks (each is one device sync + one all-reduce).
+    check_every: int = Field(25, gt=0)
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -79,6 +79,13 @@ def any_(flag: bool) -> bool:
     return sum_(1.0 if flag else 0.0)[0] > 0
 
 
+def any_each(*flags: bool) -> list[bool]:
+    """Each flag true on every rank when it is true on any; one collective for all of them."""
+    if not active():
+        return [bool(f) for f in flags]
+    return [v > 0 for v in sum_(*(1.0 if f else 0.0 for f in flags))]
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

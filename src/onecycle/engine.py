@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import rng_state, set_rng_state
 from .data import DatasetInfo, load_info
 from .errors import OneCycleError
-from .loaders import build_split, make_loader
+from .loaders import build_split, make_device_loader, make_loader
 from .models import build_model
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device``; None = fp32 (always on CPU: bf16 is slow there)."""
-    if device.type != "cuda" or amp is False:
+def amp_dtype(amp, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device``; None = fp32 (on CPU unless ``train.amp_on_cpu``:
+    autocast is slower than fp32 there, but running it lets tests exercise the mixed-precision path)."""
+    if amp is False or device.type not in (("cuda", "cpu") if on_cpu else ("cuda",)):
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -205,7 +206,7 @@ def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
     device = dist.init(device.type) or device
     rank, world = dist.rank(), dist.world_size()
     dist.per_process_batch(params.data.batch_size)
-    dtype = amp_dtype(tcfg.amp, device)
+    dtype = amp_dtype(tcfg.amp, device, tcfg.amp_on_cpu)
     seed_everything(tcfg.seed, tcfg.deterministic)  # the same seed on every rank: identical initial weights
     if device.type == "cuda" and not tcfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
@@ -222,26 +223,24 @@ def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     pin = device.type == "cuda"
     train_ds = build_split(params, info, "train", train_augment=True)
-    train_loader = make_loader(train_ds, params.data.batch_size, shuffle=True, seed=tcfg.seed,
-                               num_workers=params.data.num_workers, pin_memory=pin, rank=rank, world=world)
+    on_device = params.data.on_device and train_ds.batch_transform is not None
+    if params.data.on_device and not on_device:
+        log.warning("data.on_device needs an array dataset with the standard augmentation (augment.train empty); "
+                    "loading through the DataLoader instead")
+
+    def loader(ds, shuffle: bool, seed: int):
+        if on_device:
+            return make_device_loader(ds, params.data.batch_size, shuffle=shuffle, seed=seed, device=device,
+                                      rank=rank, world=world)
+        return make_loader(ds, params.data.batch_size, shuffle=shuffle, seed=seed, num_workers=params.data.num_workers,
+                           pin_memory=pin, rank=rank, world=world)
+
+    train_loader = loader(train_ds, True, tcfg.seed)
     val_loader = None
     if with_val and params.data.val_size > 0:
-        val_ds = build_split(params, info, "val", train_augment=False)
-        val_loader = make_loader(val_ds, params.data.batch_size, shuffle=False, seed=0,
-                                 num_workers=params.data.num_workers, pin_memory=pin, rank=rank, world=world)
+        val_loader = loader(build_split(params, info, "val", train_augment=False), False, 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
     return Setup(info, device, dtype, model, loss_fn, train_loader, val_loader, net)
-
-
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Raise DivergenceError when the loss is NaN/inf (on any rank, so that all ranks stop together)."""
-    from . import distributed as dist
-
-    bad = not bool(torch.isfinite(loss))
-    if dist.any_(bad):
-        value = loss.item() if bad else "NaN/inf on another rank"
-        raise DivergenceError(f"the training loss became {value} at {where}; lower schedule.max_lr "
-                              "(or div_factor), or enable train.grad_clip")
 
 
 @contextlib.contextmanager

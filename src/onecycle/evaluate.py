@@ -133,7 +133,7 @@ def run(params, ws: Workspace) -> dict:
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device), params.train.channels_last,
+    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device, params.train.amp_on_cpu), params.train.channels_last,
                    collect=True)
     logits, labels = out["logits"], out["labels"].numpy()
     probs = torch.softmax(logits, 1)

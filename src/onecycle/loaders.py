@@ -55,8 +55,9 @@ class ArrayDataset(Dataset):
         """Make the augmentation of the following batches depend on ``epoch``."""
         self.epoch = epoch
 
-    def _seed(self, first_index: int) -> int:
-        return (self.seed * 1_000_003 + self.epoch * 100_003 + int(first_index)) % 2**32
+    def _seed(self, first_index: int, epoch: int | None = None) -> int:
+        epoch = self.epoch if epoch is None else epoch
+        return (self.seed * 1_000_003 + epoch * 100_003 + int(first_index)) % 2**32
 
     def __getitems__(self, indices: list[int]):
         """One batch; the DataLoader calls this instead of __getitem__ per index. Seeds once per batch.
@@ -211,18 +212,22 @@ def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> A
     """The ``train``, ``val`` or ``test`` split as a dataset, with train or eval transforms."""
     data = params.data
     h, w, c = info.image_shape
-    if train_augment:
-        tf = build_train_transforms(params.augment, data.dataset, h, info.mean, info.std)
-    else:
-        tf = build_eval_transforms(params.augment, data.dataset, info.mean, info.std)
+
+    def per_image_transforms():  # albumentations (a 3 s import): only when a pipeline needs it
+        if train_augment:
+            return build_train_transforms(params.augment, data.dataset, h, info.mean, info.std)
+        return build_eval_transforms(params.augment, data.dataset, info.mean, info.std)
+
     source_split = "test" if split == "test" else "train"
     if data.dataset == "imagefolder":
         root, paths, labels = load_index(info, source_split)
-        ds: ArrayDataset = ImageFileDataset(root, paths, labels, tf, channels=c, seed=params.train.seed)
+        ds: ArrayDataset = ImageFileDataset(root, paths, labels, per_image_transforms(), channels=c,
+                                            seed=params.train.seed)
     else:
         images, labels = load_arrays(info, source_split)
         fast = batch_pipeline(params.augment, data.dataset, info.mean, info.std, train=train_augment)
-        ds = ArrayDataset(images, labels, tf, seed=params.train.seed, batch_transform=fast)
+        ds = ArrayDataset(images, labels, None if fast else per_image_transforms(), seed=params.train.seed,
+                          batch_transform=fast)
     if split != "test":
         train_idx, val_idx = split_train_val(len(ds), data.val_size, SPLIT_SEED, data.train_subset)
         ds = _subset(ds, train_idx if split == "train" else val_idx)
@@ -244,6 +249,42 @@ def make_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, 
     extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(ds, batch_sampler=EpochBatches(sampler, max(batch_size // world, 1)), num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=collate, **extra)
+
+
+class DeviceLoader:
+    """An array dataset held on the training device as uint8, augmented a whole batch at a time there
+    (``data.on_device``): no DataLoader, no per-batch host-to-device copy.
+
+    The batches are the DataLoader path's: the same index order (the same :class:`EpochBatches`), the same
+    per-batch seeds, and on the CPU the same augmentation bit for bit. ``set_epoch``/``skip_batches`` work
+    as for a DataLoader.
+    """
+
+    def __init__(self, ds: ArrayDataset, batch_sampler: EpochBatches, device: torch.device):
+        if ds.batch_transform is None or ds.images is None:
+            raise ValueError("DeviceLoader needs an array dataset with a batched augmentation")
+        self.dataset, self.batch_sampler, self.device = ds, batch_sampler, device
+        self.images = torch.from_numpy(np.ascontiguousarray(ds.images)).to(device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(ds.labels)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for keys in self.batch_sampler:
+            idx = torch.as_tensor(list(keys), device=self.device)
+            g = torch.Generator(device=self.device).manual_seed(self.dataset._seed(keys[0], keys.epoch))
+            yield self.dataset.batch_transform(self.images[idx], g), self.labels[idx]
+
+
+def make_device_loader(ds: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int, device: torch.device,
+                       rank: int = 0, world: int = 1) -> DeviceLoader:
+    """:func:`make_loader`'s batches, from ``ds`` held on ``device`` (see :class:`DeviceLoader`)."""
+    if world > 1 and not shuffle:
+        sampler: Sampler = ShardSampler(len(ds), rank, world)
+    else:
+        sampler = EpochSampler(len(ds), shuffle, seed, batch_size, rank, world)
+    return DeviceLoader(ds, EpochBatches(sampler, max(batch_size // world, 1)), device)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .engine import Setup, build_optimizer, check_finite, evaluate, make_scaler, to_device, train_step
+from .engine import DivergenceError, Setup, build_optimizer, evaluate, make_scaler, to_device, train_step
 from .errors import OneCycleError
 from .loaders import set_epoch, skip_batches
 from .schedule import build_scheduler, current_momentum
@@ -40,7 +40,8 @@ METRIC_KEYS = {"train_loss": "train/loss", "train_top1": "train/top1", "val_loss
                "epoch_seconds": "epoch/seconds", "images_per_second": "epoch/images_per_second"}
 # Keys that do not change what training computes (so a resumed run may differ in them).
 NEUTRAL_KEYS = {"data.num_workers", "train.resume", "train.checkpoint_every", "train.threads", "train.compile",
-                "mlflow.experiment", "mlflow.registered_model", "mlflow.log_checkpoints", "mlflow.system_metrics"}
+                "mlflow.experiment", "mlflow.registered_model", "mlflow.log_checkpoints", "mlflow.system_metrics",
+                "train.check_every"}
 
 
 def config_hash(params, max_lr: float) -> str:
@@ -72,6 +73,43 @@ class Interrupted(OneCycleError):
     exit_code = 130
 
 
+class StepGuard:
+    """NaN/inf and stop checks without a device-to-host sync or a collective on every optimizer step.
+
+    Each step records on the device whether its loss was finite (and the first step whose loss was not);
+    every ``check_every`` steps, and at the end of every epoch, one host read and one all-reduce (under DDP)
+    decide for all ranks together: a non-finite loss on any rank raises :class:`DivergenceError` naming the
+    first bad step, a stop requested on any rank stops all. Checkpoints are written only after a check, so
+    a bad step is never checkpointed.
+    """
+
+    def __init__(self, device: torch.device, check_every: int, should_stop: Callable[[], bool] | None):
+        self.check_every, self.should_stop = max(1, int(check_every)), should_stop
+        self.bad_step = torch.tensor(-1, device=device)  # first global step with a non-finite loss
+        self.bad_loss = torch.tensor(0.0, device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+
+    def due(self, steps_done: int) -> bool:
+        return steps_done % self.check_every == 0
+
+    def check(self, epoch: int) -> bool:
+        """Raise on divergence (any rank); return whether a stop was requested (any rank)."""
+        bad_step = int(self.bad_step)  # the one sync
+        stop = bool(self.should_stop()) if self.should_stop is not None else False
+        bad_any, stop_any = dist.any_each(bad_step >= 0, stop)
+        if bad_any:
+            value = float(self.bad_loss) if bad_step >= 0 else "NaN/inf on another rank"
+            where = f"epoch {epoch + 1}, step {bad_step + 1}" if bad_step >= 0 else f"epoch {epoch + 1}"
+            raise DivergenceError(f"the training loss became {value} at {where}; lower schedule.max_lr "
+                                  "(or div_factor), or enable train.grad_clip")
+        return stop_any
+
+
 class EpochInterrupted(Exception):
     """A stop was requested between two optimizer steps; ``partial`` holds the epoch so far."""
 
@@ -84,12 +122,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
                     global_step: int, channels_last: bool = False, grad_clip: float | None = None,
                     progress: bool = True, partial: dict | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    step_fn: Callable = train_step) -> tuple[dict, list[tuple[int, float, float]]]:
+                    step_fn: Callable = train_step, check_every: int = 1) -> tuple[dict, list[tuple[int, float, float]]]:
     """One pass over ``loader``; returns epoch metrics and the (step, lr, momentum) each step used.
 
     The scheduler is stepped here, once per optimizer step, and nowhere else. ``partial`` continues an
-    epoch that was interrupted (its first batches are skipped, its sums carried on); ``should_stop`` is
-    checked after every step and raises :class:`EpochInterrupted` with the state so far.
+    epoch that was interrupted (its first batches are skipped, its sums carried on). Every ``check_every``
+    steps and at the end (:class:`StepGuard`), a non-finite loss raises :class:`DivergenceError` and a
+    ``should_stop()`` request raises :class:`EpochInterrupted` with the state so far.
     """
     from tqdm.auto import tqdm
 
@@ -105,12 +144,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
     t0 = time.perf_counter() - float(partial["seconds"])
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=None if progress else True,
                initial=partial["step_in_epoch"], total=partial["step_in_epoch"] + len(loader))
+    guard = StepGuard(device, check_every, should_stop)
+
+    def interrupted() -> EpochInterrupted:
+        return EpochInterrupted({"step_in_epoch": len(steps), "loss_sum": loss_sum.item(),
+                                 "correct": int(correct.item()), "n": n, "steps": steps,
+                                 "seconds": time.perf_counter() - t0})
+
     try:
         for images, labels in bar:
             images, labels = to_device(images, labels, device, channels_last)
             lr, momentum = optimizer.param_groups[0]["lr"], current_momentum(optimizer)
             loss, logits = step_fn(model, images, labels, optimizer, scaler, loss_fn, device, dtype, grad_clip)
-            check_finite(loss, f"epoch {epoch + 1}, step {global_step + 1}")
+            guard.record(loss, global_step)
             scheduler.step()
             steps.append((global_step, lr, momentum))
             global_step += 1
@@ -118,12 +164,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
             loss_sum += loss.float() * bs
             correct += (logits.argmax(1) == labels).sum()
             n += bs
-            if bar.disable is False:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            if should_stop is not None and dist.any_(should_stop()):
-                raise EpochInterrupted({"step_in_epoch": len(steps), "loss_sum": loss_sum.item(),
-                                        "correct": int(correct.item()), "n": n, "steps": steps,
-                                        "seconds": time.perf_counter() - t0})
+            if guard.due(len(steps)):
+                if bar.disable is False:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                if guard.check(epoch):
+                    raise interrupted()
+        guard.check(epoch)  # divergence in the last steps; a stop now is the epoch loop's (after validation)
     finally:
         bar.close()
         skip_batches(loader, 0)
@@ -233,7 +279,8 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
                                              setup.loss_fn, device, dtype, epoch=epoch, global_step=result.global_step,
                                              channels_last=tcfg.channels_last, grad_clip=tcfg.grad_clip,
                                              progress=progress, partial=partial if epoch == start_epoch else None,
-                                             should_stop=should_stop, step_fn=step_fn)
+                                             should_stop=should_stop, step_fn=step_fn,
+                                             check_every=tcfg.check_every)
         except EpochInterrupted as stop:
             result.global_step = stop.partial["steps"][-1][0] + 1
             if hooks.save_last is not None:

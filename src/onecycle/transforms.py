@@ -199,28 +199,36 @@ class BatchAugment:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
 
-    def __call__(self, images: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        """uint8 B x H x W x C -> normalized float32 B x C x H x W."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    def __call__(self, images: np.ndarray | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 B x H x W x C (a NumPy array, or a tensor on any device) -> normalized float32 B x C x H x W.
+
+        Random draws come from ``generator``, on the images' device: on the CPU the same batch and seed give
+        the same result bit for bit whether the images came as an array or a tensor.
+        """
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        x = images.permute(0, 3, 1, 2).float()
+        dev = x.device
         if self.train:
             b, _, h, w = x.shape
             p = self.pad
             x = torch.nn.functional.pad(x, (p, p, p, p), mode=self.pad_mode)
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator)
-            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # B,1,H,1
-            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # B,1,1,W
-            x = x[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-            flip = torch.rand(b, generator=generator) < 0.5
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+            rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B,1,H,1
+            cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B,1,1,W
+            x = x[torch.arange(b, device=dev)[:, None, None, None],
+                  torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+            flip = torch.rand(b, generator=generator, device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             if self.hole:
-                cy = torch.randint(0, h - self.hole + 1, (b,), generator=generator)[:, None, None, None]
-                cx = torch.randint(0, w - self.hole + 1, (b,), generator=generator)[:, None, None, None]
-                r = torch.arange(h)[None, None, :, None]
-                c = torch.arange(w)[None, None, None, :]
+                cy = torch.randint(0, h - self.hole + 1, (b,), generator=generator, device=dev)[:, None, None, None]
+                cx = torch.randint(0, w - self.hole + 1, (b,), generator=generator, device=dev)[:, None, None, None]
+                r = torch.arange(h, device=dev)[None, None, :, None]
+                c = torch.arange(w, device=dev)[None, None, None, :]
                 inside = (r >= cy) & (r < cy + self.hole) & (c >= cx) & (c < cx + self.hole)
                 x = x.masked_fill(inside, 0.0)
-        return ((x - self.mean) / self.std).contiguous()
+        return ((x - self.mean.to(dev)) / self.std.to(dev)).contiguous()
 
 
 def batch_pipeline(augment, dataset: str, mean: list[float], std: list[float], train: bool) -> BatchAugment | None:
