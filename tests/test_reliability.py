@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,320 @@ def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatc
     client = _client(tmp_path)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))
+
+
+# --- issue #14: the edges of a run (finalization, short schedules, resume identity, locks, MLflow trouble) ---
+
+def _tiny_train(tmp_path, monkeypatch, epochs: int = 2, **sections):
+    from onecycle.config import load_params
+    from onecycle.paths import Workspace
+
+    write_fetched(tmp_path / "data", n_train=600, n_test=100)  # 472 train images: 8 steps an epoch
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path, train={"epochs": epochs}, **sections)
+    return load_params(tmp_path / "params.yaml"), Workspace(tmp_path)
+
+
+def _train(params, ws, **kwargs) -> int:
+    from onecycle import train
+    from onecycle.cli import guarded
+
+    return guarded("train", lambda: train.run(params, ws, **kwargs))
+
+
+def _step_failing_at(n: int, exc: BaseException):
+    from onecycle.engine import train_step
+
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return train_step(*args, **kwargs)
+    return step
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("trained again")
+
+
+def _runs(work: Path, experiment: str = "test") -> list:
+    client = _client(work)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def _logged_models(work: Path, run_id: str) -> list:
+    import mlflow
+
+    _client(work)
+    exp_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return [m for m in mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")
+            if m.source_run_id == run_id]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_final_log_model_is_completed_in_the_same_run_without_training(tmp_path, monkeypatch, capsys):
+    import mlflow.pytorch
+
+    params, ws = _tiny_train(tmp_path, monkeypatch)
+    real = mlflow.pytorch.log_model
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", ctrl_c)
+    assert _train(params, ws) == 130
+    run_id = ckpt.load(tmp_path / "checkpoints/last.pt")["mlflow_run_id"]
+    assert _client(tmp_path).get_run(run_id).info.status != "FINISHED"  # no model: not FINISHED
+    assert "again to complete it without training again" in capsys.readouterr().err
+    monkeypatch.setattr(mlflow.pytorch, "log_model", real)
+    assert _train(params, ws, step_fn=_no_training) == 0
+    runs = _runs(tmp_path)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    assert len(_logged_models(tmp_path, run_id)) == 1
+    assert json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"] == run_id
+    # finalized now: a third run trains again, from scratch, in a new run
+    assert _train(params, ws) == 0
+    assert len(_runs(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_disk_full_writing_the_model_file_is_one_line_and_completed_later(tmp_path, monkeypatch, capsys):
+    params, ws = _tiny_train(tmp_path, monkeypatch)
+    seen = []
+
+    def disk_full_at_outputs(name: str) -> None:
+        seen.append(name)
+        if name == "outputs":
+            raise OSError(errno.ENOSPC, "No space left on device", "models/model.pt")
+
+    assert _train(params, ws, finalize_hook=disk_full_at_outputs) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "finalization stopped at step 'outputs'" in err.strip().splitlines()[-1]
+    run_id = ckpt.load(tmp_path / "checkpoints/last.pt")["mlflow_run_id"]
+    assert _client(tmp_path).get_run(run_id).info.status == "FAILED"
+    seen.clear()
+    assert _train(params, ws, step_fn=_no_training, finalize_hook=seen.append) == 0
+    assert seen == ["outputs", "metrics", "checkpoints", "reports", "model", "end_run"]
+    assert _client(tmp_path).get_run(run_id).info.status == "FINISHED"
+    assert ckpt.load(tmp_path / "models/model.pt")["format"] == "onecycle-model/1"
+    # a failure after the model was logged redoes only what is missing
+    (tmp_path / "checkpoints/finalize.json").write_text(json.dumps(
+        {"run_id": run_id, "done": {k: None for k in ("outputs", "metrics", "checkpoints", "reports", "model")}}))
+    _client(tmp_path).update_run(run_id, status="KILLED")
+    seen.clear()
+    assert _train(params, ws, step_fn=_no_training, finalize_hook=seen.append) == 0
+    assert seen == ["end_run"] and len(_logged_models(tmp_path, run_id)) == 1
+
+
+def test_one_cycle_schedules_that_do_not_fit_are_refused_and_the_others_run():
+    from onecycle.config import ScheduleConfig
+    from onecycle.errors import ConfigError
+    from onecycle.schedule import build_scheduler
+
+    refused = 0
+    for cfg in (ScheduleConfig(), ScheduleConfig(pct_start=0.5), ScheduleConfig(three_phase=True),
+                ScheduleConfig(peak_epoch=1), ScheduleConfig(pct_start=0.1, three_phase=True)):
+        for epochs in (1, 2, 3):
+            for steps in (1, 2, 3, 4, 5, 8):
+                p = torch.nn.Parameter(torch.zeros(1))
+                opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+                try:
+                    sched = build_scheduler(opt, cfg, 0.4, epochs, steps)
+                except ConfigError as exc:
+                    assert "train.epochs" in str(exc) and "\n" not in str(exc)
+                    refused += 1
+                    continue
+                for _ in range(epochs * steps):  # every accepted schedule steps to its end with finite LRs
+                    opt.step()
+                    sched.step()
+                    assert np.isfinite(opt.param_groups[0]["lr"])
+    assert refused > 0
+
+
+def test_a_one_epoch_run_of_four_steps_is_refused_in_one_line_before_any_run(tmp_path, monkeypatch, capsys):
+    from onecycle.train import main
+
+    write_fetched(tmp_path / "data", n_train=384, n_test=50)  # 256 train images, batch 64: 4 steps
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path, train={"epochs": 1})
+    assert main(["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.epochs 1 x 4 steps" in err[0] and "schedule.pct_start" in err[0]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_dataset_starts_fresh_in_one_line_instead_of_crashing(tmp_path, monkeypatch, caplog):
+    params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
+    assert _train(params, ws, step_fn=_step_failing_at(12, KeyboardInterrupt())) == 130  # in epoch 2
+    first = ckpt.load(tmp_path / "checkpoints/last.pt")
+    assert first["epoch"] == 1
+    write_fetched(tmp_path / "data", n_train=900, n_test=100)  # new images: 772 train, 13 steps an epoch
+    assert _train(params, ws) == 0
+    assert "cannot continue here: train_images 472 -> 772, steps_per_epoch 8 -> 13" in caplog.text
+    state = ckpt.load(tmp_path / "checkpoints/last.pt")
+    assert state["mlflow_run_id"] != first["mlflow_run_id"] and state["global_step"] == 39
+    kept = ckpt.load(tmp_path / "checkpoints/previous" / first["config_hash"] / "last.pt")
+    assert kept["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed(tmp_path, caplog):
+    from onecycle.config import parse_params
+    from onecycle.train import find_resume_state
+
+    params = parse_params({"train": {"device": "cpu"}})
+    identity = {"architecture": "a1", "train_images": 100, "steps_per_epoch": 2, "device": "cpu",
+                "precision": "None", "processes": 1}
+    for key, old in (("architecture", "b2"), ("device", "cuda"), ("precision", "bfloat16"), ("processes", 2)):
+        ckpt.save({"config_hash": "h", "epoch": 1, "identity": {**identity, key: old}}, tmp_path / "last.pt")
+        assert find_resume_state(params, "h", tmp_path, tmp_path, identity=identity) is None
+        assert f"cannot continue here: {key} {old} -> {identity[key]}" in caplog.text
+        assert not (tmp_path / "last.pt").exists()
+    assert len(list((tmp_path / "previous").glob("h*/last.pt"))) == 4  # every earlier one kept
+
+
+def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog):
+    from onecycle.config import parse_params
+    from onecycle.train import find_resume_state
+
+    params = parse_params({"train": {"device": "cpu"}})
+    ckpt.save({"config_hash": "mine", "epoch": 1, "mlflow_run_id": None}, tmp_path / "last.pt")
+    ckpt.save({"config_hash": "other", "model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "best.pt")
+    assert find_resume_state(params, "mine", tmp_path, tmp_path) is None
+    assert "best.pt is from a different configuration (hash other, now mine)" in caplog.text
+    assert (tmp_path / "previous/mine/best.pt").is_file()
+
+
+def test_a_second_train_in_the_same_workspace_fails_fast(tmp_path, monkeypatch, capsys):
+    from filelock import FileLock
+
+    from onecycle.train import main
+
+    write_fetched(tmp_path / "data", n_train=600, n_test=100)
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "l = FileLock('checkpoints/.train.lock'); l.acquire(); print('held', flush=True); "
+                               "sys.stdin.read()"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["--params", "params.yaml"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another `onecycle train` is running in" in err[0]
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    assert FileLock(str(tmp_path / "checkpoints/.train.lock"), timeout=0).acquire()  # released by its holder
+
+
+@pytest.mark.slow
+def test_a_queued_dvc_experiment_says_it_cannot_be_resumed(tmp_path, monkeypatch, capsys):
+    params, ws = _tiny_train(tmp_path / "exp", monkeypatch)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "workspace"))  # DVC runs us in a temporary copy
+
+    calls = []
+
+    def sigint_at_step_3(*args, **kwargs):
+        from onecycle.engine import train_step
+
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(*args, **kwargs)
+
+    from onecycle.paths import Workspace
+
+    assert _train(params, Workspace(Path(".")), step_fn=sigint_at_step_3) == 130
+    err = capsys.readouterr().err
+    assert "temporary copy that DVC deletes" in err and "cannot be resumed" in err
+    assert "again to resume" not in err
+
+
+@pytest.mark.slow
+def test_epochs_lost_before_reaching_mlflow_are_logged_on_resume(tmp_path, monkeypatch):
+    import mlflow
+
+    params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
+    real = mlflow.MlflowClient.log_batch
+
+    calls = []
+
+    def down_after_epoch_1(self, run_id, metrics=(), *args, **kwargs):
+        calls.append(bool(metrics))
+        if metrics and sum(calls) > 1:
+            raise mlflow.exceptions.MlflowException("connection refused")
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down_after_epoch_1)
+    assert _train(params, ws, step_fn=_step_failing_at(17, KeyboardInterrupt())) == 130  # epoch 3's first step
+    assert ckpt.load(tmp_path / "checkpoints/last.pt")["epoch"] == 2
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
+    assert _train(params, ws) == 0
+    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    client = _client(tmp_path)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))
+
+
+@pytest.mark.slow
+def test_mlflow_failing_to_end_the_run_after_a_crash_is_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    params, ws = _tiny_train(tmp_path, monkeypatch)
+
+    def store_down(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("connection refused")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", store_down)
+    assert _train(params, ws, step_fn=_step_failing_at(3, KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "onecycle train: interrupted"
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_run_was_deleted_or_the_experiment_changed(tmp_path, monkeypatch, caplog):
+    params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
+    assert _train(params, ws, step_fn=_step_failing_at(10, KeyboardInterrupt())) == 130
+    first = ckpt.load(tmp_path / "checkpoints/last.pt")["mlflow_run_id"]
+    # the experiment renamed in params: the run continues in its own experiment
+    other = params.replace(mlflow={"experiment": "renamed"})
+    assert _train(other, ws, step_fn=_step_failing_at(4, KeyboardInterrupt())) == 130
+    assert "it continues there" in caplog.text
+    assert ckpt.load(tmp_path / "checkpoints/last.pt")["mlflow_run_id"] == first
+    # the run deleted in the UI: training continues from the checkpoint in a new run, with every epoch
+    client = _client(tmp_path)
+    client.delete_run(first)
+    assert _train(params, ws) == 0
+    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    assert run_id != first and "was deleted" in caplog.text
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
+    # the experiment deleted in the UI: restored, and the next training runs in it
+    client.delete_experiment(client.get_experiment_by_name("test").experiment_id)
+    assert _train(params, ws) == 0
+    assert "had been deleted: restored it" in caplog.text
+    assert client.get_experiment_by_name("test").lifecycle_stage == "active"
+
+
+@pytest.mark.slow
+def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
+    from onecycle import engine, evaluate
+    from onecycle.paths import Workspace
+
+    params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
+
+    calls = []
+
+    def nan_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        loss, logits = engine.train_step(*args, **kwargs)
+        return (loss * float("nan") if len(calls) > 10 else loss), logits
+
+    assert _train(params, ws, step_fn=nan_in_epoch_2) == 1
+    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    evaluate.run(params, Workspace(tmp_path))
+    run = _client(tmp_path).get_run(run_id)
+    assert run.info.status == "FAILED" and "test/top1" in run.data.metrics

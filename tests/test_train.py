@@ -202,12 +202,19 @@ def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workd
     tiny_params(workdir, train={"epochs": 1})
     assert main(["--params", "params.yaml"]) == 0
     first = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
+    first_hash = ckpt.load(workdir / "checkpoints/last.pt")["config_hash"]
     tiny_params(workdir, train={"epochs": 1}, schedule={"max_lr": 0.02})
     assert main(["--params", "params.yaml"]) == 0
     second = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
     assert second != first
     assert "different configuration" in caplog.text
-    assert ckpt.load(workdir / "checkpoints/previous/last.pt")["mlflow_run_id"] == first
+    old = ckpt.load(workdir / "checkpoints/previous" / first_hash / "last.pt")
+    assert old["mlflow_run_id"] == first
+    tiny_params(workdir, train={"epochs": 1})  # back to the first: the second run's checkpoints move aside too
+    assert main(["--params", "params.yaml"]) == 0
+    assert ckpt.load(workdir / "checkpoints/previous" / first_hash / "last.pt")["mlflow_run_id"] == first  # kept
+    kept = sorted(p.parent.name for p in (workdir / "checkpoints/previous").glob("*/last.pt"))
+    assert len(kept) == 2 and first_hash in kept
 
 
 @pytest.mark.slow

@@ -171,11 +171,15 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
         return
     mlflow = tracking.mlflow()
     tracking.configure(params.mlflow.experiment, ws.root)
+    client = mlflow.MlflowClient()
+    status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items() if k != "n"})
         mlflow.log_metrics({f"test/class_top1/{r['class'].replace('/', '_')}": r["accuracy"] for r in table})
         for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
+    if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
+        client.update_run(run_id, status=status)
 
 
 def main(argv=None) -> int:

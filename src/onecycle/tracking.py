@@ -122,6 +122,9 @@ def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
             exp_id = client.get_experiment_by_name(experiment).experiment_id
     else:
         exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":  # deleted in the UI: a run needs it, and its name is still taken
+            client.restore_experiment(exp_id)
+            log.warning("the MLflow experiment %r had been deleted: restored it to log this run", experiment)
     mlf.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -8,36 +8,83 @@ and the re-launch under torchrun for ``train.nproc_per_node`` > 1.
 Resume: when ``checkpoints/last.pt`` holds the same configuration (a hash of every key that changes
 the result), training continues from it in the same MLflow run with the schedule at the exact step.
 A checkpoint of a *different* configuration is never used: training starts fresh with a warning and
-the old checkpoints are moved to ``checkpoints/previous/``. ``train.resume: false`` always starts fresh.
+the old checkpoints are moved to ``checkpoints/previous/<their config hash>/`` (never deleted). The same
+holds when what the configuration does not say changed: the architecture (code), the dataset's size, the
+resolved device, precision or number of processes (:func:`resume_identity`). ``train.resume: false`` always
+starts fresh. One ``onecycle train`` at a time per workspace: a lock in ``checkpoints/`` refuses a second.
+
+Finalization (the model file, reports, checkpoint artifacts, the logged and registered model, the run's
+end) is a list of named steps (:func:`finalize_steps`), each recorded in ``checkpoints/finalize.json`` when
+done; the run is FINISHED only after all of them. If one fails or is interrupted, the next ``onecycle train``
+sees the finished ``last.pt`` and completes only the missing steps, in the same MLflow run, without training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
-import shutil
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import tracking
-from .cli import run_command
-from .engine import DivergenceError, Setup, build_setup, device_name, train_step
+from .cli import one_line, run_command
+from .engine import DivergenceError, Setup, build_optimizer, build_setup, device_name, train_step
+from .errors import OneCycleError
 from .files import atomic_write_text
 from .loop import FitHooks, FitResult, Interrupted, StopSignals, config_hash, fit, history_csv, row_metrics
 from .modelfile import save_model
 from .paths import Workspace
 from .rangetest import lr_find_run_id, resolve_max_lr
+from .schedule import build_scheduler, check_fits, current_momentum
 
 log = logging.getLogger(__name__)
 
 
+FINALIZE_STATE = "finalize.json"  # in the checkpoint folder: the finalization steps done, for which run
+
+
+def resume_identity(setup: Setup) -> dict:
+    """What a checkpoint must share with this process to continue, beyond the params' hash.
+
+    The architecture (names and shapes of the weights: a code change), the dataset (images, steps an epoch:
+    the schedule's total_steps), the resolved device type, precision and number of processes.
+    """
+    shapes = [(k, list(v.shape)) for k, v in setup.net.state_dict().items()]
+    return {"architecture": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
+            "train_images": len(setup.train_loader.dataset), "steps_per_epoch": len(setup.train_loader),
+            "device": setup.device.type, "precision": str(setup.dtype).replace("torch.", ""),
+            "processes": dist.world_size()}
+
+
+def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoint_dir: Path) -> str | None:
+    last = checkpoint_dir / "last.pt"
+    if state.get("config_hash") != config_id:
+        return f"{last} is from a different configuration (hash {state.get('config_hash')}, now {config_id})"
+    old = state.get("identity")
+    if identity is not None and isinstance(old, dict):
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in identity.items() if old.get(k) != v]
+        if changed:
+            return f"{last} cannot continue here: {', '.join(changed)}"
+    best = checkpoint_dir / "best.pt"
+    if best.is_file():
+        best_hash = ckpt.load(best).get("config_hash")
+        if best_hash != config_id:
+            return f"{best} is from a different configuration (hash {best_hash}, now {config_id})"
+    return None
+
+
 def find_resume_state(params, config_id: str, checkpoint_dir: Path, root: Path | None = None,
-                      move_aside: bool = True) -> dict | None:
+                      move_aside: bool = True, identity: dict | None = None) -> dict | None:
     """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning).
 
-    Under DDP every rank reads the same checkpoint; only rank 0 (``move_aside``) moves files.
+    A finished ``last.pt`` whose finalization is incomplete is returned too: the caller finalizes without
+    training. Under DDP every rank reads the same checkpoint; only rank 0 (``move_aside``) moves files.
     """
     last = checkpoint_dir / "last.pt"
     if not last.exists():
@@ -48,31 +95,61 @@ def find_resume_state(params, config_id: str, checkpoint_dir: Path, root: Path |
             _move_aside(checkpoint_dir)
         return None
     state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
-    if state.get("config_hash") != config_id:
-        log.warning("%s is from a different configuration (hash %s, now %s): starting fresh; it moves to %s",
-                    last, state.get("config_hash"), config_id, checkpoint_dir / "previous")
-        if move_aside:
-            _move_aside(checkpoint_dir)
+    reason = _why_not_resume(state, config_id, identity, checkpoint_dir)
+    if reason:
+        log.warning("%s: starting fresh; the old checkpoints move to %s", reason,
+                    _move_aside(checkpoint_dir, state.get("config_hash")) if move_aside else checkpoint_dir / "previous")
         return None
-    if state.get("finished") and _run_finished(state.get("mlflow_run_id"), params.mlflow.experiment, root):
+    if state.get("finished") and _finalized(state, checkpoint_dir, params.mlflow.experiment, root):
         log.info("the run in %s finished; training again from scratch", last)
         if move_aside:
-            _move_aside(checkpoint_dir)
+            _move_aside(checkpoint_dir, state.get("config_hash"))
         return None
-    log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], params.train.epochs,
-             state.get("mlflow_run_id"))
+    if state.get("finished"):
+        log.warning("the training in %s finished but its finalization did not: completing it in MLflow run %s, "
+                    "without training again", last, state.get("mlflow_run_id"))
+    else:
+        log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], params.train.epochs,
+                 state.get("mlflow_run_id"))
     best = checkpoint_dir / "best.pt"
     if best.is_file():
         state["best_model"] = ckpt.load(best)["model"]
     return state
 
 
-def _move_aside(checkpoint_dir: Path) -> None:
-    previous = checkpoint_dir / "previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    previous.mkdir(parents=True)
-    for f in checkpoint_dir.glob("*.pt"):
-        f.replace(previous / f.name)
+def _move_aside(checkpoint_dir: Path, old_hash: str | None = None) -> Path:
+    """Move the checkpoints (and finalization record) to ``previous/<their config hash>/``; never delete any."""
+    if old_hash is None:
+        try:
+            old_hash = ckpt.load(checkpoint_dir / "last.pt").get("config_hash")
+        except ckpt.CheckpointError:
+            old_hash = None
+    base = checkpoint_dir / "previous" / str(old_hash or "unknown")
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.mkdir(parents=True)
+    for f in [*checkpoint_dir.glob("*.pt"), checkpoint_dir / FINALIZE_STATE]:
+        if f.is_file():
+            f.replace(dest / f.name)
+    return dest
+
+
+def _read_finalize(checkpoint_dir: Path) -> dict:
+    try:
+        state = json.loads((checkpoint_dir / FINALIZE_STATE).read_text())
+        return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _finalized(state: dict, checkpoint_dir: Path, experiment: str, root: Path | None) -> bool:
+    """Whether the finished training in ``state`` was also finalized (its run ended FINISHED after every step)."""
+    record = _read_finalize(checkpoint_dir)
+    if record.get("run_id") == state.get("mlflow_run_id") and record.get("run_id"):
+        return "end_run" in record["done"]
+    return _run_finished(state.get("mlflow_run_id"), experiment, root)  # no record: a checkpoint of onecycle <= 0.2
 
 
 def _run_finished(run_id: str | None, experiment: str, root: Path | None) -> bool:
@@ -85,10 +162,12 @@ def _run_finished(run_id: str | None, experiment: str, root: Path | None) -> boo
         return True
 
 
-def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.RunLogger, resumed: bool) -> FitHooks:
+def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.RunLogger, resumed: bool,
+                identity: dict | None = None) -> FitHooks:
     """Checkpoints into ``ws.checkpoints``; per-epoch and per-step metrics to MLflow; reports/history.csv."""
     def stamp(state: dict) -> dict:
-        return {**state, "config_hash": config_id, "mlflow_run_id": run_id}
+        return {**state, "config_hash": config_id, "mlflow_run_id": run_id,
+                **({"identity": identity} if identity is not None else {})}
 
     logged_epochs = logger.existing_steps("val/top1") | logger.existing_steps("train/loss")
     logged_steps = logger.existing_steps("lr") if resumed else set()
@@ -118,16 +197,50 @@ def _relaunch_under_torchrun(params, args) -> int:
     return subprocess.call(cmd)
 
 
-def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool = True) -> int:
+def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool = True,
+        finalize_hook: Callable[[str], None] | None = None) -> int:
     """The train stage in ``ws``: resume or start, fit, write the outputs, finish the MLflow run.
 
-    ``step_fn`` (one optimizer step, ``engine.train_step`` by default) is the seam tests inject faults through.
+    ``step_fn`` (one optimizer step, ``engine.train_step`` by default) and ``finalize_hook`` (called with each
+    finalization step's name before it runs) are the seams tests inject faults through.
     """
     max_lr = resolve_max_lr(params, ws.lr_find_json)
     config_id = config_hash(params, max_lr)
     main = dist.is_main()
-    resume_state = find_resume_state(params, config_id, ws.checkpoints, ws.root, move_aside=main)
+    with workspace_lock(ws) if main else contextlib.nullcontext():
+        return _run(params, ws, max_lr, config_id, main, step_fn, progress, finalize_hook)
+
+
+def workspace_lock(ws: Workspace):
+    """Held for a whole training: a second ``onecycle train`` in the same workspace fails at once, in one line."""
+    from filelock import FileLock, Timeout
+
+    ws.checkpoints.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ws.checkpoints / ".train.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OneCycleError(f"another `onecycle train` is running in {ws.root.resolve()} (it holds "
+                            f"{ws.checkpoints / '.train.lock'}): wait for it to end, or train in another "
+                            "workspace") from None
+    return _Release(lock)
+
+
+class _Release(contextlib.AbstractContextManager):
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
+
+def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_fn: Callable, progress: bool,
+         finalize_hook: Callable[[str], None] | None) -> int:
     setup = build_setup(params, root=ws.root)
+    check_fits(params.schedule, params.train.epochs, len(setup.train_loader))
+    identity = resume_identity(setup)
+    resume_state = find_resume_state(params, config_id, ws.checkpoints, ws.root, move_aside=main, identity=identity)
     if not main:  # other DDP ranks: train in step with rank 0, which alone logs, checkpoints and reports
         try:
             with StopSignals() as stop:
@@ -138,21 +251,23 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
             dist.shutdown()
         return 0
     mlflow = tracking.mlflow()
-    tracking.configure(params.mlflow.experiment, ws.root)
-    run_id = resume_state.get("mlflow_run_id") if resume_state else None
+    experiment_id = tracking.configure(params.mlflow.experiment, ws.root)
+    run_id = _reusable_run(resume_state.get("mlflow_run_id") if resume_state else None, experiment_id)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{config_id[:6]}")
+    new_run = run_id is None
     run_id = active.info.run_id
     logger = tracking.RunLogger(run_id)
     try:
-        if resume_state is None:
+        if resume_state is None or new_run:
             _start_run_record(params, setup, ws, config_id, max_lr)
-        else:
+        if resume_state is not None:
             mlflow.set_tag("resumed_from_epoch", str(resume_state["epoch"]))
+            reconcile_metrics(params, max_lr, len(setup.train_loader), resume_state, logger)
         print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
               f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}"
               f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
-        hooks = stage_hooks(ws, config_id, run_id, logger, resume_state is not None)
-        with StopSignals() as stop:
+        hooks = stage_hooks(ws, config_id, run_id, logger, resume_state is not None, identity)
+        with StopSignals() as stop:  # a finished checkpoint: fit trains nothing and returns its result
             result = fit(params, setup, max_lr, hooks=hooks, resume_state=resume_state, should_stop=stop,
                          progress=progress, step_fn=step_fn)
     except DivergenceError as exc:
@@ -160,18 +275,103 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
         raise
     except Interrupted as exc:
         logger.flush()
-        mlflow.end_run(status="KILLED")
-        raise Interrupted(f"{exc}; the state is in {ws.checkpoints / 'last.pt'}: run `onecycle train` (or "
-                          "`dvc repro`) again to resume") from None
+        _end_run_quietly("KILLED")
+        raise Interrupted(f"{exc}; the state is in {ws.checkpoints / 'last.pt'}: {_how_to_resume(ws)}") from None
     except BaseException as exc:
         logger.flush()
-        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _end_run_quietly("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         dist.barrier()
-    _finish(params, setup, ws, result, run_id, logger)
+    if new_run and resume_state is not None and resume_state.get("finished"):  # the checkpoint names the run finalization goes to
+        ckpt.save({**ckpt.load(ws.checkpoints / "last.pt"), "mlflow_run_id": run_id}, ws.checkpoints / "last.pt")
+    _finish(params, setup, ws, result, run_id, logger, finalize_hook)
     dist.shutdown()
     return 0
+
+
+def in_dvc_temp_copy(ws: Workspace) -> bool:
+    """Whether DVC runs us in a temporary copy it deletes afterwards (``dvc exp run --temp`` / ``--queue``)."""
+    here = ws.root.resolve()
+    if ".dvc" in here.parts:  # <workspace>/.dvc/tmp/exps/...
+        return True
+    env = os.environ.get("DVC_ROOT")
+    return bool(env) and Path(env).resolve() != here and here == Path.cwd().resolve()
+
+
+def _how_to_resume(ws: Workspace) -> str:
+    if in_dvc_temp_copy(ws):
+        return ("this experiment runs in a temporary copy that DVC deletes (`dvc exp run --temp/--queue`), so it "
+                "cannot be resumed: run the experiment again to start it over, or use `dvc exp run` in the "
+                "workspace to be able to resume")
+    return "run `onecycle train` (or `dvc repro`) again to resume"
+
+
+def _end_run_quietly(status: str) -> None:
+    """End the active MLflow run; MLflow trouble here must not replace the error being reported."""
+    try:
+        tracking.mlflow().end_run(status=status)
+    except Exception as exc:
+        log.warning("could not mark the MLflow run %s (%s)", status, one_line(exc)[:200])
+
+
+def _reusable_run(run_id: str | None, experiment_id: str | None) -> str | None:
+    """The checkpoint's MLflow run if it can continue; None (a new run) when it was deleted or is gone.
+
+    A run in another experiment than ``mlflow.experiment`` (changed since) continues in its own experiment.
+    """
+    if not run_id:
+        return None
+    mlflow = tracking.mlflow()
+    client = mlflow.MlflowClient()
+    try:
+        info = client.get_run(run_id).info
+    except Exception as exc:
+        log.warning("the checkpoint's MLflow run %s is not in the store (%s): the training continues from the "
+                    "checkpoint in a new run", run_id, one_line(exc)[:120])
+        return None
+    if info.lifecycle_stage == "deleted":
+        log.warning("the checkpoint's MLflow run %s was deleted: the training continues from the checkpoint in a "
+                    "new run (its epochs so far are logged to it)", run_id)
+        return None
+    if experiment_id is not None and info.experiment_id != experiment_id:
+        exp = client.get_experiment(info.experiment_id)
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(info.experiment_id)
+        log.warning("mlflow.experiment changed, but the run %s being resumed is in experiment %r: it continues "
+                    "there (train.resume: false starts a new run)", run_id, exp.name)
+        mlflow.set_experiment(experiment_id=info.experiment_id)
+    return run_id
+
+
+def reconcile_metrics(params, max_lr: float, steps_per_epoch: int, state: dict, logger: tracking.RunLogger) -> None:
+    """Log what the checkpoint holds but the run lacks (an epoch lost to a kill or MLflow being down at exit).
+
+    Epoch rows come from the checkpoint's history; the per-step LR and momentum of its finished epochs are
+    recomputed by stepping the same schedule (the partial epoch's steps are logged when that epoch ends).
+    """
+    logged = logger.existing_steps("val/top1") | logger.existing_steps("train/loss")
+    missing_rows = [row for row in state.get("history", []) if int(row["epoch"]) not in logged]
+    for row in missing_rows:
+        logger.log(row_metrics(row), step=int(row["epoch"]))
+    done_steps = int(state["epoch"]) * steps_per_epoch
+    missing_steps = set(range(done_steps)) - logger.existing_steps("lr")
+    if missing_steps:
+        import torch
+
+        optimizer = build_optimizer(params.optimizer, torch.nn.Linear(1, 1), lr=max_lr / params.schedule.div_factor)
+        scheduler = build_scheduler(optimizer, params.schedule, max_lr, params.train.epochs, steps_per_epoch)
+        with warnings.catch_warnings():  # scheduler steps without optimizer steps: only the LR is wanted
+            warnings.simplefilter("ignore")
+            for step in range(done_steps):
+                if step in missing_steps:
+                    logger.log({"lr": optimizer.param_groups[0]["lr"], "momentum": current_momentum(optimizer)},
+                               step=step)
+                scheduler.step()
+    if missing_rows or missing_steps:
+        log.warning("the MLflow run lacked %d epoch(s) and %d step(s) that %s holds: logged them now",
+                    len(missing_rows), len(missing_steps), "the checkpoint")
+    logger.flush()
 
 
 def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_lr: float) -> None:
@@ -196,7 +396,9 @@ def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summar
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
 
 
-def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str, logger: tracking.RunLogger) -> None:
+def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
+                   logger: tracking.RunLogger) -> list[tuple[str, Callable[[], object]]]:
+    """The named steps after the last epoch, in order; each is safe to run again and recorded when done."""
     from .serving import log_final_model
 
     mlflow = tracking.mlflow()
@@ -204,20 +406,70 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
     summary = {"best_val_top1": result.best_top1 if result.best_top1 >= 0 else None, "best_epoch": result.best_epoch,
                "final_train_loss": last["train_loss"], "final_val_top1": last["val_top1"],
                "epochs": len(result.history), "total_seconds": round(result.seconds, 1), "mlflow_run_id": run_id}
-    _write_outputs(params, setup, ws, result.best_state, summary)
-    logger.flush()
-    mlflow.log_metrics({"best/val_top1": max(result.best_top1, 0.0), "best/epoch": result.best_epoch,
-                        "total_seconds": result.seconds})
-    if params.mlflow.log_checkpoints != "none":
-        names = ["best.pt"] if params.mlflow.log_checkpoints == "best" else ["best.pt", "last.pt"]
-        for name in names:
-            if (ws.checkpoints / name).is_file():
-                mlflow.log_artifact(str(ws.checkpoints / name), artifact_path="checkpoints")
-    mlflow.log_artifact(str(ws.history_csv))
-    mlflow.log_artifact(str(ws.train_json))
-    uri = log_final_model(params, setup, result.best_state)
-    mlflow.end_run()
-    print(f"train: best val top1 {summary['best_val_top1']} at epoch {result.best_epoch}; "
+
+    def metrics() -> None:
+        if not logger.flush():
+            raise OneCycleError("MLflow is not reachable: the epochs' metrics could not be logged")
+        mlflow.log_metrics({"best/val_top1": max(result.best_top1, 0.0), "best/epoch": result.best_epoch,
+                            "total_seconds": result.seconds})
+
+    def checkpoints() -> None:
+        if params.mlflow.log_checkpoints != "none":
+            names = ["best.pt"] if params.mlflow.log_checkpoints == "best" else ["best.pt", "last.pt"]
+            for name in names:
+                if (ws.checkpoints / name).is_file():
+                    mlflow.log_artifact(str(ws.checkpoints / name), artifact_path="checkpoints")
+
+    def reports() -> None:
+        mlflow.log_artifact(str(ws.history_csv))
+        mlflow.log_artifact(str(ws.train_json))
+
+    def end_run() -> None:
+        mlflow.end_run()
+
+    return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary)),
+            ("metrics", metrics), ("checkpoints", checkpoints), ("reports", reports),
+            ("model", lambda: log_final_model(params, setup, result.best_state)), ("end_run", end_run)]
+
+
+def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str, logger: tracking.RunLogger,
+            finalize_hook: Callable[[str], None] | None = None) -> None:
+    """Run the finalization steps not yet done for ``run_id``; the run is ended FINISHED by the last one.
+
+    On any failure or interrupt the run is marked KILLED/FAILED and the message says that running the
+    stage again completes it (without training again).
+    """
+    record = _read_finalize(ws.checkpoints)
+    if record.get("run_id") != run_id:
+        record = {"run_id": run_id, "done": {}}
+    name = "outputs"
+    try:
+        for name, step in finalize_steps(params, setup, ws, result, run_id, logger):
+            if name in record["done"]:
+                continue
+            if finalize_hook is not None:
+                finalize_hook(name)
+            value = step()
+            record["done"][name] = value if isinstance(value, str | None) else str(value)
+            atomic_write_text(ws.checkpoints / FINALIZE_STATE, json.dumps(record, indent=2) + "\n")
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt | Interrupted)
+        logger.flush()
+        _end_run_quietly("KILLED" if interrupted else "FAILED")
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else one_line(exc)[:300] or type(exc).__name__
+        again = ("run the experiment again" if in_dvc_temp_copy(ws) else
+                 "run `onecycle train` (or `dvc repro`) again to complete it without training again")
+        msg = (f"the training finished but its finalization stopped at step '{name}' ({what}); the trained state is "
+               f"in {ws.checkpoints / 'last.pt'}: {again} (MLflow run {run_id})")
+        if in_dvc_temp_copy(ws):
+            msg += "; this temporary copy is deleted by DVC, so it cannot be completed"
+        if interrupted:
+            raise Interrupted(msg) from None
+        if isinstance(exc, Exception):
+            raise OneCycleError(msg) from exc
+        raise
+    uri = record["done"].get("model")
+    print(f"train: best val top1 {result.best_top1 if result.best_top1 >= 0 else None} at epoch {result.best_epoch}; "
           f"{ws.model}, {ws.train_json}, {ws.history_csv}; model {uri}")
 
 
@@ -230,8 +482,11 @@ def _finish_failed(params, setup: Setup, ws: Workspace, run_id: str, reason: str
         state = ckpt.load(best)
         _write_outputs(params, setup, ws, state["model"], {"diverged": True, "reason": reason, "mlflow_run_id": run_id,
                                                            "best_epoch": state.get("epoch")})
-    mlflow.set_tag("failure_reason", reason)
-    mlflow.end_run(status="FAILED")
+    try:
+        mlflow.set_tag("failure_reason", reason)
+    except Exception as exc:
+        log.warning("could not tag the MLflow run's failure (%s)", one_line(exc)[:200])
+    _end_run_quietly("FAILED")
 
 
 def _main(params, args) -> int:

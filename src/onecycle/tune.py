@@ -33,6 +33,7 @@ from .loop import METRIC_KEYS, FitHooks, config_hash, fit
 from .params_edit import apply_best
 from .paths import Workspace
 from .rangetest import resolve_max_lr
+from .schedule import check_fits
 from .search_space import Dimension, search_space, trial_params
 from .studies import build_pruner, open_storage, open_study
 
@@ -130,6 +131,10 @@ class Objective:
             tracking.log_params_flat({**tparams.flat(), "schedule.max_lr_used": max_lr})
             mlflow.set_tag("config_hash", config_hash(tparams, max_lr))
             setup = build_setup(tparams, root=self.ws.root)
+            try:
+                check_fits(tparams.schedule, tparams.train.epochs, len(setup.train_loader))
+            except ConfigError as exc:
+                raise _InvalidTrialError(f"trial {trial.number}: {exc}") from None
             result = fit(tparams, setup, max_lr, hooks=FitHooks(on_epoch=self._on_epoch(trial, tparams.train.epochs,
                                                                                         logger)),
                          step_fn=self.step_fn)
