@@ -135,7 +135,7 @@ def test_dvc_metrics_show_has_the_test_and_train_metrics(repo):
     test_top1 = files["reports/metrics.json"]["data"]["test"]["top1"]
     train = files["reports/train.json"]["data"]
     assert 0.3 < test_top1 <= 1.0  # 2 epochs (32 steps) on 2048 Fashion-MNIST images: well above chance (0.1)
-    assert train["epochs"] == 2 and train["mlflow_run_id"]
+    assert train["epochs"] == 2 and "mlflow_run_id" not in train  # run ids are in reports/runs.json
 
 
 def test_reports_and_plots_are_complete(repo):
@@ -166,7 +166,7 @@ def _mlflow_client(clone: Path):
 def test_the_training_run_holds_train_test_and_lr_finder_links(repo):
     clone = repo["path"]
     client = _mlflow_client(clone)
-    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     run_ = client.get_run(run_id)
     assert run_.info.status == "FINISHED"
     assert run_.data.metrics["test/top1"] == pytest.approx(
@@ -242,7 +242,7 @@ def test_mlflow_ui_shows_the_run_and_its_artifacts(repo):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc=ui)
-        run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+        run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
         got = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30).read())
         metrics = {m["key"] for m in got["run"]["data"]["metrics"]}
         assert {"val/top1", "train/loss", "test/top1", "lr"} <= metrics
@@ -263,7 +263,7 @@ def test_dvc_experiments_carry_their_name_into_mlflow(repo):
     shown = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=clone).stdout)
     text = json.dumps(shown)
     assert "lowlr" in text and "0.02" in text
-    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     run_ = _mlflow_client(clone).get_run(run_id)
     assert run_.data.tags["dvc_exp_name"] == "lowlr"
     assert run_.data.params["schedule.max_lr"] == "0.02"
@@ -325,7 +325,7 @@ def test_training_against_an_mlflow_tracking_server(repo, tmp_path):
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc=server)
         run([BIN / "onecycle", "train"], cwd=clone, MLFLOW_TRACKING_URI=base)
-        run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+        run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
         got = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30).read())
         assert got["run"]["info"]["status"] == "FINISHED"
         assert {"val/top1", "lr"} <= {m["key"] for m in got["run"]["data"]["metrics"]}

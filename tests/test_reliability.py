@@ -55,9 +55,8 @@ def _workdir(base: Path, name: str) -> Path:
 
 
 def _outcome(work: Path) -> dict:
-    summary = json.loads((work / "reports/train.json").read_text())
     client = _client(work)
-    run_id = summary["mlflow_run_id"]
+    run_id = json.loads((work / "reports/runs.json").read_text())["train"]
     with open(work / "reports/history.csv") as f:
         rows = list(csv.DictReader(f))
     return {
@@ -221,7 +220,7 @@ def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatc
     assert main(["--params", "params.yaml"]) == 0
     assert "MLflow is not reachable (database is locked)" in caplog.text
     assert "MLflow is reachable again" in caplog.text
-    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     client = _client(tmp_path)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))

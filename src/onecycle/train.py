@@ -2,7 +2,8 @@
 
 This module owns the stage around the loop: which checkpoint to resume from, the MLflow run (tags,
 params, per-epoch and per-step metrics, artifacts, the logged and registered model), the files the
-stage writes (``models/model.pt``, ``reports/train.json``, ``reports/history.csv``, ``checkpoints/``)
+stage writes (``models/model.pt``, ``reports/train.json``, ``reports/runs.json``, ``reports/history.csv``,
+``reports/schedule.csv``, ``checkpoints/``)
 and the re-launch under torchrun for ``train.nproc_per_node`` > 1.
 
 Resume: when ``checkpoints/last.pt`` holds the same configuration (a hash of every key that changes
@@ -85,13 +86,55 @@ def _run_finished(run_id: str | None, experiment: str, root: Path | None) -> boo
         return True
 
 
+# reports/schedule.csv keeps at most this many rows (plus the peak); longer runs are downsampled.
+SCHEDULE_ROWS = 2000
+STEPS_LOG = "schedule_steps.csv"  # every step's LR and momentum, in checkpoints/ beside last.pt (resume)
+
+
+def downsample_steps(steps: list[tuple[int, float, float]], limit: int = SCHEDULE_ROWS) -> list:
+    """Every k-th step (k = ceil(n / limit)) when there are more than ``limit``, always keeping the first step,
+    the peak LR's step and the last step, so the warm-up start, the peak and the end of the cycle stay exact."""
+    if len(steps) <= limit:
+        return list(steps)
+    k = -(-len(steps) // limit)
+    peak = max(range(len(steps)), key=lambda i: steps[i][1])
+    keep = set(range(0, len(steps), k)) | {peak, len(steps) - 1}
+    return [steps[i] for i in sorted(keep)]
+
+
+def schedule_csv(steps: list[tuple[int, float, float]]) -> str:
+    """reports/schedule.csv: ``step,lr,momentum`` of the optimizer steps that ran (``downsample_steps``)."""
+    return "step,lr,momentum\n" + "".join(f"{s},{lr!r},{m!r}\n" for s, lr, m in downsample_steps(steps))
+
+
+def _read_steps(path: Path) -> dict[int, tuple[int, float, float]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    steps = {}
+    for line in lines:
+        try:
+            s, lr, m = line.split(",")
+            steps[int(s)] = (int(s), float(lr), float(m))
+        except ValueError:  # a line cut short by a kill mid-write
+            continue
+    return steps
+
+
 def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.RunLogger, resumed: bool) -> FitHooks:
-    """Checkpoints into ``ws.checkpoints``; per-epoch and per-step metrics to MLflow; reports/history.csv."""
+    """Checkpoints into ``ws.checkpoints``; per-epoch and per-step metrics to MLflow; reports/history.csv and
+    reports/schedule.csv (every step so far, from ``checkpoints/schedule_steps.csv`` on resume)."""
     def stamp(state: dict) -> dict:
         return {**state, "config_hash": config_id, "mlflow_run_id": run_id}
 
     logged_epochs = logger.existing_steps("val/top1") | logger.existing_steps("train/loss")
     logged_steps = logger.existing_steps("lr") if resumed else set()
+    steps_log = ws.checkpoints / STEPS_LOG
+    all_steps = _read_steps(steps_log) if resumed else {}
+    if not resumed:
+        steps_log.parent.mkdir(parents=True, exist_ok=True)
+        steps_log.write_text("")
 
     def on_epoch(epoch: int, row: dict, steps: list, history: list[dict]) -> None:
         if epoch + 1 not in logged_epochs:
@@ -101,6 +144,10 @@ def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.Run
                 logger.log({"lr": lr, "momentum": momentum}, step=step)
         logger.flush()
         atomic_write_text(ws.history_csv, history_csv(history))
+        with steps_log.open("a") as f:
+            f.writelines(f"{s},{lr!r},{m!r}\n" for s, lr, m in steps)
+        all_steps.update({s: (s, lr, m) for s, lr, m in steps})
+        atomic_write_text(ws.schedule_csv, schedule_csv([all_steps[s] for s in sorted(all_steps)]))
 
     return FitHooks(save_last=lambda s: ckpt.save(stamp(s), ws.checkpoints / "last.pt"),
                     save_best=lambda s: ckpt.save(stamp(s), ws.checkpoints / "best.pt"),
@@ -191,9 +238,13 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 
 
-def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict) -> None:
+def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict, run_id: str) -> None:
+    """models/model.pt, reports/train.json (DVC metrics: numbers only) and reports/runs.json (the MLflow run ids
+    of these outputs: the training's, and the LR range test's it used)."""
     save_model(params, setup.info, state_dict, ws.model)
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
+    runs = {"train": run_id, "lr_find": lr_find_run_id(ws.lr_find_json)}
+    atomic_write_text(ws.runs_json, json.dumps(runs, indent=2) + "\n")
 
 
 def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str, logger: tracking.RunLogger) -> None:
@@ -203,8 +254,8 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
     last = result.history[-1]
     summary = {"best_val_top1": result.best_top1 if result.best_top1 >= 0 else None, "best_epoch": result.best_epoch,
                "final_train_loss": last["train_loss"], "final_val_top1": last["val_top1"],
-               "epochs": len(result.history), "total_seconds": round(result.seconds, 1), "mlflow_run_id": run_id}
-    _write_outputs(params, setup, ws, result.best_state, summary)
+               "epochs": len(result.history), "total_seconds": round(result.seconds, 1)}
+    _write_outputs(params, setup, ws, result.best_state, summary, run_id)
     logger.flush()
     mlflow.log_metrics({"best/val_top1": max(result.best_top1, 0.0), "best/epoch": result.best_epoch,
                         "total_seconds": result.seconds})
@@ -214,6 +265,7 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
             if (ws.checkpoints / name).is_file():
                 mlflow.log_artifact(str(ws.checkpoints / name), artifact_path="checkpoints")
     mlflow.log_artifact(str(ws.history_csv))
+    mlflow.log_artifact(str(ws.schedule_csv))
     mlflow.log_artifact(str(ws.train_json))
     uri = log_final_model(params, setup, result.best_state)
     mlflow.end_run()
@@ -228,8 +280,8 @@ def _finish_failed(params, setup: Setup, ws: Workspace, run_id: str, reason: str
     best = ws.checkpoints / "best.pt"
     if best.is_file():
         state = ckpt.load(best)
-        _write_outputs(params, setup, ws, state["model"], {"diverged": True, "reason": reason, "mlflow_run_id": run_id,
-                                                           "best_epoch": state.get("epoch")})
+        _write_outputs(params, setup, ws, state["model"], {"diverged": True, "reason": reason,
+                                                           "best_epoch": state.get("epoch")}, run_id)
     mlflow.set_tag("failure_reason", reason)
     mlflow.end_run(status="FAILED")
 
