@@ -1,4 +1,5 @@
-"""Optuna plumbing for tune: the storage (journal file or RDB URL), the sampler, the pruner, the study.
+"""Optuna plumbing for tune: the storage (journal file or RDB URL, or ``$OPTUNA_STORAGE``), the sampler, the
+pruner (and whether it can prune at all), the study (its metric named, for the optuna CLI and dashboard).
 
 The default storage is a journal file, safe for several worker processes on one machine; any RDB URL
 (``sqlite:///...``, ``postgresql://...``) serves many machines. A password in a URL never appears in a
@@ -30,10 +31,22 @@ def mask(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def open_storage(url: str | None, default_journal: Path):
+STORAGE_ENV = "OPTUNA_STORAGE"  # the optuna CLI's variable: set, it overrides tune.storage here too
+
+
+def storage_url(params) -> tuple[str | None, str]:
+    """``(url, where it came from)``: ``$OPTUNA_STORAGE`` when set (so ``onecycle tune``, ``optuna trials`` and
+    ``optuna-dashboard`` scripts can share one setting), else ``tune.storage`` (None = the default journal)."""
+    env = os.environ.get(STORAGE_ENV, "").strip()
+    if env:
+        return env, STORAGE_ENV
+    return params.tune.storage, "tune.storage"
+
+
+def open_storage(url: str | None, default_journal: Path, key: str = "tune.storage"):
     """``(storage, description)``: the journal file (default, or a path) or an RDB URL.
 
-    A storage that cannot be opened raises ConfigError naming tune.storage (a password in the URL is masked).
+    A storage that cannot be opened raises ConfigError naming ``key`` (a password in the URL is masked).
     """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -48,7 +61,7 @@ def open_storage(url: str | None, default_journal: Path):
             return optuna.storages.JournalStorage(backend), str(path)
         except Exception as exc:
             reason = " ".join(str(exc).split())
-            raise ConfigError(f"tune.storage: cannot open the journal file {path}: {reason}") from None
+            raise ConfigError(f"{key}: cannot open the journal file {path}: {reason}") from None
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         db = url[len("sqlite:///"):]
@@ -60,7 +73,7 @@ def open_storage(url: str | None, default_journal: Path):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ConfigError(f"tune.storage: cannot open {mask(url)}: {reason}") from None
+        raise ConfigError(f"{key}: cannot open {mask(url)}: {reason}") from None
     return storage, mask(url)
 
 
@@ -96,13 +109,43 @@ def build_pruner(params, space: dict[str, Dimension]):
     epochs = trial_epochs(params, space)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=median_warmup(params, space))
+
+
+def median_warmup(params, space: dict[str, Dimension]) -> int:
+    """The median pruner's ``n_warmup_steps``: the epochs until the LR has peaked, at the largest pct_start."""
+    epochs = trial_epochs(params, space)
     if "schedule.pct_start" in space:
         pct = space["schedule.pct_start"].upper
     elif params.schedule.peak_epoch is not None:
         pct = min(params.schedule.peak_epoch / epochs, 1.0)
     else:
         pct = params.schedule.pct_start
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=math.ceil(pct * epochs))
+    return math.ceil(pct * epochs)
+
+
+def pruner_cannot_prune(params, space: dict[str, Dimension]) -> str | None:
+    """Why ``tune.pruner`` can never stop a trial with these epochs (None when it can).
+
+    A trial is only pruned after an epoch that is not its last (the last one completes it). The median rule
+    also waits ``n_warmup_steps`` epochs (see :func:`build_pruner`); hyperband needs 2 epochs or more.
+    """
+    kind = params.tune.pruner
+    if kind == "none":
+        return None
+    epochs = trial_epochs(params, space)
+    if kind == "hyperband":
+        if epochs >= 2:
+            return None
+        return (f"tune.pruner hyperband cannot stop any trial: trials train {epochs} epoch, and a trial is only "
+                "stopped after an epoch that is not its last. Use tune.epochs >= 2, or tune.pruner: none")
+    warmup = median_warmup(params, space)  # 0-based epochs the median rule waits
+    if warmup <= epochs - 2:
+        return None
+    return (f"tune.pruner median cannot stop any trial: trials train {epochs} epoch{'s' if epochs != 1 else ''} and "
+            f"the median rule judges a trial only after {warmup} epoch{'s' if warmup != 1 else ''} (when the LR has "
+            "peaked, at the largest pct_start searched) and never after the last one, which always completes. "
+            f"Use tune.epochs >= {warmup + 2} for pruning, or tune.pruner: none to say so")
 
 
 def open_study(storage, params):
@@ -134,6 +177,10 @@ def open_study(storage, params):
     elif metric != tune.metric:
         raise ConfigError(f"tune.metric is {tune.metric} but study {tune.study_name} optimizes {metric}; "
                           "use another tune.study_name")
+    if study.metric_names is None:  # `optuna trials`, the dashboard and trials.csv name the value, not "value"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([tune.metric])
     n_before = len(study.get_trials(deepcopy=False))
     seed = tune.seed
     if not created:
