@@ -334,3 +334,66 @@ def test_training_against_an_mlflow_tracking_server(repo, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+# The README's "at a glance" view: the headline metrics and the schedule's knobs (DVC 3 has no setting for the
+# default columns: plain `dvc exp show` lists every key of params.yaml and every dependency).
+GLANCE = ["--drop", ".*", "--keep", r"Experiment|Created|test\.|best_val_top1|best_epoch|"
+          r"schedule\.(max_lr|pct_start|div_factor)$|train\.epochs$"]
+
+
+def test_dvc_exp_show_has_the_headline_metrics_and_no_per_class_or_run_id_columns(repo):
+    clone = repo["path"]
+    shown = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=clone).stdout)
+    workspace = next(e for e in shown if e["rev"] == "workspace")["data"]
+    metrics = {f"{file}:{key}": value for file, result in workspace["metrics"].items()
+               for key, value in _flatten(result["data"]).items()}
+    assert set(metrics) == {
+        "reports/metrics.json:test.loss", "reports/metrics.json:test.top1", "reports/metrics.json:test.top5",
+        "reports/metrics.json:test.n", "reports/metrics.json:test.macro_f1",
+        "reports/metrics.json:test.worst_class_top1", "reports/metrics.json:test.worst_class",
+        "reports/train.json:best_val_top1", "reports/train.json:best_epoch", "reports/train.json:final_train_loss",
+        "reports/train.json:final_val_top1", "reports/train.json:epochs", "reports/train.json:total_seconds"}
+    per_class = (clone / "reports/per_class.csv").read_text().splitlines()[1:]
+    worst = min(per_class, key=lambda line: float(line.split(",")[2]))
+    assert metrics["reports/metrics.json:test.worst_class"] == worst.split(",")[0]
+    assert json.loads((clone / "reports/runs.json").read_text())["train"]  # the run id moved here
+    table = run([BIN / "dvc", "exp", "show", "--md", *GLANCE], cwd=clone).stdout
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert len(header) <= 20 and "test.top1" in header and "test.worst_class" in header, header
+    assert "schedule.max_lr" in header and not any("per_class" in c or "run_id" in c for c in header), header
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tmp_path):
+    clone = repo["path"]
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    plots = json.loads(run([BIN / "dvc", "plots", "show", "--json"], cwd=clone).stdout)["data"]
+    lr = plots["Learning rate"][0]["content"]
+    rows = lr["data"]["values"]
+    steps_per_epoch = 2048 // 128  # tiny_pipeline_params: train_subset 2048, batch 128
+    lrs = [float(r["lr"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+    assert [int(r["step"]) for r in rows] == list(range(2 * steps_per_epoch))  # every step, not every epoch
+    max_lr = json.loads((clone / "reports/lr_find.json").read_text())["suggested_lr"]  # schedule.max_lr: auto
+    assert lrs[0] == pytest.approx(max_lr / params["schedule"]["div_factor"])
+    assert max(lrs) == pytest.approx(max_lr)
+    assert lrs.index(max(lrs)) == params["schedule"]["pct_start"] * 2 * steps_per_epoch - 1
+    assert "Momentum" in plots
+    range_test = plots["LR range test"][0]["content"]
+    line, suggestion = range_test["layer"]
+    assert line["encoding"]["x"]["scale"]["type"] == "log" and line["encoding"]["x"]["field"] == "lr"
+    assert {layer["mark"]["type"] for layer in suggestion["layer"]} == {"rule", "text"}
+    values = range_test["data"]["values"]
+    (suggested,) = {float(v["suggested_lr"]) for v in values}
+    assert suggested == pytest.approx(max_lr)
+    assert {v["suggestion"] for v in values} == {"minimum"}
+    out = tmp_path / "html"
+    run([BIN / "dvc", "plots", "show", "-o", str(out)], cwd=clone)
+    html = (out / "index.html").read_text()
+    assert '"type": "log"' in html and "suggested_lr" in html and "optimizer step" in html
