@@ -93,8 +93,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["processes"] == "2"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")] == [1, 2]
-    summary = json.loads((ddp / "reports/train.json").read_text())
-    assert summary["mlflow_run_id"] == runs[0].info.run_id
+    assert json.loads((ddp / "reports/runs.json").read_text())["train"] == runs[0].info.run_id
 
 
 @pytest.mark.slow

@@ -99,3 +99,35 @@ def test_modules_are_short_and_say_what_they_own():
 def test_no_module_re_exports_a_helper_for_compatibility():
     for path in sorted(PKG.glob("*.py")):
         assert "re-exported" not in path.read_text(), path.name
+
+
+def write_dvc_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each DVC stage's ``src/`` deps in dvc.yaml to the modules it runs (keeps everything else)."""
+    out, stage, other, indent = [], None, None, ""
+
+    def flush() -> None:
+        out.extend(other)
+        if stage in DVC_STAGES:
+            out.extend(f"{indent}- src/onecycle/{m}.py\n" for m in sorted(closure(stage)))
+
+    for line in path.read_text().splitlines(keepends=True):
+        stripped = line.strip()
+        if other is not None:
+            if stripped.startswith("- "):
+                if not stripped.startswith("- src/"):
+                    other.append(line)
+                continue
+            flush()
+            other = None
+        if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
+            stage = stripped[:-1]
+        out.append(line)
+        if stripped == "deps:":
+            other, indent = [], line[: len(line) - len(line.lstrip())] + "  "
+    if other is not None:
+        flush()
+    path.write_text("".join(out))
+
+
+if __name__ == "__main__":  # python tests/test_layout.py: update dvc.yaml after changing a stage's imports
+    write_dvc_deps()

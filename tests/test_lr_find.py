@@ -178,7 +178,8 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     assert report["suggested_lr"] == report["suggestions"]["minimum"]
     assert (workdir / "reports/lr_find.png").stat().st_size > 10_000
     rows = (workdir / "reports/lr_find.csv").read_text().splitlines()
-    assert rows[0] == "lr,loss,smoothed_loss" and len(rows) == 21
+    assert rows[0] == "lr,loss,smoothed_loss,suggested_lr,suggestion" and len(rows) == 21
+    assert rows[1].split(",")[3:] == [repr(report["suggested_lr"]), report["suggestion"]]
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     run = mlflow.get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"

@@ -56,9 +56,8 @@ def _workdir(base: Path, name: str) -> Path:
 
 
 def _outcome(work: Path) -> dict:
-    summary = json.loads((work / "reports/train.json").read_text())
     client = _client(work)
-    run_id = summary["mlflow_run_id"]
+    run_id = json.loads((work / "reports/runs.json").read_text())["train"]
     with open(work / "reports/history.csv") as f:
         rows = list(csv.DictReader(f))
     return {
@@ -222,7 +221,7 @@ def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatc
     assert main(["--params", "params.yaml"]) == 0
     assert "MLflow is not reachable (database is locked)" in caplog.text
     assert "MLflow is reachable again" in caplog.text
-    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     client = _client(tmp_path)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))
@@ -298,7 +297,7 @@ def test_ctrl_c_in_the_final_log_model_is_completed_in_the_same_run_without_trai
     runs = _runs(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
     assert len(_logged_models(tmp_path, run_id)) == 1
-    assert json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"] == run_id
+    assert json.loads((tmp_path / "reports/runs.json").read_text())["train"] == run_id
     # finalized now: a third run trains again, from scratch, in a new run
     assert _train(params, ws) == 0
     assert len(_runs(tmp_path)) == 2
@@ -387,7 +386,7 @@ def test_a_changed_dataset_starts_fresh_in_one_line_instead_of_crashing(tmp_path
 
 def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed(tmp_path, caplog):
     from onecycle.config import parse_params
-    from onecycle.train import find_resume_state
+    from onecycle.resume import find_resume_state
 
     params = parse_params({"train": {"device": "cpu"}})
     identity = {"architecture": "a1", "train_images": 100, "steps_per_epoch": 2, "device": "cpu",
@@ -402,7 +401,7 @@ def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed
 
 def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog):
     from onecycle.config import parse_params
-    from onecycle.train import find_resume_state
+    from onecycle.resume import find_resume_state
 
     params = parse_params({"train": {"device": "cpu"}})
     ckpt.save({"config_hash": "mine", "epoch": 1, "mlflow_run_id": None}, tmp_path / "last.pt")
@@ -479,7 +478,7 @@ def test_epochs_lost_before_reaching_mlflow_are_logged_on_resume(tmp_path, monke
     assert ckpt.load(tmp_path / "checkpoints/last.pt")["epoch"] == 2
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
     assert _train(params, ws) == 0
-    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     client = _client(tmp_path)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))
@@ -513,7 +512,7 @@ def test_a_resume_after_the_run_was_deleted_or_the_experiment_changed(tmp_path, 
     client = _client(tmp_path)
     client.delete_run(first)
     assert _train(params, ws) == 0
-    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     assert run_id != first and "was deleted" in caplog.text
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/top1")) == [1, 2, 3]
@@ -539,7 +538,7 @@ def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
         return (loss * float("nan") if len(calls) > 10 else loss), logits
 
     assert _train(params, ws, step_fn=nan_in_epoch_2) == 1
-    run_id = json.loads((tmp_path / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     evaluate.run(params, Workspace(tmp_path))
     run = _client(tmp_path).get_run(run_id)
     assert run.info.status == "FAILED" and "test/top1" in run.data.metrics

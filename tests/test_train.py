@@ -116,7 +116,7 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     assert main(["--params", "params.yaml"]) == 0
     summary = json.loads((workdir / "reports/train.json").read_text())
     client = _client(workdir)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(json.loads((workdir / "reports/runs.json").read_text())["train"])
     assert run.info.status == "FINISHED"
     assert run.data.params["schedule.pct_start"] == "0.25"
     assert run.data.params["model.name"] == "resnet9"
@@ -143,6 +143,27 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     assert bundle["dataset"]["classes"][0] == "class0" and bundle["model"]["width"] == 0.125
     rows = _history(workdir)
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    # reports/schedule.csv (the "Learning rate" and "Momentum" DVC plots): every step, the warm-up visible
+    steps = list(csv.DictReader(open(workdir / "reports/schedule.csv")))
+    lrs = [float(r["lr"]) for r in steps]
+    assert [int(r["step"]) for r in steps] == list(range(16))
+    assert lrs[0] == pytest.approx(0.05 / 25)  # max_lr / div_factor
+    assert max(lrs) == pytest.approx(0.05) and lrs.index(max(lrs)) == 0.25 * 16 - 1  # peak at pct_start
+    assert lrs[-1] == pytest.approx(0.05 / 25 / 1e4) and float(steps[3]["momentum"]) == pytest.approx(0.85)
+    assert "mlflow_run_id" not in summary
+
+
+def test_a_long_schedule_is_downsampled_keeping_the_first_peak_and_last_step():
+    from onecycle.loop import downsample_steps, schedule_csv
+
+    steps = [(i, 1.0 - abs(i - 4321) / 10_000, 0.9) for i in range(10_001)]  # peak at step 4321
+    kept = downsample_steps(steps, limit=2000)
+    assert len(kept) <= 2002 and [s for s, _, _ in kept] == sorted({s for s, _, _ in kept})
+    assert {0, 4321, 10_000} <= {s for s, _, _ in kept}
+    assert {b[0] - a[0] for a, b in zip(kept, kept[1:], strict=False)} <= {1, 2, 3, 4, 5, 6}  # evenly spread
+    assert downsample_steps(steps[:2000]) == steps[:2000]
+    rows = list(csv.reader(schedule_csv(steps[:2]).splitlines()))
+    assert rows[0] == ["step", "lr", "momentum"] and [(int(s), float(lr), float(m)) for s, lr, m in rows[1:]] == steps[:2]
 
 
 @pytest.mark.slow
@@ -173,11 +194,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
             assert first["epoch"] == 2
             assert len(_history(work)) == 2
         assert guarded("train", lambda p=params, w=ws: train.run(p, w)) == 0
-        summary = json.loads((work / "reports/train.json").read_text())
+        run_id = json.loads((work / "reports/runs.json").read_text())["train"]
         if name == "interrupted":
-            assert summary["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continued
+            assert run_id == first["mlflow_run_id"]  # the same MLflow run continued
         client = _client(work)
-        run_id = summary["mlflow_run_id"]
         results[name] = {
             "model": ckpt.load(work / "models/model.pt")["state_dict"],
             "history": [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")}
@@ -185,6 +205,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
             "val_steps": sorted(m.step for m in client.get_metric_history(run_id, "val/top1")),
             "lr_steps": sorted(m.step for m in client.get_metric_history(run_id, "lr")),
             "runs": len(client.search_runs([client.get_experiment_by_name("test").experiment_id])),
+            "schedule": (work / "reports/schedule.csv").read_text(),
         }
     a, b = results["straight"], results["interrupted"]
     for k in a["model"]:
@@ -193,6 +214,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert b["val_steps"] == [1, 2, 3]  # no duplicated or missing epoch rows
     assert b["lr_steps"] == a["lr_steps"] == list(range(24))
     assert b["runs"] == 1
+    assert b["schedule"] == a["schedule"]  # every step's LR, the ones before the interruption included
+    assert [int(line.split(",")[0]) for line in a["schedule"].splitlines()[1:]] == list(range(24))
 
 
 @pytest.mark.slow
@@ -201,11 +224,11 @@ def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workd
 
     tiny_params(workdir, train={"epochs": 1})
     assert main(["--params", "params.yaml"]) == 0
-    first = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
+    first = json.loads((workdir / "reports/runs.json").read_text())["train"]
     first_hash = ckpt.load(workdir / "checkpoints/last.pt")["config_hash"]
     tiny_params(workdir, train={"epochs": 1}, schedule={"max_lr": 0.02})
     assert main(["--params", "params.yaml"]) == 0
-    second = json.loads((workdir / "reports/train.json").read_text())["mlflow_run_id"]
+    second = json.loads((workdir / "reports/runs.json").read_text())["train"]
     assert second != first
     assert "different configuration" in caplog.text
     old = ckpt.load(workdir / "checkpoints/previous" / first_hash / "last.pt")

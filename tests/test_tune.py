@@ -3,7 +3,9 @@ PostgreSQL database, pruning, resume and --apply."""
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import math
 import os
 import shutil
@@ -119,6 +121,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; an earlier test's must not pass for the user's choice
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)  # it overrides tune.storage: a user's must not leak in
     return tmp_path
 
 
@@ -337,3 +340,92 @@ def test_rerunning_resumes_the_study_and_apply_changes_only_the_tuned_keys(workd
         assert getattr(applied.schedule, key.split(".")[1]) == pytest.approx(study.best_params[key], rel=1e-3)
     assert applied.train.epochs == 2 and applied.tune.epochs == 1  # nothing else changed
     assert path.stat().st_mode & 0o777 == 0o644  # the user's file keeps its permissions
+
+
+# ------------------------------------------------------------------------- the optuna CLI, DVC, the LR finder
+
+OPTUNA = Path(sys.executable).parent / "optuna"
+
+
+def _optuna_cli(*args, **env):
+    proc = subprocess.run([str(OPTUNA), *args, "-f", "json"], capture_output=True, text=True, timeout=120,
+                          env={**{k: v for k, v in os.environ.items() if k != "OPTUNA_STORAGE"}, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_the_optuna_cli_reads_the_default_journal_and_each_trial_names_its_dvc_experiment(workdir, caplog):
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 3})
+    (workdir / "reports").mkdir()
+    suggestions = {"steepest": 0.01, "valley": 0.02, "minimum": 0.05}
+    (workdir / "reports/lr_find.json").write_text(json.dumps({"suggestions": suggestions}))
+    assert tune_mod.main(["--params", "params.yaml"]) == 0
+    params = load_params(workdir / "params.yaml")
+    study = _study(workdir)
+    assert study.metric_names == ["val/top1"]
+    # a pruner that cannot prune 1-epoch trials is said once, plainly
+    assert [r.getMessage() for r in caplog.records].count(
+        tune_mod.pruner_cannot_prune(params, space_mod.search_space(params))) == 1
+    assert "median cannot stop any trial" in caplog.text
+
+    journal = "reports/tune/study.journal"
+    best = _optuna_cli("best-trial", "--study-name", "onecycle", "--storage", journal)
+    assert best["number"] == study.best_trial.number
+    assert best["value"] == {"val/top1": pytest.approx(study.best_value)}  # the CLI names the metric
+    assert best["params"][MAX_LR] == pytest.approx(study.best_params[MAX_LR])
+    studies = _optuna_cli("studies", "--storage", journal)
+    assert [(s["name"], s["n_trials"]) for s in studies] == [("onecycle", 3)]
+    assert len(_optuna_cli("trials", "--study-name", "onecycle", "--storage", journal)) == 3
+
+    # each trial: the one command that reruns it as a DVC experiment, in trials.csv and its MLflow run
+    rows = list(csv.DictReader(open(workdir / "reports/tune/trials.csv")))
+    assert "value_val/top1" in rows[0]  # the value column is named after the metric
+    _, parents, nested = _runs(workdir)
+    by_number = {r.data.tags["trial_number"]: r for r in nested}
+    for row, trial in zip(rows, study.trials, strict=True):
+        command = row["user_attrs_dvc_command"]
+        sets = dict(a.split("=", 1) for a in command.split(" -S ")[1:])
+        assert command.startswith("dvc exp run -S ") and set(sets) == {MAX_LR, PCT, DIV, "train.epochs"}
+        assert {k: float(v) for k, v in sets.items() if k != "train.epochs"} == trial.params  # exact values
+        assert sets["train.epochs"] == "1"  # the trial's epochs (tune.epochs), not train.epochs
+        assert by_number[str(trial.number)].data.tags["dvc_command"] == command
+
+    # which LR finder suggestion to trust: best max_lr over each, in the parent run and best_params.yaml
+    best_lr = study.best_params[MAX_LR]
+    expected = {name: best_lr / lr for name, lr in suggestions.items()}
+    metrics = parents[0].data.metrics
+    for name, ratio in expected.items():
+        assert metrics[f"best/max_lr_over_{name}"] == pytest.approx(ratio)
+    text = (workdir / "reports/tune/best_params.yaml").read_text()
+    assert f"minimum {expected['minimum']:.3g}" in text and f"steepest {expected['steepest']:.3g}" in text
+    assert list(yaml.safe_load(text)) == ["schedule"]  # still ready to paste
+
+
+def test_a_pruner_that_cannot_prune_is_named_and_one_that_can_is_not():
+    two = parse_params({"schedule": {"max_lr": 0.1}})  # tune.epochs 2, pct_start searched up to 0.5
+    space = space_mod.search_space(two)
+    assert "median cannot stop any trial" in tune_mod.pruner_cannot_prune(two, space)
+    assert "tune.epochs >= 3" in tune_mod.pruner_cannot_prune(two, space)
+    four = parse_params({"schedule": {"max_lr": 0.1}, "tune": {"epochs": 4}})
+    assert tune_mod.pruner_cannot_prune(four, space_mod.search_space(four)) is None
+    assert tune_mod.pruner_cannot_prune(two.replace(tune={"pruner": "none"}), space) is None
+    assert tune_mod.pruner_cannot_prune(two.replace(tune={"pruner": "hyperband"}), space) is None
+    one = parse_params({"schedule": {"max_lr": 0.1}, "tune": {"epochs": 1, "pruner": "hyperband"}})
+    assert "hyperband cannot stop any trial" in tune_mod.pruner_cannot_prune(one, space_mod.search_space(one))
+
+
+@pytest.mark.slow
+def test_optuna_storage_overrides_tune_storage(workdir, monkeypatch, capsys):
+    url = f"sqlite:///{workdir / 'from_env.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", url)
+    tiny_params(workdir, tune={"epochs": 1, "storage": str(workdir / "ignored.journal")})
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0
+    assert "($OPTUNA_STORAGE)" in capsys.readouterr().out
+    assert not (workdir / "ignored.journal").exists() and not (workdir / "reports/tune/study.journal").exists()
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["onecycle"]
+    assert _optuna_cli("studies", OPTUNA_STORAGE=url)[0]["name"] == "onecycle"  # the CLI reads the same variable
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql://u:s3cret@127.0.0.1:1/none")
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "OPTUNA_STORAGE: cannot open" in err and "s3cret" not in err

@@ -1,6 +1,7 @@
 """evaluate stage: test-split metrics of ``models/model.pt``, per class, with a confusion matrix and mistakes.
 
-Writes ``reports/metrics.json`` (DVC metrics), ``reports/per_class.csv``, ``reports/predictions.csv``
+Writes ``reports/metrics.json`` (DVC metrics: the headline numbers only, see :func:`headline_class_metrics`),
+``reports/per_class.csv``, ``reports/predictions.csv``
 (actual/predicted pairs, DVC's confusion-matrix plot), ``reports/confusion_matrix.png`` and
 ``reports/misclassified.png``, and logs all of it into the training's MLflow run (``test/*``).
 The test split is touched here and nowhere else.
@@ -44,6 +45,17 @@ def per_class_table(cm: np.ndarray, classes: list[str]) -> list[dict]:
         rows.append({"class": name, "support": support, "accuracy": recall, "precision": precision,
                      "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0})
     return rows
+
+
+def headline_class_metrics(table: list[dict]) -> dict:
+    """The per-class table in three numbers for ``dvc exp show``: macro F1, and the worst class's top-1 and name.
+
+    A dataset with 1,000 classes would make one column per class; the detail stays in reports/per_class.csv.
+    Ties for the worst class go to the first in class order.
+    """
+    worst = min(table, key=lambda r: r["accuracy"])
+    return {"macro_f1": sum(r["f1"] for r in table) / len(table), "worst_class_top1": worst["accuracy"],
+            "worst_class": worst["class"]}
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -141,8 +153,8 @@ def run(params, ws: Workspace) -> dict:
     k = len(info.classes)
     cm = confusion_matrix(labels, preds, k)
     table = per_class_table(cm, info.classes)
-    metrics = {"test": {"loss": out["loss"], "top1": out["top1"], "top5": out["top5"], "n": out["n"]},
-               "per_class_top1": {r["class"]: r["accuracy"] for r in table}}
+    metrics = {"test": {"loss": out["loss"], "top1": out["top1"], "top5": out["top5"], "n": out["n"],
+                        **headline_class_metrics(table)}}
     atomic_write_text(ws.metrics_json, json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(ws.per_class_csv, _csv([{**r, "accuracy": round(r["accuracy"], 5),
                                                "precision": round(r["precision"], 5), "recall": round(r["recall"], 5),
@@ -161,20 +173,22 @@ def run(params, ws: Workspace) -> dict:
 
 
 def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run (its id is in reports/train.json)."""
+    """Add the test metrics and images to the training's MLflow run (its id is in reports/runs.json)."""
     try:
-        run_id = json.loads(ws.train_json.read_text()).get("mlflow_run_id")
+        run_id = json.loads(ws.runs_json.read_text()).get("train")
     except (OSError, ValueError):
         run_id = None
     if not run_id:
-        log.warning("%s names no MLflow run; test metrics are not logged to MLflow", ws.train_json)
+        log.warning("%s names no training MLflow run; test metrics are not logged to MLflow", ws.runs_json)
         return
     mlflow = tracking.mlflow()
     tracking.configure(params.mlflow.experiment, ws.root)
     client = mlflow.MlflowClient()
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items() if k != "n"})
+        mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items()
+                            if k != "n" and isinstance(v, int | float)})
+        mlflow.set_tag("test/worst_class", metrics["test"]["worst_class"])
         mlflow.log_metrics({f"test/class_top1/{r['class'].replace('/', '_')}": r["accuracy"] for r in table})
         for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")

@@ -67,6 +67,26 @@ def history_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+# reports/schedule.csv keeps at most this many rows (plus the peak); longer runs are downsampled.
+SCHEDULE_ROWS = 2000
+
+
+def downsample_steps(steps: list[tuple[int, float, float]], limit: int = SCHEDULE_ROWS) -> list:
+    """Every k-th step (k = ceil(n / limit)) when there are more than ``limit``, always keeping the first step,
+    the peak LR's step and the last step, so the warm-up start, the peak and the end of the cycle stay exact."""
+    if len(steps) <= limit:
+        return list(steps)
+    k = -(-len(steps) // limit)
+    peak = max(range(len(steps)), key=lambda i: steps[i][1])
+    keep = set(range(0, len(steps), k)) | {peak, len(steps) - 1}
+    return [steps[i] for i in sorted(keep)]
+
+
+def schedule_csv(steps: list[tuple[int, float, float]]) -> str:
+    """reports/schedule.csv: ``step,lr,momentum`` of the optimizer steps that ran (``downsample_steps``)."""
+    return "step,lr,momentum\n" + "".join(f"{s},{lr!r},{m!r}\n" for s, lr, m in downsample_steps(steps))
+
+
 class Interrupted(OneCycleError):
     """Training stopped on request (SIGINT/SIGTERM) after checkpointing; exit code 130."""
 

@@ -1,7 +1,7 @@
 """lr_find stage: run the LR range test (``rangetest.py``) as ``train`` would train, and report it.
 
 Writes ``reports/lr_find.json`` (LRs, raw and smoothed losses, every suggestion, the chosen one, the MLflow
-run id), ``reports/lr_find.csv`` (the curve, for ``dvc plots``) and ``reports/lr_find.png`` (log-x, the
+run id), ``reports/lr_find.csv`` (the curve and the chosen suggestion, for ``dvc plots``) and ``reports/lr_find.png`` (log-x, the
 suggestions marked), and logs all of it to an MLflow run of its own.
 """
 
@@ -85,8 +85,11 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
         # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
         curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,
                                                                           strict=True)]
-        atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss\n" + "".join(
-            f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}\n" for lr, loss, sm in curve))
+        # suggested_lr/suggestion (the same on every row): the LR schedule.max_lr auto uses, which the
+        # `dvc plots` template .dvc/plots/lr_range_log.json marks on its log x axis
+        mark = f",{'' if suggested is None else repr(suggested)},{chosen}"
+        atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
+            f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}{mark}\n" for lr, loss, sm in curve))
         report["losses"] = [_finite(v) for v in result.losses]
         report["smoothed"] = [_finite(v) for v in result.smoothed]
         atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")

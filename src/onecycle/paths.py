@@ -51,6 +51,16 @@ class Workspace:
         return self.reports / "history.csv"
 
     @property
+    def runs_json(self) -> Path:
+        """The MLflow run ids of the current outputs (not a DVC metric: ids are no numbers to compare)."""
+        return self.reports / "runs.json"
+
+    @property
+    def schedule_csv(self) -> Path:
+        """The LR and momentum of every optimizer step of the last training (downsampled above a limit)."""
+        return self.reports / "schedule.csv"
+
+    @property
     def metrics_json(self) -> Path:
         return self.reports / "metrics.json"
 
@@ -100,6 +110,6 @@ class Workspace:
 # What each DVC stage writes, as dvc.yaml names it (tests compare the two).
 STAGE_OUTPUTS = {
     "lr_find": ("lr_find_json", "lr_find_csv", "lr_find_png"),
-    "train": ("model", "checkpoints", "train_json", "history_csv"),
+    "train": ("model", "checkpoints", "train_json", "history_csv", "runs_json", "schedule_csv"),
     "evaluate": ("metrics_json", "per_class_csv", "predictions_csv", "confusion_png", "misclassified_png"),
 }

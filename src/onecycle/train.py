@@ -2,7 +2,8 @@
 
 This module owns the stage around the loop: which checkpoint to resume from, the MLflow run (tags,
 params, per-epoch and per-step metrics, artifacts, the logged and registered model), the files the
-stage writes (``models/model.pt``, ``reports/train.json``, ``reports/history.csv``, ``checkpoints/``)
+stage writes (``models/model.pt``, ``reports/train.json``, ``reports/runs.json``, ``reports/history.csv``,
+``reports/schedule.csv``, ``checkpoints/``)
 and the re-launch under torchrun for ``train.nproc_per_node`` > 1.
 
 Resume: when ``checkpoints/last.pt`` holds the same configuration (a hash of every key that changes
@@ -22,7 +23,6 @@ sees the finished ``last.pt`` and completes only the missing steps, in the same 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,140 +37,60 @@ from .cli import one_line, run_command
 from .engine import DivergenceError, Setup, build_optimizer, build_setup, device_name, train_step
 from .errors import OneCycleError
 from .files import atomic_write_text
-from .loop import FitHooks, FitResult, Interrupted, StopSignals, config_hash, fit, history_csv, row_metrics
+from .loop import (
+    FitHooks,
+    FitResult,
+    Interrupted,
+    StopSignals,
+    config_hash,
+    fit,
+    history_csv,
+    row_metrics,
+    schedule_csv,
+)
 from .modelfile import save_model
 from .paths import Workspace
 from .rangetest import lr_find_run_id, resolve_max_lr
+from .resume import FINALIZE_STATE, find_resume_state, read_finalize, resume_identity, workspace_lock
 from .schedule import build_scheduler, check_fits, current_momentum
 
 log = logging.getLogger(__name__)
 
 
-FINALIZE_STATE = "finalize.json"  # in the checkpoint folder: the finalization steps done, for which run
+
+STEPS_LOG = "schedule_steps.csv"  # every step's LR and momentum, in checkpoints/ beside last.pt (resume)
 
 
-def resume_identity(setup: Setup) -> dict:
-    """What a checkpoint must share with this process to continue, beyond the params' hash.
-
-    The architecture (names and shapes of the weights: a code change), the dataset (images, steps an epoch:
-    the schedule's total_steps), the resolved device type, precision and number of processes.
-    """
-    shapes = [(k, list(v.shape)) for k, v in setup.net.state_dict().items()]
-    return {"architecture": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
-            "train_images": len(setup.train_loader.dataset), "steps_per_epoch": len(setup.train_loader),
-            "device": setup.device.type, "precision": str(setup.dtype).replace("torch.", ""),
-            "processes": dist.world_size()}
-
-
-def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoint_dir: Path) -> str | None:
-    last = checkpoint_dir / "last.pt"
-    if state.get("config_hash") != config_id:
-        return f"{last} is from a different configuration (hash {state.get('config_hash')}, now {config_id})"
-    old = state.get("identity")
-    if identity is not None and isinstance(old, dict):
-        changed = [f"{k} {old.get(k)} -> {v}" for k, v in identity.items() if old.get(k) != v]
-        if changed:
-            return f"{last} cannot continue here: {', '.join(changed)}"
-    best = checkpoint_dir / "best.pt"
-    if best.is_file():
-        best_hash = ckpt.load(best).get("config_hash")
-        if best_hash != config_id:
-            return f"{best} is from a different configuration (hash {best_hash}, now {config_id})"
-    return None
-
-
-def find_resume_state(params, config_id: str, checkpoint_dir: Path, root: Path | None = None,
-                      move_aside: bool = True, identity: dict | None = None) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning).
-
-    A finished ``last.pt`` whose finalization is incomplete is returned too: the caller finalizes without
-    training. Under DDP every rank reads the same checkpoint; only rank 0 (``move_aside``) moves files.
-    """
-    last = checkpoint_dir / "last.pt"
-    if not last.exists():
-        return None
-    if not params.train.resume:
-        log.warning("train.resume is false: starting fresh; the old checkpoints move to %s", checkpoint_dir / "previous")
-        if move_aside:
-            _move_aside(checkpoint_dir)
-        return None
-    state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
-    reason = _why_not_resume(state, config_id, identity, checkpoint_dir)
-    if reason:
-        log.warning("%s: starting fresh; the old checkpoints move to %s", reason,
-                    _move_aside(checkpoint_dir, state.get("config_hash")) if move_aside else checkpoint_dir / "previous")
-        return None
-    if state.get("finished") and _finalized(state, checkpoint_dir, params.mlflow.experiment, root):
-        log.info("the run in %s finished; training again from scratch", last)
-        if move_aside:
-            _move_aside(checkpoint_dir, state.get("config_hash"))
-        return None
-    if state.get("finished"):
-        log.warning("the training in %s finished but its finalization did not: completing it in MLflow run %s, "
-                    "without training again", last, state.get("mlflow_run_id"))
-    else:
-        log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], params.train.epochs,
-                 state.get("mlflow_run_id"))
-    best = checkpoint_dir / "best.pt"
-    if best.is_file():
-        state["best_model"] = ckpt.load(best)["model"]
-    return state
-
-
-def _move_aside(checkpoint_dir: Path, old_hash: str | None = None) -> Path:
-    """Move the checkpoints (and finalization record) to ``previous/<their config hash>/``; never delete any."""
-    if old_hash is None:
-        try:
-            old_hash = ckpt.load(checkpoint_dir / "last.pt").get("config_hash")
-        except ckpt.CheckpointError:
-            old_hash = None
-    base = checkpoint_dir / "previous" / str(old_hash or "unknown")
-    dest, n = base, 1
-    while dest.exists():
-        n += 1
-        dest = base.with_name(f"{base.name}-{n}")
-    dest.mkdir(parents=True)
-    for f in [*checkpoint_dir.glob("*.pt"), checkpoint_dir / FINALIZE_STATE]:
-        if f.is_file():
-            f.replace(dest / f.name)
-    return dest
-
-
-def _read_finalize(checkpoint_dir: Path) -> dict:
+def _read_steps(path: Path) -> dict[int, tuple[int, float, float]]:
     try:
-        state = json.loads((checkpoint_dir / FINALIZE_STATE).read_text())
-        return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else {}
-    except (OSError, ValueError):
+        lines = path.read_text().splitlines()
+    except OSError:
         return {}
-
-
-def _finalized(state: dict, checkpoint_dir: Path, experiment: str, root: Path | None) -> bool:
-    """Whether the finished training in ``state`` was also finalized (its run ended FINISHED after every step)."""
-    record = _read_finalize(checkpoint_dir)
-    if record.get("run_id") == state.get("mlflow_run_id") and record.get("run_id"):
-        return "end_run" in record["done"]
-    return _run_finished(state.get("mlflow_run_id"), experiment, root)  # no record: a checkpoint of onecycle <= 0.2
-
-
-def _run_finished(run_id: str | None, experiment: str, root: Path | None) -> bool:
-    if not run_id:
-        return True
-    tracking.configure(experiment, root)
-    try:
-        return tracking.mlflow().MlflowClient().get_run(run_id).info.status == "FINISHED"
-    except Exception:
-        return True
+    steps = {}
+    for line in lines:
+        try:
+            s, lr, m = line.split(",")
+            steps[int(s)] = (int(s), float(lr), float(m))
+        except ValueError:  # a line cut short by a kill mid-write
+            continue
+    return steps
 
 
 def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.RunLogger, resumed: bool,
                 identity: dict | None = None) -> FitHooks:
-    """Checkpoints into ``ws.checkpoints``; per-epoch and per-step metrics to MLflow; reports/history.csv."""
+    """Checkpoints into ``ws.checkpoints``; per-epoch and per-step metrics to MLflow; reports/history.csv and
+    reports/schedule.csv (every step so far, from ``checkpoints/schedule_steps.csv`` on resume)."""
     def stamp(state: dict) -> dict:
         return {**state, "config_hash": config_id, "mlflow_run_id": run_id,
                 **({"identity": identity} if identity is not None else {})}
 
     logged_epochs = logger.existing_steps("val/top1") | logger.existing_steps("train/loss")
     logged_steps = logger.existing_steps("lr") if resumed else set()
+    steps_log = ws.checkpoints / STEPS_LOG
+    all_steps = _read_steps(steps_log) if resumed else {}
+    if not resumed:
+        steps_log.parent.mkdir(parents=True, exist_ok=True)
+        steps_log.write_text("")
 
     def on_epoch(epoch: int, row: dict, steps: list, history: list[dict]) -> None:
         if epoch + 1 not in logged_epochs:
@@ -180,6 +100,10 @@ def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.Run
                 logger.log({"lr": lr, "momentum": momentum}, step=step)
         logger.flush()
         atomic_write_text(ws.history_csv, history_csv(history))
+        with steps_log.open("a") as f:
+            f.writelines(f"{s},{lr!r},{m!r}\n" for s, lr, m in steps)
+        all_steps.update({s: (s, lr, m) for s, lr, m in steps})
+        atomic_write_text(ws.schedule_csv, schedule_csv([all_steps[s] for s in sorted(all_steps)]))
 
     return FitHooks(save_last=lambda s: ckpt.save(stamp(s), ws.checkpoints / "last.pt"),
                     save_best=lambda s: ckpt.save(stamp(s), ws.checkpoints / "best.pt"),
@@ -209,30 +133,6 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     main = dist.is_main()
     with workspace_lock(ws) if main else contextlib.nullcontext():
         return _run(params, ws, max_lr, config_id, main, step_fn, progress, finalize_hook)
-
-
-def workspace_lock(ws: Workspace):
-    """Held for a whole training: a second ``onecycle train`` in the same workspace fails at once, in one line."""
-    from filelock import FileLock, Timeout
-
-    ws.checkpoints.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(ws.checkpoints / ".train.lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise OneCycleError(f"another `onecycle train` is running in {ws.root.resolve()} (it holds "
-                            f"{ws.checkpoints / '.train.lock'}): wait for it to end, or train in another "
-                            "workspace") from None
-    return _Release(lock)
-
-
-class _Release(contextlib.AbstractContextManager):
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __exit__(self, *exc):
-        self.lock.release()
-        return False
 
 
 def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_fn: Callable, progress: bool,
@@ -391,9 +291,13 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 
 
-def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict) -> None:
+def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict, run_id: str) -> None:
+    """models/model.pt, reports/train.json (DVC metrics: numbers only) and reports/runs.json (the MLflow run ids
+    of these outputs: the training's, and the LR range test's it used)."""
     save_model(params, setup.info, state_dict, ws.model)
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
+    runs = {"train": run_id, "lr_find": lr_find_run_id(ws.lr_find_json)}
+    atomic_write_text(ws.runs_json, json.dumps(runs, indent=2) + "\n")
 
 
 def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
@@ -405,7 +309,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
     last = result.history[-1]
     summary = {"best_val_top1": result.best_top1 if result.best_top1 >= 0 else None, "best_epoch": result.best_epoch,
                "final_train_loss": last["train_loss"], "final_val_top1": last["val_top1"],
-               "epochs": len(result.history), "total_seconds": round(result.seconds, 1), "mlflow_run_id": run_id}
+               "epochs": len(result.history), "total_seconds": round(result.seconds, 1)}
 
     def metrics() -> None:
         if not logger.flush():
@@ -422,12 +326,13 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
 
     def reports() -> None:
         mlflow.log_artifact(str(ws.history_csv))
+        mlflow.log_artifact(str(ws.schedule_csv))
         mlflow.log_artifact(str(ws.train_json))
 
     def end_run() -> None:
         mlflow.end_run()
 
-    return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary)),
+    return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary, run_id)),
             ("metrics", metrics), ("checkpoints", checkpoints), ("reports", reports),
             ("model", lambda: log_final_model(params, setup, result.best_state)), ("end_run", end_run)]
 
@@ -439,7 +344,7 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
     On any failure or interrupt the run is marked KILLED/FAILED and the message says that running the
     stage again completes it (without training again).
     """
-    record = _read_finalize(ws.checkpoints)
+    record = read_finalize(ws.checkpoints)
     if record.get("run_id") != run_id:
         record = {"run_id": run_id, "done": {}}
     name = "outputs"
@@ -480,8 +385,8 @@ def _finish_failed(params, setup: Setup, ws: Workspace, run_id: str, reason: str
     best = ws.checkpoints / "best.pt"
     if best.is_file():
         state = ckpt.load(best)
-        _write_outputs(params, setup, ws, state["model"], {"diverged": True, "reason": reason, "mlflow_run_id": run_id,
-                                                           "best_epoch": state.get("epoch")})
+        _write_outputs(params, setup, ws, state["model"], {"diverged": True, "reason": reason,
+                                                           "best_epoch": state.get("epoch")}, run_id)
     try:
         mlflow.set_tag("failure_reason", reason)
     except Exception as exc:

@@ -10,9 +10,13 @@ the reason in its user attrs, and the study goes on.
 
 The study lives in ``tune.storage``: by default the journal file ``reports/tune/study.journal``, safe
 for several worker processes on one machine; any Optuna RDB URL (``sqlite:///...``,
-``postgresql://...``) for many machines. Re-running resumes the study (``--n-trials`` counts the trials
+``postgresql://...``) for many machines; ``$OPTUNA_STORAGE``, when set, overrides ``tune.storage`` (as for
+the ``optuna`` CLI). The study's value is named ``tune.metric``. Re-running resumes the study (``--n-trials`` counts the trials
 of this process). MLflow gets one parent run per study (its id is a study user attr, so a resumed
-study and every worker log under the same parent) and one nested run per trial.
+study and every worker log under the same parent) and one nested run per trial. Each trial records
+``dvc exp run -S ...``, the command that re-runs it as a DVC experiment (user attr and trials.csv column
+``dvc_command``, tag of its run); the parent run and best_params.yaml get the best max_lr over each
+LR-finder suggestion (``best/max_lr_over_<suggestion>``).
 """
 
 from __future__ import annotations
@@ -35,12 +39,44 @@ from .paths import Workspace
 from .rangetest import resolve_max_lr
 from .schedule import check_fits
 from .search_space import Dimension, search_space, trial_params
-from .studies import build_pruner, open_storage, open_study
+from .studies import build_pruner, open_storage, open_study, pruner_cannot_prune, storage_url
 
 log = logging.getLogger(__name__)
 
 # Study user attrs.
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# Trial user attr (a trials.csv column) and nested-run tag: the command that re-runs the trial as a DVC experiment.
+DVC_COMMAND_ATTR = "dvc_command"
+SUGGESTIONS = ("steepest", "valley", "minimum")
+MAX_LR_KEY = "schedule.max_lr"
+
+
+def dvc_command(values: dict[str, Any], epochs: int) -> str:
+    """``dvc exp run -S key=value ...``: the trial's sampled values (exact) and its epoch count, as a DVC
+    experiment of the full pipeline (tracked in MLflow, compared in ``dvc exp show``)."""
+    import shlex
+
+    sets = {**values, "train.epochs": epochs}
+    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={_yaml_value(v)}')}" for k, v in sets.items())
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)  # the shortest text that reads back as the same float
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return str(v)
+
+
+def suggestion_ratios(best_max_lr: float, lr_find_json: Path) -> dict[str, float]:
+    """``best max_lr / suggestion`` for each LR-finder suggestion in ``reports/lr_find.json`` (none there: {})."""
+    import json
+
+    try:
+        suggestions = json.loads(Path(lr_find_json).read_text()).get("suggestions") or {}
+    except (OSError, ValueError):
+        return {}
+    return {name: best_max_lr / suggestions[name] for name in SUGGESTIONS if suggestions.get(name)}
 
 
 class _InvalidTrialError(ConfigError):
@@ -128,6 +164,9 @@ class Objective:
                 msg = f"trial {trial.number}: the sampled values do not fit together: {exc}"
                 raise _InvalidTrialError(msg) from None
             max_lr = resolve_max_lr(tparams, self.ws.lr_find_json)
+            command = dvc_command(values, tparams.train.epochs)
+            trial.set_user_attr(DVC_COMMAND_ATTR, command)
+            mlflow.set_tag(DVC_COMMAND_ATTR, command)
             tracking.log_params_flat({**tparams.flat(), "schedule.max_lr_used": max_lr})
             mlflow.set_tag("config_hash", config_hash(tparams, max_lr))
             setup = build_setup(tparams, root=self.ws.root)
@@ -361,10 +400,14 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
         trial_params(params, {})
     except ConfigError as exc:
         raise ConfigError(f"tune.epochs ({tune.epochs}) does not fit the other params: {exc}") from None
-    storage, where = open_storage(tune.storage, ws.journal)
+    url, source = storage_url(params)
+    storage, where = open_storage(url, ws.journal, key=source)
     experiment_id = tracking.configure(params.mlflow.experiment, ws.root)
     study, created = open_study(storage, params)
     study.pruner = build_pruner(params, space)
+    cannot = pruner_cannot_prune(params, space)
+    if n_trials and cannot:
+        log.warning("%s", cannot)
     tags = {**tracking.provenance_tags(params.data.dataset, device_name(resolve_device(params.train.device)), ws.root),
             "optuna_study": tune.study_name, "optuna_storage": where}
     parent_id, new_parent = parent_run(study, created, experiment_id, {**tags, "stage": "tune"})
@@ -373,7 +416,8 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     if running and params.train.threads == 0:
         log.warning("%d trial(s) of this study are running in other workers: give each worker its share of the "
                     "cores (--threads N or train.threads; see README: Tuning)", running)
-    print(f"tune: study {tune.study_name} in {where} ({_count(len(before), 'trial')} so far); "
+    print(f"tune: study {tune.study_name} in {where}{' ($OPTUNA_STORAGE)' if source != 'tune.storage' else ''} "
+          f"({_count(len(before), 'trial')} so far); "
           f"{_count(n_trials, 'trial')} of {_count(tune.epochs, 'epoch')} here, {tune.sampler} sampler, "
           f"{tune.pruner} pruner, {tune.direction} {tune.metric}; "
           f"space: {'; '.join(d.describe() for d in space.values())}; MLflow parent run {parent_id}", flush=True)
@@ -412,22 +456,43 @@ def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:
               f"no complete trial yet, so no {ws.best_params}")
         return None
     values = best_values(params, best)
-    atomic_write_text(ws.best_params, best_params_text(params, values, study, metric))
+    ratios = _best_over_suggestions(best, ws)
+    atomic_write_text(ws.best_params, best_params_text(params, values, study, metric) + _ratios_text(ratios, ws))
 
     def log_summary() -> None:
         mlflow.log_metric("best/value", best.value, step=len(trials))
         mlflow.set_tags({"best_trial": str(best.number), "best_value": f"{best.value:.6g}",
                          "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", ""),
                          **{f"best.{k}": str(v) for k, v in values.items()}})
+        if ratios:
+            mlflow.log_metrics({f"best/max_lr_over_{name}": r for name, r in ratios.items()})
         mlflow.log_dict({"trial": best.number, "value": best.value, "params": values}, "tune/best.json")
         for path in (ws.best_params, ws.trials_csv, *plots):
             mlflow.log_artifact(str(path), artifact_path="tune")
 
     _quietly("log the study's summary", log_summary)
     shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+    if ratios:
+        print("tune: best max_lr / LR finder suggestion: " + ", ".join(f"{k} {v:.3g}x" for k, v in ratios.items()))
     print(f"tune: study {study.study_name} in {where}: {len(trials)} trials ({summary}); best trial {best.number}: "
           f"{metric} {best.value:.4f} with {shown} -> {ws.best_params}, {len(plots)} plots in {ws.tune_dir}/")
     return values
+
+
+def _best_over_suggestions(best, ws: Workspace) -> dict[str, float]:
+    """The best trial's max_lr over each suggestion of the LR range test (reports/lr_find.json) on the same
+    data and model: which suggestion to trust. {} when the study did not tune max_lr or there is no report."""
+    if MAX_LR_KEY not in best.params:
+        return {}
+    return suggestion_ratios(float(best.params[MAX_LR_KEY]), ws.lr_find_json)
+
+
+def _ratios_text(ratios: dict[str, float], ws: Workspace) -> str:
+    if not ratios:
+        return ""
+    shown = ", ".join(f"{name} {r:.3g}" for name, r in ratios.items())
+    return (f"# best max_lr / each LR finder suggestion in {ws.lr_find_json} (same data and model): {shown}\n"
+            "# (1 = that suggestion was the best peak LR; see README: Tuning)\n")
 
 
 def main(argv=None) -> int:
