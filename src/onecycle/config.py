@@ -227,6 +227,11 @@ class MLflowConfig(_Section):
     log_checkpoints: Literal["none", "best", "all"] = "best"
 
 
+class EvaluateConfig(_Section):
+    # Test-time augmentation: average the class probabilities of each image and its horizontal flip.
+    tta: Literal["none", "flip"] = "none"
+
+
 class TuneConfig(_Section):
     n_trials: int = Field(12, gt=0)
     epochs: int = Field(2, gt=0)
@@ -250,6 +255,7 @@ class Params(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")

@@ -128,10 +128,12 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool = False,
-             collect: bool = False) -> dict:
+             collect: bool = False, tta: str = "none") -> dict:
     """Loss, top-1 and top-5 over ``loader`` (sums, so the result is exact for any batch size).
 
-    With ``collect``, also returns every prediction's logits and label (for the evaluate stage).
+    With ``collect``, also returns every prediction's logits and label (for the evaluate stage). With
+    ``tta="flip"`` each image's class probabilities are averaged with its horizontal mirror's (fastai's
+    ``tta``); the "logits" are then the log of the averaged probabilities.
     """
     was_training = model.training
     model.eval()
@@ -141,7 +143,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
         images, labels = to_device(images, labels, device, channels_last)
         with autocast(device, dtype):
             logits = model(images)
+            flipped = model(images.flip(3)) if tta == "flip" else None
         logits = logits.float()
+        if flipped is not None:
+            probs = (logits.softmax(1) + flipped.float().softmax(1)) / 2
+            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices

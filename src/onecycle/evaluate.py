@@ -145,8 +145,8 @@ def run(params, ws: Workspace) -> dict:
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device, params.train.amp_on_cpu), params.train.channels_last,
-                   collect=True)
+    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device, params.train.amp_on_cpu),
+                   params.train.channels_last, collect=True, tta=params.evaluate.tta)
     logits, labels = out["logits"], out["labels"].numpy()
     probs = torch.softmax(logits, 1)
     preds = probs.argmax(1).numpy()

@@ -10,7 +10,6 @@ implementations, with the first convolution and max-pool swapped for a 3x3 strid
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -68,6 +67,8 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
     name = model_cfg.name
     if name == "resnet9":
         return ResNet9(num_classes, in_channels, model_cfg.width, model_cfg.stem, model_cfg.zero_init_residual)
+    import torchvision  # 1.7 s: only for the torchvision ResNets
+
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
                                               zero_init_residual=model_cfg.zero_init_residual)
     if model_cfg.stem == "cifar":
