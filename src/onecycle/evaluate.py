@@ -24,6 +24,7 @@ from .errors import OneCycleError
 from .files import atomic_write_text, save_figure
 from .modelfile import load_model_bundle
 from .paths import Workspace
+from .serving import mark_candidate, test_digest
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def run(params, ws: Workspace) -> dict:
 
 
 def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run (its id is in reports/train.json)."""
+    """Add the test metrics and images to the training's MLflow run (id in reports/train.json); mark its model version."""
     try:
         run_id = json.loads(ws.train_json.read_text()).get("mlflow_run_id")
     except (OSError, ValueError):
@@ -176,6 +177,10 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
         mlflow.log_metrics({f"test/class_top1/{r['class'].replace('/', '_')}": r["accuracy"] for r in table})
         for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
+    marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
+    if marked:
+        print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
+              "(`onecycle promote` makes it @champion if it beats the current one)")
 
 
 def main(argv=None) -> int:
