@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "onecycle"
-STAGES = ("fetch", "lr_find", "train", "evaluate", "predict", "tune", "demo")
+STAGES = ("fetch", "lr_find", "train", "evaluate", "predict", "promote", "tune", "demo")
 DVC_STAGES = ("fetch", "lr_find", "train", "evaluate")
 
 

@@ -208,29 +208,29 @@ def test_predict_answers_each_file_and_reports_unreadable_ones(repo, tmp_path):
     assert again["top_k"][0]["probability"] == pytest.approx(answer["top_k"][0]["probability"], abs=1e-4)
 
 
-def test_mlflow_models_serve_answers_with_class_probabilities(repo):
+def test_mlflow_models_serve_answers_an_image_file_like_predict(repo, tmp_path):
     clone = repo["path"]
+    good = tmp_path / "shoe.png"
+    _png_of_test_image(clone, 0, good)
+    expected = json.loads(run([BIN / "onecycle", "predict", str(good), "--json"], cwd=clone).stdout.splitlines()[-1])
     port = free_port()
     server = subprocess.Popen(
         [BIN / "mlflow", "models", "serve", "-m", "models:/tiny-onecycle/latest", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
-        cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=_env(MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}"))
+        cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc=server)
-        from onecycle.modelfile import load_model_bundle
-        _, ds, _ = load_model_bundle(clone / "models/model.pt")
-        x = np.load(clone / "data/fashion_mnist/test_x.npy", mmap_mode="r")[:4].astype(np.float32) / 255.0
-        x = ((x - ds.mean[0]) / ds.std[0]).transpose(0, 3, 1, 2)
-        body = json.dumps({"inputs": x.tolist()}).encode()
+        wait_http(f"http://127.0.0.1:{port}/ping", seconds=300, proc=server)
+        import base64
+
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(good.read_bytes()).decode()]]}}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        probs = np.asarray(answer["predictions"])
-        assert probs.shape == (4, 10)
-        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        top = answer["predictions"][0]["top_k"]
+        assert [c["class"] for c in top] == [c["class"] for c in expected["top_k"]]
     finally:
-        server.terminate()
+        os.killpg(server.pid, 15)
         server.wait(timeout=30)
 
 

@@ -133,7 +133,9 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     assert any(a.path == "model_summary.txt" for a in client.list_artifacts(run.info.run_id))
     versions = client.search_model_versions("name='tiny-resnet'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
-    model = mlflow.pytorch.load_model("models:/tiny-resnet/1")
+    # the registered version is the image classifier; the raw network (tensors in) is logged beside it
+    network_uri = mlflow.models.get_model_info("models:/tiny-resnet/1").metadata["onecycle"]["network_uri"]
+    model = mlflow.pytorch.load_model(network_uri)
     x = torch.randn(3, 1, 28, 28)
     probs = model(x).detach()
     assert probs.shape == (3, 10)

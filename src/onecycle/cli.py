@@ -16,6 +16,7 @@ COMMANDS = {
     "lr-find": ("onecycle.lr_find", "run the LR range test; write reports/lr_find.json and .png"),
     "train": ("onecycle.train", "train with the One Cycle policy; track the run in MLflow"),
     "evaluate": ("onecycle.evaluate", "evaluate models/model.pt on the test split"),
+    "promote": ("onecycle.promote", "move the registered model's @champion alias to @candidate if it beats it"),
     "predict": ("onecycle.predict", "top-k classes of image files from models/model.pt or an MLflow model"),
     "tune": ("onecycle.tune", "Optuna study over the One Cycle schedule; write reports/tune/ (best params, plots)"),
     "demo": ("onecycle.demo", "a web page on loopback to try the model: upload an image, see its top classes"),

@@ -25,6 +25,7 @@ from .errors import OneCycleError
 from .files import atomic_write_text, save_figure
 from .modelfile import load_model_bundle
 from .paths import Workspace
+from .serving import mark_candidate, test_digest
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def run(params, ws: Workspace) -> dict:
 
 
 def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run (its id is in reports/runs.json)."""
+    """Add the test metrics and images to the training's MLflow run (its id is in reports/runs.json); mark its
+    registered model version @candidate (not when the training failed)."""
     try:
         run_id = json.loads(ws.runs_json.read_text()).get("train")
     except (OSError, ValueError):
@@ -194,6 +196,11 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
             mlflow.log_artifact(str(path), artifact_path="evaluate")
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
         client.update_run(run_id, status=status)
+        return
+    marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
+    if marked:
+        print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
+              "(`onecycle promote` makes it @champion if it beats the current one)")
 
 
 def main(argv=None) -> int:

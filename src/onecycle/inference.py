@@ -111,10 +111,15 @@ def load_predictor(model_path: Path | None, model_uri: str | None, device: torch
         configure(None, root)  # only to point MLflow at the project's store (or MLFLOW_TRACKING_URI)
         try:
             info = mlflow.models.get_model_info(model_uri)
-            module = mlflow.pytorch.load_model(model_uri, map_location=device)
+            meta = (info.metadata or {}).get("onecycle")
+            model_file = ((info.flavors.get("python_function") or {}).get("artifacts") or {}).get("model_file")
+            if meta and model_file:  # the registered image classifier: its model.pt, read as models/model.pt is
+                return _predictor_from_model_file(mlflow, f"{model_uri.rstrip('/')}/{model_file['path']}", device)
+            module = mlflow.pytorch.load_model(model_uri, map_location=device) if meta else None
+        except OneCycleError:
+            raise
         except Exception as exc:
             raise OneCycleError(f"cannot load {model_uri}: {' '.join(str(exc).split())[:200]}") from None
-        meta = (info.metadata or {}).get("onecycle")
         if not meta:
             raise OneCycleError(f"{model_uri} was not logged by onecycle (no class names or preprocessing in its metadata)")
         where = _module_device(module)
@@ -124,6 +129,18 @@ def load_predictor(model_path: Path | None, model_uri: str | None, device: torch
     model, ds, bundle = load_model_bundle(model_path, device)
     where = _module_device(model)
     return (lambda x: torch.softmax(model(x.to(where)), 1)), ds, bundle["augment_eval"]
+
+
+def _predictor_from_model_file(mlflow, artifact_uri: str, device: torch.device):
+    """``load_predictor``'s answer for a model.pt logged with the image classifier (copied locally, read weights-only)."""
+    import tempfile
+
+    from .modelfile import load_model_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp)
+        model, ds, bundle = load_model_bundle(Path(path), device)
+    return (lambda x: torch.softmax(model(x.to(device)), 1)), ds, bundle["augment_eval"]
 
 
 def top_k(predict, x: torch.Tensor, classes: list[str], k: int) -> list[tuple[str, float]]:

@@ -1,0 +1,240 @@
+"""The registered model the MLflow 3 way: evaluate's tags and ``@candidate``, ``onecycle promote`` to
+``@champion``, and a bare ``mlflow models serve -m models:/NAME@champion`` answering image files over HTTP
+on loopback with the same classes as ``onecycle predict``.
+
+One tiny training + evaluate (module fixture, real MLflow store in a temporary folder) serves every test.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onecycle import evaluate, predict, promote, train
+from onecycle.cli import guarded
+from onecycle.config import load_params
+from onecycle.data import load_info
+from onecycle.paths import Workspace
+from onecycle.serving import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_candidate, test_digest
+from tiny import tiny_params, write_fetched
+
+pytestmark = pytest.mark.slow
+NAME = "tiny-served"
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    """The environment of a fresh shell: no MLFLOW_* variables, so MLflow finds ./mlflow.db by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained, registered as NAME version 1 and evaluated (so tagged and @candidate)."""
+    work = tmp_path_factory.mktemp("serving")
+    write_fetched(work / "data", n_train=400, n_test=60)
+    tiny_params(work, train={"epochs": 1}, data={"val_size": 64}, mlflow={"registered_model": NAME})
+    params = load_params(work / "params.yaml")
+    assert guarded("train", lambda: train.run(params, Workspace(work), progress=False)) == 0
+    assert guarded("evaluate", lambda: evaluate.run(params, Workspace(work)) and 0) == 0
+    return {"path": work, "params": params}
+
+
+def _client(work: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def _promote(trained, capsys, force=False) -> tuple[int, str]:
+    capsys.readouterr()
+    code = guarded("promote", lambda: promote.run(trained["params"], Workspace(trained["path"]), force=force) and 0)
+    out = capsys.readouterr()
+    return code, (out.out + out.err).strip()
+
+
+def _new_candidate(client, run_id: str, top1: float, digest: str) -> str:
+    """Another version of NAME (the same logged model), marked as evaluate marks one: its tags and @candidate."""
+    v1 = client.get_model_version(NAME, "1")
+    mv = client.create_model_version(NAME, v1.source, run_id=run_id, model_id=v1.model_id)
+    assert mark_candidate(run_id, {"top1": top1, "top5": 1.0}, digest) == [f"{NAME}/{mv.version}"]
+    return str(mv.version)
+
+
+def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accuracy(trained, capsys):
+    work, params = trained["path"], trained["params"]
+    client = _client(work)
+    metrics = json.loads((work / "reports/metrics.json").read_text())["test"]
+    run_id = json.loads((work / "reports/train.json").read_text())["mlflow_run_id"]
+    cand = client.get_model_version_by_alias(NAME, CANDIDATE)
+    assert str(cand.version) == "1" and cand.run_id == run_id
+    digest = test_digest(load_info(params.data, work))
+    assert float(cand.tags[TOP1]) == pytest.approx(metrics["top1"], abs=1e-6)
+    assert float(cand.tags[TOP5]) == pytest.approx(metrics["top5"], abs=1e-6)
+    assert cand.tags[DIGEST] == digest and len(digest) == 16
+    assert cand.tags["git_commit"] == client.get_run(run_id).data.tags["git_commit"]
+    assert all(getattr(mv, "current_stage", None) in (None, "None") for mv in client.search_model_versions(f"name='{NAME}'"))
+
+    code, out = _promote(trained, capsys)
+    assert code == 0 and f"{NAME} version 1 is now @{CHAMPION} (the first champion)" in out
+    code, out = _promote(trained, capsys)
+    assert code == 0 and "already @champion" in out
+    top1 = metrics["top1"]
+
+    worse = _new_candidate(client, run_id, top1 - 0.01, digest)
+    code, out = _promote(trained, capsys)
+    assert code == 1 and len(out.splitlines()) == 1
+    assert out.startswith(f"onecycle promote: error: refused: {NAME} version {worse} (test top-1")
+    assert "does not beat the champion, version 1" in out
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == "1"
+
+    elsewhere = _new_candidate(client, run_id, top1 + 0.01, "0123456789abcdef")
+    code, out = _promote(trained, capsys)
+    assert code == 1 and len(out.splitlines()) == 1 and "not comparable" in out
+    assert f"version {elsewhere} was tested on data 0123456789abcdef, the champion (version 1) on {digest}" in out
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == "1"
+
+    better = _new_candidate(client, run_id, top1 + 0.01, digest)
+    code, out = _promote(trained, capsys)
+    assert code == 0 and f"{NAME} version {better} is now @{CHAMPION}" in out and "beats version 1" in out
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == better
+
+    forced = _new_candidate(client, run_id, top1 - 0.5, digest)
+    code, out = _promote(trained, capsys, force=True)
+    assert code == 0 and f"version {forced} is now @{CHAMPION} (forced, replacing version {better}" in out
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == forced
+
+
+def test_promote_says_what_is_missing(tmp_path, capsys):
+    tiny_params(tmp_path, mlflow={"registered_model": "never-trained"})
+    params = load_params(tmp_path / "params.yaml")
+    code = guarded("promote", lambda: promote.run(params, Workspace(tmp_path)) and 0)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("onecycle promote: error: no MLflow store at ")
+    assert not (tmp_path / "mlflow.db").exists()
+    _client(tmp_path).create_registered_model("other-model")  # a store, but not this model in it
+    code = guarded("promote", lambda: promote.run(params, Workspace(tmp_path)) and 0)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("onecycle promote: error: no registered model 'never-trained' in sqlite:")
+    _client(tmp_path).create_registered_model("never-trained")
+    code = guarded("promote", lambda: promote.run(params, Workspace(tmp_path)) and 0)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err == ("onecycle promote: error: never-trained has no @candidate version: "
+                                 "run `onecycle evaluate` (or `dvc repro`) first")
+
+
+# ----------------------------------------------------------------------------------------------- serving
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _wait(port: int, server: subprocess.Popen, seconds: float = 400) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited with {server.returncode}: {server.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    raise AssertionError(f"mlflow models serve did not answer /ping within {seconds} s")
+
+
+def _png(work: Path, index: int, path: Path, size: int | None = None, rgb: bool = False) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(np.load(work / "data/fashion_mnist/test_x.npy")[index].squeeze())
+    if size:
+        im = im.resize((size, size))
+    (im.convert("RGB") if rgb else im).save(path)
+    return path.read_bytes()
+
+
+def _predict(path: Path, capsys, *extra: str) -> list[dict]:
+    """``onecycle predict PATH --json -k 3`` (in this process, in the workspace)."""
+    capsys.readouterr()
+    assert predict.main([str(path), "--json", "-k", "3", *extra]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top_k"]
+
+
+def test_mlflow_models_serve_answers_image_files_like_onecycle_predict(trained, tmp_path, monkeypatch, capsys):
+    work = trained["path"]
+    monkeypatch.chdir(work)
+    client = _client(work)
+    if not client.get_registered_model(NAME).aliases.get(CHAMPION):
+        client.set_registered_model_alias(NAME, CHAMPION, "1")
+    files = {"gray.png": _png(work, 0, tmp_path / "gray.png"),
+             "rgb.jpg": _png(work, 1, tmp_path / "rgb.jpg", size=56, rgb=True)}  # other size and channels
+    port = _free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "models", "serve", "-m", f"models:/{NAME}@{CHAMPION}", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait(port, server)
+        for name, blob in files.items():
+            b64 = base64.b64encode(blob).decode()
+            status, answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[b64]]}})
+            assert status == 200, answer
+            served = answer["predictions"][0]["top_k"]
+            local = _predict(tmp_path / name, capsys)  # models/model.pt
+            registry = _predict(tmp_path / name, capsys, "--model-uri", f"models:/{NAME}@{CHAMPION}")
+            for expected in (local, registry):
+                assert [c["class"] for c in served] == [c["class"] for c in expected]
+                np.testing.assert_allclose([c["probability"] for c in served],
+                                           [c["probability"] for c in expected], atol=1e-5)
+            # MLflow's other JSON layouts and the k parameter
+            status, again = _post(port, {"inputs": {"image": [b64]}, "params": {"k": 1}})
+            assert status == 200 and again["predictions"][0]["top_k"] == served[:1], again
+            status, again = _post(port, {"dataframe_records": [{"image": b64}]})
+            assert status == 200 and again["predictions"][0]["top_k"] == served
+
+        good = base64.b64encode(files["gray.png"]).decode()
+        truncated = base64.b64encode(files["gray.png"][: len(files["gray.png"]) // 2]).decode()
+        status, answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[truncated]]}})
+        assert status == 400 and "not a readable image" in answer["message"], answer
+        status, answer = _post(port, {"dataframe_split": {"columns": ["image"],
+                                                          "data": [[base64.b64encode(b"not an image").decode()],
+                                                                   [good]]}})
+        assert status == 200, answer
+        bad, ok = answer["predictions"]
+        assert "not a readable image" in bad["error"] and len(ok["top_k"]) == 3
+        status, answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[good]]}})
+        assert status == 200 and answer["predictions"][0]["top_k"] == ok["top_k"]  # still serving
+        assert server.poll() is None
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
