@@ -11,6 +11,7 @@ The exported Hugging Face Space is run the same way, with ``python app.py`` in i
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -103,7 +104,10 @@ class Page:
 
     def classify(self, name: str, blob: bytes) -> dict:
         """Upload, then the ``change`` event the image input fires: join the queue, read the event stream."""
-        file = self.upload(name, blob)
+        return self.run(self.upload(name, blob))
+
+    def run(self, file: dict) -> dict:
+        """The ``classify`` event for one file value, as the page sends it; the ``process_completed`` message."""
         session = uuid.uuid4().hex[:11]
         join = {"data": [file], "fn_index": self.fn_index, "trigger_id": self.trigger_id, "session_hash": session,
                 "event_data": None}
@@ -239,6 +243,12 @@ def test_bad_files_get_a_message_and_the_server_keeps_answering(page, project, c
     # too many pixels: refused from the header, before decoding (the same guard and message as predict)
     msg = error(page.classify("huge.png", png_header_only(8000, 8000)))
     assert "huge.png: refused, 8000x8000 pixels is more than 50 megapixels" in msg
+    # an image sent inline (a data: URL, as API clients may) meets the same guard
+    inline = {"url": "data:image/png;base64," + base64.b64encode(png_header_only(8000, 8000)).decode(),
+              "meta": {"_type": "gradio.FileData"}}
+    assert error(page.run(inline)) == "image: refused, 8000x8000 pixels is more than 50 megapixels"
+    inline["url"] = "data:image/png;base64," + base64.b64encode(blob).decode()
+    assert_same(top(page.run(inline)), cli_answers[good.name])
     assert_same(top(page.classify(good.name, blob)), cli_answers[good.name])
     assert page.proc.poll() is None
 

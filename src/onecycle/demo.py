@@ -137,21 +137,28 @@ def write_examples(data_dir: Path, classes: list[str], out: Path, n: int = 10) -
 # ----------------------------------------------------------------------------------------------- the page
 
 def _keep_file_unopened(component) -> None:
-    """Let the uploaded file reach :func:`inference.open_image` unopened.
+    """Let the uploaded image reach :func:`inference.open_image` undecoded: a path, or bytes.
 
-    ``gr.Image(type="filepath")`` opens the upload with PIL before the handler runs, so a corrupt file
-    would fail there with Gradio's own message. Here the path goes straight to the handler, which applies
-    the same guard, and messages, as ``onecycle predict``. Gradio has already checked that the path is one
-    of its uploads.
+    ``gr.Image(type="filepath")`` opens the upload with PIL before the handler runs (and decodes an image
+    sent inline as a ``data:`` URL), so a corrupt file or a decompression bomb would meet Gradio's code
+    first. Here the file's path (Gradio has already checked it is one of its uploads), or a ``data:``
+    URL's bytes, go straight to the handler, which applies the same guard, and messages, as
+    ``onecycle predict``.
     """
-    original = component.preprocess
+    import base64
+    import binascii
 
     def preprocess_upload(payload):
-        path = getattr(payload, "path", None)
+        if payload is None:
+            return None
         url = getattr(payload, "url", None) or ""
-        if path and not url.startswith("data:"):
-            return str(path)
-        return original(payload)
+        if url.startswith("data:"):
+            try:
+                return base64.b64decode(url.partition(",")[2], validate=False)
+            except (binascii.Error, ValueError):
+                return b""  # answered as "not a readable image"
+        path = getattr(payload, "path", None)
+        return str(path) if path else None
 
     component.preprocess = preprocess_upload
 
@@ -173,13 +180,14 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
     h, w, c = ds.image_shape
     k = max(1, min(k, len(ds.classes)))
 
-    def classify(path: str | None):
-        if not path:
+    def classify(upload: str | bytes | None):
+        if upload is None or upload == "":
             return None
-        name = Path(path).name  # the uploaded file's own name (Gradio keeps it)
+        # the uploaded file's own name (Gradio keeps it), or "image" for one sent inline
+        name = "image" if isinstance(upload, bytes) else Path(upload).name
         try:
-            # as bytes (Gradio capped the upload at MAX_BYTES), so that no message names a server path
-            blob = Path(path).read_bytes()
+            # as bytes (Gradio capped uploads at MAX_BYTES), so that no message names a server path
+            blob = upload if isinstance(upload, bytes) else Path(upload).read_bytes()
             x = preprocess(blob, ds, augment_eval, transform, name=name)
         except OSError:
             raise gr.Error(f"{name}: the upload cannot be read, try again", print_exception=False) from None
