@@ -16,7 +16,7 @@ DVC_STAGES = ("fetch", "lr_find", "train", "evaluate")
 
 
 def imported_modules(name: str) -> set[str]:
-    """The onecycle modules ``name`` imports directly, at module level or inside functions."""
+    """The onecycle modules ``name`` imports directly, at module level or inside functions, or names as a file."""
     tree = ast.parse((PKG / f"{name}.py").read_text())
     found = set()
     for node in ast.walk(tree):
@@ -29,6 +29,8 @@ def imported_modules(name: str) -> set[str]:
             elif node.module and node.module.split(".")[0] == "onecycle":
                 parts = node.module.split(".")
                 found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
+            found.add(node.value[:-3])  # a module run by file name (MLflow's models-from-code file)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
