@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 import tiny
+from test_offline import Offline
 
 pytestmark = pytest.mark.slow  # each server takes 10-20 s to start on 2 cores
 
@@ -45,9 +46,17 @@ def free_port() -> int:
 
 
 def server_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "MLFLOW_"))}
+    """The environment of a server: none of the telemetry switches (onecycle's defaults must do it), and the
+    project's offline hook, which records and refuses every connection or DNS lookup leaving the machine."""
+    offline = Offline(tmp)
+    env = {k: v for k, v in offline.env().items() if not k.startswith(("GRADIO_", "HF_HUB_"))}
     env.update(GRADIO_TEMP_DIR=str(tmp / "gradio-uploads"), PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def outbound(tmp: Path) -> list[dict]:
+    """What the servers started with ``server_env(tmp)`` tried to reach outside the machine."""
+    return Offline(tmp).calls()
 
 
 class Page:
@@ -265,6 +274,7 @@ def test_page_offers_test_images_and_loads_nothing_from_outside(page, project):
     with urllib.request.urlopen(page.url + "/", timeout=30) as r:
         html = r.read().decode()
     assert "fonts.googleapis" not in html and "cdn." not in html
+    assert outbound(project) == []  # starting, serving the page, answering uploads: no call left the machine
 
 
 
@@ -327,6 +337,7 @@ def test_export_space_runs_without_the_installed_package(in_project, project, cl
         assert "not a readable image" in error(app.classify("x.png", b"\x89PNG\r\n\x1a\n"))
     finally:
         app.stop()
+    assert outbound(tmp_path) == []
 
 
 def test_command_errors_are_one_line(in_project, capsys):

@@ -13,8 +13,9 @@ pinned ``requirements.txt``, the model file, the example images and a copy of th
 the Space needs no install of onecycle from source control. ``python app.py`` in that folder runs it.
 
 This module owns the command, the page (:func:`build_demo`), the example images and the Space export.
-Telemetry is off: Gradio analytics and the Hugging Face Hub's are disabled before gradio is imported, the
-page uses the system fonts, and nothing is fetched from outside the machine.
+Telemetry is off, as everywhere in onecycle (a value the user set wins; ONECYCLE_TELEMETRY=1 opts back in):
+Gradio's analytics and the Hugging Face Hub's telemetry, before gradio is imported. The page uses the
+system fonts, and nothing is fetched from outside the machine.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ SPACE_CONFIG = "demo.json"
 SPACE_REQUIREMENTS = ("torch", "torchvision", "albumentations", "numpy", "pillow", "pydantic", "pyyaml")
 # Spaces' free hardware is CPU: the CPU build of torch is a fraction of the CUDA one's size.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+DEMO_OFFLINE_DEFAULTS = {
+    "GRADIO_ANALYTICS_ENABLED": "False",  # Gradio: no usage analytics, no version check against its server
+    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub (a Gradio dependency): no telemetry
+}
 CSS = """
 #input-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #examples .gallery-item .container, #examples .gallery-item img { width: 56px; height: 56px; object-fit: contain; }
@@ -55,10 +60,16 @@ CSS = """
 
 
 def telemetry_off() -> None:
-    """Gradio's analytics and the Hugging Face Hub's telemetry off (read when gradio is imported and used)."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    """Gradio's analytics and the Hugging Face Hub's telemetry off before gradio is imported.
+
+    As with ``import onecycle``'s offline defaults: a value the user set wins, and ONECYCLE_TELEMETRY=1
+    leaves the libraries at their own defaults.
+    """
+    import onecycle
+
+    if not getattr(onecycle, "telemetry_allowed", lambda: False)():
+        for name, value in DEMO_OFFLINE_DEFAULTS.items():
+            os.environ.setdefault(name, value)
 
 
 @dataclass
@@ -198,7 +209,7 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
 
     channels = "grayscale" if c == 1 else "RGB"
     # delete_cache: uploaded images are removed an hour after upload, and all of them when the server stops
-    with gr.Blocks(title="onecycle demo", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+    with gr.Blocks(title="onecycle demo", delete_cache=(600, 3600)) as demo:  # analytics: telemetry_off()
         gr.Markdown(
             f"## onecycle demo: {ds.name}\n"
             f"Upload or drop an image, paste one, or pick an example from the test split: the model answers "
@@ -261,8 +272,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# no usage analytics or telemetry (a Space variable of the same name wins)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
