@@ -1,0 +1,142 @@
+"""Optuna plumbing for tune: the storage (journal file or RDB URL), the sampler, the pruner, the study.
+
+The default storage is a journal file, safe for several worker processes on one machine; any RDB URL
+(``sqlite:///...``, ``postgresql://...``) serves many machines. A password in a URL never appears in a
+message (:func:`mask`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .search_space import Dimension
+
+# Study user attrs.
+METRIC_ATTR = "metric"
+
+
+def mask(url: str) -> str:
+    """``url`` with its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def open_storage(url: str | None, default_journal: Path):
+    """``(storage, description)``: the journal file (default, or a path) or an RDB URL.
+
+    A storage that cannot be opened raises ConfigError naming tune.storage (a password in the URL is masked).
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if url is None or "://" not in url:
+        path = default_journal if url is None else Path(url).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The open(O_EXCL) lock: works on Linux, macOS and Windows (the symlink lock needs a privilege there)
+            # and on NFSv3+; it shares the lock file with optuna-dashboard's.
+            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+            return optuna.storages.JournalStorage(backend), str(path)
+        except Exception as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"tune.storage: cannot open the journal file {path}: {reason}") from None
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        db = url[len("sqlite:///"):]
+        if db and db != ":memory:" and not os.path.isabs(db):
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        # several workers on one SQLite file wait for each other's writes rather than fail at once
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"tune.storage: cannot open {mask(url)}: {reason}") from None
+    return storage, mask(url)
+
+
+def build_sampler(params, seed: int):
+    """TPE (multivariate, constant liar for parallel workers) or random, seeded."""
+    import optuna
+
+    if params.tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Random trials before TPE models the space: a third of the study, 3 to 10.
+        startup = max(3, min(10, params.tune.n_trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+
+
+def trial_epochs(params, space: dict[str, Dimension]) -> int:
+    """How many epochs the longest trial trains (the pruners' horizon)."""
+    if "train.epochs" in space:
+        return int(space["train.epochs"].upper)
+    return params.tune.epochs
+
+
+def build_pruner(params, space: dict[str, Dimension]):
+    """``tune.pruner``. Steps are epochs (0-based). The median rule waits until the LR has peaked:
+    ``n_warmup_steps = ceil(pct_start * epochs)`` with the largest pct_start the space allows, so the
+    first epoch a trial can be pruned at is the first one wholly past the peak of its cycle."""
+    import optuna
+
+    kind = params.tune.pruner
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    epochs = trial_epochs(params, space)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    if "schedule.pct_start" in space:
+        pct = space["schedule.pct_start"].upper
+    elif params.schedule.peak_epoch is not None:
+        pct = min(params.schedule.peak_epoch / epochs, 1.0)
+    else:
+        pct = params.schedule.pct_start
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=math.ceil(pct * epochs))
+
+
+def open_study(storage, params):
+    """``(study, created)``: the study ``tune.study_name`` in ``storage``, created if absent.
+
+    The sampler is seeded with ``tune.seed`` in the process that creates the study (a fresh single-worker
+    study is reproducible); a process that joins or resumes it mixes in the trial count and its pid, so that
+    workers and resumed runs never replay the same random trials.
+    """
+    import numpy as np
+    import optuna
+
+    tune = params.tune
+    try:
+        optuna.create_study(storage=storage, study_name=tune.study_name, direction=tune.direction)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=tune.study_name, storage=storage)
+    if len(study.directions) != 1:
+        raise ConfigError(f"tune.study_name: study {tune.study_name} has several objectives; use another name")
+    stored = study.direction.name.lower()
+    if stored != tune.direction:
+        raise ConfigError(f"tune.direction is {tune.direction} but study {tune.study_name} was created to {stored}; "
+                          "use another tune.study_name")
+    metric = study.user_attrs.get(METRIC_ATTR)
+    if metric is None:
+        study.set_user_attr(METRIC_ATTR, tune.metric)
+    elif metric != tune.metric:
+        raise ConfigError(f"tune.metric is {tune.metric} but study {tune.study_name} optimizes {metric}; "
+                          "use another tune.study_name")
+    n_before = len(study.get_trials(deepcopy=False))
+    seed = tune.seed
+    if not created:
+        seed = int(np.random.SeedSequence([tune.seed, n_before, os.getpid()]).generate_state(1)[0])
+    study.sampler = build_sampler(params, seed)
+    return study, created
