@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .redact import redact
 from .search_space import Dimension
 
 # Study user attrs.
@@ -21,13 +22,8 @@ METRIC_ATTR = "metric"
 
 
 def mask(url: str) -> str:
-    """``url`` with its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+    """``url`` with its password hidden (:func:`onecycle.redact.redact` decides how, everywhere)."""
+    return redact(url)
 
 
 def open_storage(url: str | None, default_journal: Path):
