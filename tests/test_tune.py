@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -337,3 +338,39 @@ def test_rerunning_resumes_the_study_and_apply_changes_only_the_tuned_keys(workd
         assert getattr(applied.schedule, key.split(".")[1]) == pytest.approx(study.best_params[key], rel=1e-3)
     assert applied.train.epochs == 2 and applied.tune.epochs == 1  # nothing else changed
     assert path.stat().st_mode & 0o777 == 0o644  # the user's file keeps its permissions
+
+
+def _fresh_database(url: str, name: str) -> str:
+    """A new empty database on the server of ``url``; its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.mark.slow
+def test_workers_opening_a_fresh_postgresql_database_at_once_all_succeed(tmp_path, postgres_url):
+    """N workers started together on a new database: one creates Optuna's schema, the others wait and use it."""
+    go = tmp_path / "go"
+    script = ("import sys, time; from pathlib import Path; from onecycle.studies import open_storage\n"
+              "Path(sys.argv[3]).touch()\n"
+              "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
+              "open_storage(sys.argv[1], Path('unused.journal'))\n")
+    for attempt in range(3):  # the race is narrow: several fresh databases, four workers each
+        url = _fresh_database(postgres_url, f"fresh{attempt}")
+        ready = [tmp_path / f"ready{attempt}-{i}" for i in range(4)]
+        workers = [subprocess.Popen([sys.executable, "-c", script, url, str(go), str(r)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for r in ready]
+        while not all(r.exists() for r in ready):  # all four have imported optuna and wait at the start line
+            assert all(w.poll() is None for w in workers), [w.communicate()[0] for w in workers]
+            time.sleep(0.05)
+        go.touch()
+        outputs = [w.communicate(timeout=120)[0] for w in workers]
+        go.unlink()
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], outputs
+        storage = optuna.storages.RDBStorage(url)
+        assert storage.get_all_studies() == []
+        storage.engine.dispose()

@@ -7,6 +7,7 @@ message (:func:`mask`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -53,11 +54,53 @@ def open_storage(url: str | None, default_journal: Path):
         # several workers on one SQLite file wait for each other's writes rather than fail at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with _schema_lock(url, engine_kwargs):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"tune.storage: cannot open {mask(url)}: {reason}") from None
     return storage, mask(url)
+
+
+# any fixed 64-bit key: all onecycle workers on one PostgreSQL server agree on it
+_PG_LOCK_KEY = 0x6F6E656379636C65  # "onecycle"
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
+    """Serialize Optuna's schema creation between workers that open one fresh database at once.
+
+    ``RDBStorage()`` runs ``CREATE TYPE``/``CREATE TABLE`` and stamps the schema version; two processes
+    doing that together on PostgreSQL or MySQL fail with "already exists" (DDL is not checked-and-created
+    atomically). A server-side lock held around it (released when its connection closes, even if this
+    process dies) lets one worker create the schema while the others wait, then find it. SQLite
+    serializes writers by itself (the connect timeout above).
+    """
+    import sqlalchemy
+
+    backend = url.split(":", 1)[0].split("+", 1)[0].lower()
+    if backend not in ("postgresql", "postgres", "mysql", "mariadb"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as conn:
+            if backend.startswith("postgres"):
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            else:
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK('onecycle_optuna_schema', 600)"))
+            conn.commit()
+            try:
+                yield
+            finally:
+                if backend.startswith("postgres"):
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                else:
+                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK('onecycle_optuna_schema')"))
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def build_sampler(params, seed: int):
