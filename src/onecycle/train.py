@@ -109,13 +109,12 @@ def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.Run
 
 def _relaunch_under_torchrun(params, args) -> int:
     """``train.nproc_per_node`` > 1 outside torchrun: run this same command as N DDP processes on this machine."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={params.train.nproc_per_node}", "-m", "onecycle", "train", "--params", args.params]
     log.info("train.nproc_per_node is %d: %s", params.train.nproc_per_node, " ".join(cmd))
-    return subprocess.call(cmd)
+    return dist.run_forwarding_signals(cmd)
 
 
 def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool = True) -> int:
@@ -134,7 +133,7 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
                 fit(params, setup, max_lr, resume_state=resume_state, progress=False, should_stop=stop,
                     step_fn=step_fn)
         finally:
-            dist.barrier()
+            dist.sync_or_leave()
             dist.shutdown()
         return 0
     mlflow = tracking.mlflow()
@@ -168,7 +167,7 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
         mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
-        dist.barrier()
+        dist.sync_or_leave()
     _finish(params, setup, ws, result, run_id, logger)
     dist.shutdown()
     return 0
