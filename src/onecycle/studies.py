@@ -20,6 +20,8 @@ from .search_space import Dimension
 
 # Study user attrs.
 METRIC_ATTR = "metric"
+# RDB storages: seconds between a running trial's heartbeats
+HEARTBEAT_S = 60
 
 
 def mask(url: str) -> str:
@@ -54,8 +56,15 @@ def open_storage(url: str | None, default_journal: Path):
         # several workers on one SQLite file wait for each other's writes rather than fail at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
-        with _schema_lock(url, engine_kwargs):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        from optuna.storages import RetryFailedTrialCallback
+
+        with _schema_lock(url, engine_kwargs), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A worker that dies without a word (kill -9, a lost machine) stops beating: its trial is marked
+            # FAIL after the grace period and run again once by another worker.
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=2 * HEARTBEAT_S,
+                                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"tune.storage: cannot open {mask(url)}: {reason}") from None
@@ -101,6 +110,26 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
                 conn.commit()
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
+
+    Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
+    killed by SIGTERM's default action instead, the trial would stay RUNNING forever in a journal file
+    (which has no heartbeat) and its runs open.
+    """
+    import signal
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_sampler(params, seed: int):
