@@ -103,3 +103,73 @@ def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
     assert "x 2 processes" in proc.stdout
     assert len(_history(work)) == 1
     assert ckpt.load(work / "checkpoints/last.pt")["finished"]
+
+
+FAIL_ON_RANK = '''
+import errno, os, sys
+from onecycle import train
+from onecycle.cli import guarded, setup_logging
+from onecycle.config import load_params
+from onecycle.engine import train_step
+from onecycle.paths import Workspace
+
+calls = 0
+
+def step(*args, **kwargs):
+    global calls
+    calls += 1
+    if int(os.environ["RANK"]) == int(sys.argv[1]) and calls == 3:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", "checkpoints/last.pt")
+    return train_step(*args, **kwargs)
+
+setup_logging()
+sys.exit(guarded("train", lambda: train.run(load_params("params.yaml"), Workspace(), step_fn=step, progress=False)))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1])
+def test_an_error_on_one_rank_ends_the_whole_job_promptly_with_that_error(tmp_path, rank):
+    """Without it the other rank waits in a barrier (or the failing one does) until gloo's 30-minute timeout."""
+    work = _workdir(tmp_path, "w", epochs=2)
+    (work / "fail_on_rank.py").write_text(FAIL_ON_RANK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "fail_on_rank.py", str(rank)]
+    # far below gloo's 30-minute collective timeout that a hang would end in (generous for a loaded machine)
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "onecycle train: error: checkpoints/last.pt: No space left on device (injected)" in out, out[-3000:]
+    assert "Timeout" not in out and "timed out" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_relaunched_train_stops_its_workers_with_a_checkpoint_and_exit_130(tmp_path):
+    import signal
+
+    work = _workdir(tmp_path, "w", nproc_per_node=2, epochs=6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([BIN / "onecycle", "train"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines = []
+    for line in proc.stdout:  # wait for the first epoch to be reported (and checkpointed)
+        lines.append(line)
+        if line.startswith("epoch 1/6"):
+            break
+    assert proc.poll() is None, "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    state = ckpt.load(work / "checkpoints/last.pt")
+    assert 1 <= state["epoch"] < 6 and not state.get("finished"), out[-3000:]
+    orphans = []  # no worker left running in the work folder
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc_dir / "cwd")) == work:
+                orphans.append((proc_dir / "cmdline").read_bytes())
+        except OSError:
+            continue
+    assert orphans == []

@@ -542,3 +542,44 @@ def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
     evaluate.run(params, Workspace(tmp_path))
     run = _client(tmp_path).get_run(run_id)
     assert run.info.status == "FAILED" and "test/top1" in run.data.metrics
+
+
+# ------------------------------------------------------------------------------------------ secrets
+
+@pytest.mark.parametrize("text, masked", [
+    ("postgresql://tuner:SECRET@db.example:5432/optuna", "postgresql://tuner:***@db.example:5432/optuna"),
+    ("mysql+pymysql://u:SECRET@h/db?charset=utf8", "mysql+pymysql://u:***@h/db?charset=utf8"),
+    ("postgresql://h/db?user=u&password=SECRET&sslmode=require", "postgresql://h/db?user=u&password=***&sslmode=require"),
+    ("cannot open postgresql://:SECRET@h/db: refused", "cannot open postgresql://:***@h/db: refused"),
+    ("token=SECRET api_key: SECRET", "token=*** api_key: ***"),
+    ("http://host:8080/path and sqlite:///reports/optuna.db", "http://host:8080/path and sqlite:///reports/optuna.db"),
+])
+def test_redact_masks_credentials_and_nothing_else(text, masked):
+    from onecycle.redact import redact
+
+    assert redact(text) == masked
+    assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
+
+
+def test_a_storage_password_never_reaches_mlflow_logs_or_reports(tmp_path, monkeypatch, capsys, caplog):
+    """tune.storage with a password: train logs all params to MLflow; the password must not be among them."""
+    import logging
+
+    from onecycle import train as train_mod
+
+    write_fetched(tmp_path / "data", n_train=300, n_test=50)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tiny_params(tmp_path, train={"epochs": 1},
+                tune={"storage": "postgresql://tuner:SECRET_PW_123@db.example:5432/optuna"})
+    assert train_mod.main(["--params", "params.yaml"]) == 0
+    logging.getLogger("onecycle.test").warning("connecting to %s", "postgresql://tuner:SECRET_PW_123@db/x")
+    out = capsys.readouterr()
+    client = _client(tmp_path)
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    assert run.data.params["tune.storage"] == "postgresql://tuner:***@db.example:5432/optuna"
+    stored = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "params.yaml"]
+    assert tmp_path / "mlflow.db" in stored and any("mlruns" in p.parts for p in stored)
+    leaks = [str(p.relative_to(tmp_path)) for p in stored if b"SECRET_PW_123" in p.read_bytes()]
+    assert leaks == []
+    assert "SECRET_PW_123" not in out.out + out.err + caplog.text

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -244,7 +245,8 @@ def test_two_workers_share_one_study_without_losing_trials(workdir, request, sto
     cmd = [sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml", "--n-trials", "2"]
     workers = [subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    # a guard against a hang only: on a loaded 2-core machine two tiny 2-trial workers took over 300 s
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     assert [o.count("tune: trial ") for o in outputs] == [2, 2]  # --n-trials counts this worker's trials
 
@@ -429,3 +431,69 @@ def test_optuna_storage_overrides_tune_storage(workdir, monkeypatch, capsys):
     assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 2
     err = capsys.readouterr().err
     assert "OPTUNA_STORAGE: cannot open" in err and "s3cret" not in err
+
+
+def _fresh_database(url: str, name: str) -> str:
+    """A new empty database on the server of ``url``; its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.mark.slow
+def test_workers_opening_a_fresh_postgresql_database_at_once_all_succeed(tmp_path, postgres_url):
+    """N workers started together on a new database: one creates Optuna's schema, the others wait and use it."""
+    go = tmp_path / "go"
+    script = ("import sys, time; from pathlib import Path; from onecycle.studies import open_storage\n"
+              "Path(sys.argv[3]).touch()\n"
+              "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
+              "open_storage(sys.argv[1], Path('unused.journal'))\n")
+    for attempt in range(3):  # the race is narrow: several fresh databases, four workers each
+        url = _fresh_database(postgres_url, f"fresh{attempt}")
+        ready = [tmp_path / f"ready{attempt}-{i}" for i in range(4)]
+        workers = [subprocess.Popen([sys.executable, "-c", script, url, str(go), str(r)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for r in ready]
+        while not all(r.exists() for r in ready):  # all four have imported optuna and wait at the start line
+            assert all(w.poll() is None for w in workers), [w.communicate()[0] for w in workers]
+            time.sleep(0.05)
+        go.touch()
+        outputs = [w.communicate(timeout=120)[0] for w in workers]
+        go.unlink()
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], outputs
+        storage = optuna.storages.RDBStorage(url)
+        assert storage.get_all_studies() == []
+        storage.engine.dispose()
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_running_trial_failed_and_its_mlflow_run_killed(workdir):
+    """A journal file has no heartbeat: a worker stopped by SIGTERM must not leave its trial RUNNING."""
+    import signal
+
+    tiny_params(workdir, tune={"epochs": 50, "n_trials": 3})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    worker = subprocess.Popen([sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml"], cwd=workdir,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = workdir / "reports/tune/study.journal"
+    while True:  # until trial 0 is RUNNING and has its MLflow run
+        assert worker.poll() is None, worker.communicate()[0]
+        if journal.exists():
+            try:
+                trials = _study(workdir).get_trials()
+            except KeyError:  # the study is not created yet
+                trials = []
+            if trials and "mlflow_run_id" in trials[0].user_attrs:
+                break
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    out = worker.communicate(timeout=300)[0]
+    assert worker.returncode == 130, out[-3000:]
+    trials = _study(workdir).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"]
+    client, parents, nested = _runs(workdir)
+    assert [r.info.status for r in nested] == ["KILLED"]
+    assert [r.info.status for r in parents] != ["RUNNING"]

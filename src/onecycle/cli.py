@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import OneCycleError
+from .redact import install_log_filter, redact
 
 # subcommand -> (module, one-line help). Only commands that are implemented are listed.
 COMMANDS = {
@@ -29,10 +30,12 @@ def setup_logging(verbose: bool = False) -> None:
     # MLflow, alembic and DVC are chatty at INFO; their warnings still show.
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "optuna", "git", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_filter()  # no credential (a storage URL's password) in any log line
 
 
 def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    """The error as one line, credentials masked."""
+    return redact(" ".join(str(exc).split()))
 
 
 def run_command(name: str, description: str | None, argv: Sequence[str] | None,
@@ -77,7 +80,7 @@ def guarded(name: str, fn: Callable[[], int | None]) -> int:
         return 130
     except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"onecycle {name}: error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
+        print(f"onecycle {name}: error: {redact(where)}{exc.strerror or one_line(exc)}", file=sys.stderr)
         return 1
 
 

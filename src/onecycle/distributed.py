@@ -9,7 +9,9 @@ alone logs to MLflow, writes checkpoints and reports; every rank resumes from th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -89,6 +91,54 @@ def any_each(*flags: bool) -> list[bool]:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def sync_or_leave() -> None:
+    """At the end of a ``finally``: wait for the other ranks if this one succeeded, else leave at once.
+
+    A rank that fails (a full disk on rank 0, out of memory on rank 1) must not wait in a barrier the
+    others never reach (they wait in the next step's all-reduce): both would hang until the process
+    group's timeout (30 minutes) and the real error would be replaced by a timeout. Instead the failing
+    rank leaves the group and its exception propagates (one line on stderr, non-zero exit); its peers'
+    collectives then fail at once (the connection is gone) and torchrun stops the job with the first
+    failure. Called outside an exception (the normal end), it is a barrier.
+    """
+    if not active():
+        return
+    if sys.exception() is None:
+        dist.barrier()
+        return
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd`` (torchrun) as a child; forward SIGINT/SIGTERM to it; 130 if it stopped because of them.
+
+    torchrun passes the signal to its workers, which checkpoint and stop at the next step as a single
+    process does; without forwarding, a SIGTERM to ``onecycle train`` would orphan them.
+    """
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received and rc != 0:
+        print("onecycle train: interrupted", file=sys.stderr)
+        return 130
+    return rc
 
 
 def shutdown() -> None:

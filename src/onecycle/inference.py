@@ -9,6 +9,7 @@ through the model's own eval transforms and normalization, exactly as in trainin
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,14 @@ MAX_BYTES = 64 * 1024 * 1024   # encoded file size
 
 class ImageError(OneCycleError):
     """One image that cannot be answered (unreadable, truncated, too large); the others still are."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker re-raises it in the main process as ImageError("Caught ImageError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\nonecycle.inference.ImageError: <message>"): keep the message.
+        if message.startswith("Caught ImageError") and "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split("ImageError: ", 1)[-1]
+        super().__init__(message)
 
 
 def open_image(source: Path | str | bytes, name: str | None = None, mode: str = "RGB") -> np.ndarray:
@@ -56,8 +65,11 @@ def open_image(source: Path | str | bytes, name: str | None = None, mode: str = 
                 arr = np.asarray(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own check, at open()
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"{pixels[1]} pixels" if pixels else "its declared size"
+        raise ImageError(f"{name}: refused, {what} is more than {MAX_PIXELS // 10**6} megapixels") from None
+    except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise ImageError(f"{name}: not a readable image ({detail})") from None
     finally:

@@ -94,11 +94,18 @@ class ImageFileDataset(ArrayDataset):
         super().__init__(None, labels, transform, seed)
 
     def load(self, i: int) -> np.ndarray:
-        from PIL import Image
+        """One image through the same guard as predict (size, pixel count, truncation checked before decoding).
 
-        with Image.open(self.root / self.paths[i]) as im:
-            arr = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        A bad file stops the epoch with one line naming it (an ``ImageError``); the last checkpoint stays, so
+        the run resumes once the file is removed or replaced (and ``onecycle fetch`` has re-indexed the folder).
+        """
+        from .inference import ImageError, open_image
+
+        path = self.root / self.paths[i]
+        try:
+            return open_image(path, mode="L" if self.channels == 1 else "RGB")
+        except ImageError as exc:
+            raise ImageError(f"{exc}; remove or replace it, run `onecycle fetch` and train again to resume") from None
 
 
 class EpochSampler(Sampler[int]):

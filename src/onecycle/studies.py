@@ -8,6 +8,7 @@ message (:func:`mask`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -15,20 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .redact import redact
 from .search_space import Dimension
 
 # Study user attrs.
 METRIC_ATTR = "metric"
+# RDB storages: seconds between a running trial's heartbeats
+HEARTBEAT_S = 60
 
 
 def mask(url: str) -> str:
-    """``url`` with its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+    """``url`` with its password hidden (:func:`onecycle.redact.redact` decides how, everywhere)."""
+    return redact(url)
 
 
 STORAGE_ENV = "OPTUNA_STORAGE"  # the optuna CLI's variable: set, it overrides tune.storage here too
@@ -70,11 +69,80 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
         # several workers on one SQLite file wait for each other's writes rather than fail at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        from optuna.storages import RetryFailedTrialCallback
+
+        with _schema_lock(url, engine_kwargs), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A worker that dies without a word (kill -9, a lost machine) stops beating: its trial is marked
+            # FAIL after the grace period and run again once by another worker.
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=2 * HEARTBEAT_S,
+                                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"{key}: cannot open {mask(url)}: {reason}") from None
     return storage, mask(url)
+
+
+# any fixed 64-bit key: all onecycle workers on one PostgreSQL server agree on it
+_PG_LOCK_KEY = 0x6F6E656379636C65  # "onecycle"
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
+    """Serialize Optuna's schema creation between workers that open one fresh database at once.
+
+    ``RDBStorage()`` runs ``CREATE TYPE``/``CREATE TABLE`` and stamps the schema version; two processes
+    doing that together on PostgreSQL or MySQL fail with "already exists" (DDL is not checked-and-created
+    atomically). A server-side lock held around it (released when its connection closes, even if this
+    process dies) lets one worker create the schema while the others wait, then find it. SQLite
+    serializes writers by itself (the connect timeout above).
+    """
+    import sqlalchemy
+
+    backend = url.split(":", 1)[0].split("+", 1)[0].lower()
+    if backend not in ("postgresql", "postgres", "mysql", "mariadb"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as conn:
+            if backend.startswith("postgres"):
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            else:
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK('onecycle_optuna_schema', 600)"))
+            conn.commit()
+            try:
+                yield
+            finally:
+                if backend.startswith("postgres"):
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                else:
+                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK('onecycle_optuna_schema')"))
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
+
+    Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
+    killed by SIGTERM's default action instead, the trial would stay RUNNING forever in a journal file
+    (which has no heartbeat) and its runs open.
+    """
+    import signal
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_sampler(params, seed: int):

@@ -157,9 +157,12 @@ def provenance_tags(dataset: str, device_name: str, root: Path | None = None) ->
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:
-    """Log dotted params to the active run, batched (MLflow limits a batch to 100)."""
+    """Log dotted params to the active run, batched (MLflow limits a batch to 100); credentials are masked."""
+    from .redact import redact
+
     mlf = mlflow()
-    items = {k: ("null" if v is None else json.dumps(v) if isinstance(v, list | dict) else v) for k, v in flat.items()}
+    items = {k: ("null" if v is None else json.dumps(v) if isinstance(v, list | dict) else v)
+             for k, v in redact(flat).items()}
     keys = sorted(items)
     for i in range(0, len(keys), 100):
         mlf.log_params({k: items[k] for k in keys[i:i + 100]})

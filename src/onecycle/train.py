@@ -112,13 +112,12 @@ def stage_hooks(ws: Workspace, config_id: str, run_id: str, logger: tracking.Run
 
 def _relaunch_under_torchrun(params, args) -> int:
     """``train.nproc_per_node`` > 1 outside torchrun: run this same command as N DDP processes on this machine."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={params.train.nproc_per_node}", "-m", "onecycle", "train", "--params", args.params]
     log.info("train.nproc_per_node is %d: %s", params.train.nproc_per_node, " ".join(cmd))
-    return subprocess.call(cmd)
+    return dist.run_forwarding_signals(cmd)
 
 
 def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool = True,
@@ -147,7 +146,7 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
                 fit(params, setup, max_lr, resume_state=resume_state, progress=False, should_stop=stop,
                     step_fn=step_fn)
         finally:
-            dist.barrier()
+            dist.sync_or_leave()
             dist.shutdown()
         return 0
     mlflow = tracking.mlflow()
@@ -182,7 +181,7 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
         _end_run_quietly("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
-        dist.barrier()
+        dist.sync_or_leave()
     if new_run and resume_state is not None and resume_state.get("finished"):  # the checkpoint names the run finalization goes to
         ckpt.save({**ckpt.load(ws.checkpoints / "last.pt"), "mlflow_run_id": run_id}, ws.checkpoints / "last.pt")
     _finish(params, setup, ws, result, run_id, logger, finalize_hook)

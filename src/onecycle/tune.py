@@ -39,7 +39,7 @@ from .paths import Workspace
 from .rangetest import resolve_max_lr
 from .schedule import check_fits
 from .search_space import Dimension, search_space, trial_params
-from .studies import build_pruner, open_storage, open_study, pruner_cannot_prune, storage_url
+from .studies import build_pruner, open_storage, open_study, pruner_cannot_prune, sigterm_interrupts, storage_url
 
 log = logging.getLogger(__name__)
 
@@ -425,9 +425,10 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
         if new_parent:
             _quietly("log the study's params", lambda: tracking.log_params_flat(params.flat()))
         if n_trials:
-            study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step), n_trials=n_trials,
-                           timeout=timeout,
-                           catch=(_InvalidTrialError,), callbacks=[_after_trial(tune.metric)], gc_after_trial=True)
+            with sigterm_interrupts():
+                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step), n_trials=n_trials,
+                               timeout=timeout, catch=(_InvalidTrialError,), callbacks=[_after_trial(tune.metric)],
+                               gc_after_trial=True)
         values = _report(study, params, where, ws)
     if apply_to is not None:
         if values is None:
