@@ -182,7 +182,7 @@ def test_predict_moves_inputs_to_where_an_mlflow_models_weights_are(monkeypatch)
     module = _OnMeta()
     meta = {"onecycle": {"dataset": {"name": "x", "classes": ["a", "b", "c"], "image_shape": [2, 2, 1],
                                      "mean": [0.5], "std": [0.5]}, "augment_eval": []}}
-    monkeypatch.setattr(mlflow.models, "get_model_info", lambda uri: SimpleNamespace(metadata=meta))
+    monkeypatch.setattr(mlflow.models, "get_model_info", lambda uri: SimpleNamespace(metadata=meta, flavors={}))
     monkeypatch.setattr(mlflow.pytorch, "load_model", lambda uri, map_location=None: module)
     predict, ds, _ = inference.load_predictor(None, "models:/m@champion", torch.device("cpu"))
     predict(torch.from_numpy(np.zeros((1, 1, 2, 2), np.float32)))

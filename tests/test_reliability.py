@@ -561,13 +561,14 @@ def test_redact_masks_credentials_and_nothing_else(text, masked):
     assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
 
 
+@pytest.mark.slow
 def test_a_storage_password_never_reaches_mlflow_logs_or_reports(tmp_path, monkeypatch, capsys, caplog):
     """tune.storage with a password: train logs all params to MLflow; the password must not be among them."""
     import logging
 
     from onecycle import train as train_mod
 
-    write_fetched(tmp_path / "data", n_train=300, n_test=50)
+    write_fetched(tmp_path / "data", n_train=600, n_test=50)  # 8 steps: a schedule that fits (3 would not)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tiny_params(tmp_path, train={"epochs": 1},

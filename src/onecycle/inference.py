@@ -152,7 +152,8 @@ def _predictor_from_model_file(mlflow, artifact_uri: str, device: torch.device):
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp)
         model, ds, bundle = load_model_bundle(Path(path), device)
-    return (lambda x: torch.softmax(model(x.to(device)), 1)), ds, bundle["augment_eval"]
+    where = _module_device(model)
+    return (lambda x: torch.softmax(model(x.to(where)), 1)), ds, bundle["augment_eval"]
 
 
 def top_k(predict, x: torch.Tensor, classes: list[str], k: int) -> list[tuple[str, float]]:
