@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 ifeq ($(filter 1 true yes on TRUE True YES Yes ON On,$(ONECYCLE_TELEMETRY)),)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export NO_ALBUMENTATIONS_UPDATE ?= 1
+export GRADIO_ANALYTICS_ENABLED ?= False
+export HF_HUB_DISABLE_TELEMETRY ?= 1
 endif
 
 .PHONY: setup system test test-fast repro ui demo tune bench lint lock clean
@@ -63,8 +65,9 @@ demo:  ## the demo page for models/model.pt on http://127.0.0.1:7860 (PORT=... t
 tune:
 	$(BIN)/onecycle tune
 
-bench:
+bench:  ## the trainer vs a bare loop, lr_find, evaluate; then each stage's start-up
 	$(PY) bench/bench.py
+	$(PY) bench/startup.py
 
 lint:
 	$(BIN)/ruff check src tests bench

@@ -12,6 +12,8 @@ TELEMETRY_SWITCH = "ONECYCLE_TELEMETRY"
 OFFLINE_DEFAULTS = {
     "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations 2.x: no update check against PyPI
     "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3.x: no usage telemetry
+    "GRADIO_ANALYTICS_ENABLED": "False",  # gradio (onecycle demo): no analytics, no version check
+    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub (gradio's dependency): no telemetry
 }
 
 
