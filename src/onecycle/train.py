@@ -25,6 +25,7 @@ from . import tracking
 from .cli import run_command
 from .engine import DivergenceError, Setup, build_setup, device_name, train_step
 from .files import atomic_write_text
+from .loaders import SPLIT_SEED
 from .loop import FitHooks, FitResult, Interrupted, StopSignals, config_hash, fit, history_csv, row_metrics
 from .modelfile import save_model
 from .paths import Workspace
@@ -140,7 +141,8 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     mlflow = tracking.mlflow()
     tracking.configure(params.mlflow.experiment, ws.root)
     run_id = resume_state.get("mlflow_run_id") if resume_state else None
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{config_id[:6]}")
+    active = tracking.start_run(run_id, None if run_id else tracking.run_name(f"train-{config_id[:6]}"),
+                                system_metrics=params.mlflow.system_metrics)
     run_id = active.info.run_id
     logger = tracking.RunLogger(run_id)
     try:
@@ -187,6 +189,8 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     if ws.lr_find_png.is_file():
         mlflow.log_artifact(str(ws.lr_find_png), artifact_path="lr_find")
     tracking.log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
+    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
+    tracking.log_datasets(tracking.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
     sample = setup.train_loader.dataset[0][0]
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 
