@@ -165,7 +165,27 @@ def ui_link(port: int = 5000, params_path: str | Path = "params.yaml") -> str:
     from .config import load_params
 
     experiment = load_params(params_path).mlflow.experiment if Path(params_path).is_file() else "onecycle"
-    return f"MLflow UI: {runs_page_url(configure(experiment), port)}"
+    return f"MLflow UI: {runs_page_url(_stored_experiment_id(experiment) or configure(experiment), port)}"
+
+
+def _stored_experiment_id(experiment: str) -> str | None:
+    """The experiment's id read straight from the workspace's SQLite store (no 2-40 s MLflow import), or None."""
+    import sqlite3
+
+    root = workspace_root()
+    _migrate_legacy_store(root)
+    db = root / STORE
+    if user_tracking_uri() or not db.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                              (experiment,)).fetchone()
+            tagged = row and con.execute("SELECT 1 FROM experiment_tags WHERE experiment_id = ? AND key = ?",
+                                         (row[0], EXPERIMENT_KIND_TAG)).fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if tagged else None  # not there or not tagged yet: configure() does both
 
 
 def run_name(default: str) -> str:
