@@ -56,8 +56,9 @@ test-fast:
 repro:
 	$(BIN)/dvc repro
 
-ui:  ## MLflow UI on the project's store, bound to loopback
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $${PORT:-5000}
+ui:  ## a bare `mlflow ui` (the store is MLflow's default ./mlflow.db), bound to loopback; prints the runs page
+	@$(PY) -c 'from onecycle.tracking import ui_link; print(ui_link('"$${PORT:-5000}"'))'
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000}
 
 demo:  ## the demo page for models/model.pt on http://127.0.0.1:7860 (PORT=... to change): upload an image, see its top classes
 	$(BIN)/onecycle demo --port $${PORT:-7860}

@@ -53,7 +53,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, seconds: float = 300, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -252,9 +252,81 @@ def test_mlflow_ui_shows_the_run_and_its_artifacts(repo):
         arts = json.loads(urllib.request.urlopen(
             f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}", timeout=30).read())
         assert {"history.csv", "model_summary.txt"} <= {f["path"] for f in arts["files"]}
+        exp_id = got["run"]["info"]["experiment_id"]
+        printed = [ui.stdout.readline() for _ in range(3)]  # the link comes before the server's own lines
+        assert f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning\n" in [
+            line.split("MLflow UI: ")[-1] for line in printed], printed
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
+
+
+BARE_CLIENT = """
+import json, mlflow
+client = mlflow.MlflowClient()
+exp = client.get_experiment_by_name("onecycle")
+print(json.dumps({"uri": mlflow.get_tracking_uri(), "kind": exp.tags.get("mlflow.experimentKind"),
+                  "runs": [r.info.run_id for r in mlflow.search_runs([exp.experiment_id], output_format="list")]}))
+"""
+
+
+def test_a_bare_mlflow_client_and_mlflow_ui_in_the_clone_see_the_runs(repo, tmp_path):
+    """No tracking URI anywhere: MLflow's own default (./mlflow.db) is the project's store."""
+    clone = repo["path"]
+    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    seen = json.loads(run([sys.executable, "-c", BARE_CLIENT], cwd=clone).stdout.strip().splitlines()[-1])
+    assert seen["uri"] == f"sqlite:///{clone / 'mlflow.db'}"  # MLflow's default, ./mlflow.db, resolved
+    assert seen["kind"] == "custom_model_development"
+    assert run_id in seen["runs"]
+    assert not (clone / "mlruns" / "mlflow.db").exists()
+    port = free_port()
+    ui = subprocess.Popen([BIN / "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)], cwd=clone,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc=ui)
+        exp = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=onecycle", timeout=30).read())
+        body = json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode()
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=30).read())["runs"]
+        assert run_id in {r["info"]["run_id"] for r in runs}
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
+
+
+def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(repo, tmp_path):
+    from onecycle import tracking
+    from onecycle.config import load_params
+
+    clone = repo["path"]
+    client = _mlflow_client(clone)
+    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_ = client.get_run(run_id)
+    assert run_.info.run_name.startswith("train-")  # `dvc repro`: no DVC experiment name, a readable default
+    inputs = {i.tags[0].value: i.dataset for i in run_.inputs.dataset_inputs if i.tags}
+    assert set(inputs) == {"training", "validation", "testing"}
+    assert {d.name for d in inputs.values()} == {"fashion_mnist-train", "fashion_mnist-val", "fashion_mnist-test"}
+    assert {json.loads(d.source)["uri"] for d in inputs.values()} == {"data/fashion_mnist"}
+    # the same fetched files, copied elsewhere (another machine), give the same digests
+    shutil.copytree(clone / "data" / "fashion_mnist", tmp_path / "data" / "fashion_mnist")
+    params = load_params(clone / "params.yaml")
+    elsewhere = tracking.datasets(params.data, tmp_path, ["train", "val", "test"], split_seed=0)
+    assert {d.name: d.digest for d in inputs.values()} == {d.name: d.digest for d in elsewhere.values()}
+    metrics = set(run_.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_percentage"} <= metrics
+    assert not [k for k in metrics if k.startswith("test/class_top1/")]  # one table, not a chart per class
+    table = json.loads(Path(client.download_artifacts(run_id, "evaluate/per_class.json", str(tmp_path))).read_text())
+    assert table["columns"][:2] == ["class", "support"] and len(table["data"]) == 10
+    assert {"path": "evaluate/per_class.json", "type": "table"} in json.loads(run_.data.tags["mlflow.loggedArtifacts"])
+    assert "evaluate/per_class.csv" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    model = client.get_logged_model(tracking.model_of_run(run_id))
+    linked = {m.key: m for m in model.metrics}
+    assert linked["test/top1"].dataset_name == "fashion_mnist-test"
+    assert linked["test/top1"].dataset_digest == inputs["testing"].digest
+    assert linked["test/top1"].value == pytest.approx(run_.data.metrics["test/top1"])
 
 
 def test_dvc_experiments_carry_their_name_into_mlflow(repo):
@@ -266,6 +338,7 @@ def test_dvc_experiments_carry_their_name_into_mlflow(repo):
     run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     run_ = _mlflow_client(clone).get_run(run_id)
     assert run_.data.tags["dvc_exp_name"] == "lowlr"
+    assert run_.info.run_name == "lowlr"  # found in the UI's runs table by the experiment's name
     assert run_.data.params["schedule.max_lr"] == "0.02"
 
 

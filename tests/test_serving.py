@@ -80,7 +80,7 @@ def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accur
     work, params = trained["path"], trained["params"]
     client = _client(work)
     metrics = json.loads((work / "reports/metrics.json").read_text())["test"]
-    run_id = json.loads((work / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((work / "reports/runs.json").read_text())["train"]
     cand = client.get_model_version_by_alias(NAME, CANDIDATE)
     assert str(cand.version) == "1" and cand.run_id == run_id
     digest = test_digest(load_info(params.data, work))

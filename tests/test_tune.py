@@ -118,7 +118,9 @@ def test_space_errors_are_config_errors():
 
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch):
-    write_fetched(tmp_path / "data", n_train=300, n_test=50)  # 172 training images after 128 for validation
+    # 1072 training images after 128 for validation: 17 steps of 64, so every pct_start of the default space
+    # (0.1-0.5) leaves the One Cycle warm-up more than one step (fewer is refused, see schedule.check_fits)
+    write_fetched(tmp_path / "data", n_train=1200, n_test=50)
     monkeypatch.chdir(tmp_path)
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; an earlier test's must not pass for the user's choice
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -225,6 +225,8 @@ class MLflowConfig(_Section):
     # Register the final model under this name; null = do not register.
     registered_model: str | None = "onecycle-resnet"
     log_checkpoints: Literal["none", "best", "all"] = "best"
+    # MLflow system metrics (CPU, memory, GPU via nvidia-ml-py) for training runs.
+    system_metrics: bool = True
 
 
 class EvaluateConfig(_Section):

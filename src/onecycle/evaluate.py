@@ -187,11 +187,14 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
     tracking.configure(params.mlflow.experiment, ws.root)
     client = mlflow.MlflowClient()
     status = client.get_run(run_id).info.status
+    test_set = tracking.datasets(params.data, ws.root, ["test"])
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items()
-                            if k != "n" and isinstance(v, int | float)})
+        tracking.log_datasets(test_set)
+        # linked to the logged model and the test dataset (the model's page and the metric's dataset column)
+        mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
+                           model_id=tracking.model_of_run(run_id), dataset=test_set["test"])
         mlflow.set_tag("test/worst_class", metrics["test"]["worst_class"])
-        mlflow.log_metrics({f"test/class_top1/{r['class'].replace('/', '_')}": r["accuracy"] for r in table})
+        _log_per_class_table(run_id, table)
         for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
             mlflow.log_artifact(str(path), artifact_path="evaluate")
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
@@ -201,6 +204,25 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
     if marked:
         print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
               "(`onecycle promote` makes it @champion if it beats the current one)")
+
+
+PER_CLASS_TABLE = "evaluate/per_class.json"
+
+
+def _log_per_class_table(run_id: str, table: list[dict]) -> None:
+    """The per-class results as one MLflow table (not a metric per class: ImageNet would make 1,000 charts)."""
+    import tempfile
+
+    client = tracking.mlflow().MlflowClient()
+    columns = {key: [r[key] for r in table] for key in table[0]}
+    if PER_CLASS_TABLE not in {f.path for f in client.list_artifacts(run_id, "evaluate")}:
+        client.log_table(run_id, data=columns, artifact_file=PER_CLASS_TABLE)
+        return
+    # evaluated again: log_table would append the rows to the old table, so replace the file (same format)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(PER_CLASS_TABLE).name
+        path.write_text(json.dumps({"columns": list(columns), "data": [list(r.values()) for r in table]}))
+        client.log_artifact(run_id, str(path), artifact_path=str(Path(PER_CLASS_TABLE).parent))
 
 
 def main(argv=None) -> int:

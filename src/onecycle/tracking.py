@@ -13,6 +13,7 @@ unreachable they are kept and retried at the next flush. No other module imports
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +29,14 @@ log = logging.getLogger(__name__)
 STORE = "mlflow.db"          # MLflow 3's default store, relative to the workspace root
 ARTIFACTS = Path("mlruns") / "artifacts"  # under the top-level mlruns/ folder MLflow's users know
 LEGACY_STORE = Path("mlruns") / "mlflow.db"  # onecycle 0.1's location
+# The experiment tag MLflow 3 reads for the experiment's kind: "Model training", not "GenAI apps & agents".
+# MLflow 3.17's UI follows its GenAI / Model-training switch instead (a new browser starts on GenAI), so
+# the link to the runs page (runs_page_url) also carries ?workflowType=machine_learning.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SYSTEM_METRICS_INTERVAL = 2.0  # seconds between system-metric samples (MLflow's 10 s misses short runs)
+# MLflow's context names for a run's datasets (the mlflow.data.context input tag), per split
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
 def workspace_root(start: Path | None = None) -> Path:
@@ -61,9 +70,27 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _SET_BY_US else None
 
 
+def _holds_no_runs(db: Path) -> bool:
+    """Whether a SQLite file is an MLflow store with no runs (what a bare ``mlflow ui`` leaves), or empty."""
+    import sqlite3
+
+    if db.stat().st_size == 0:
+        return True
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    except sqlite3.Error:  # not an MLflow store: leave it alone
+        return False
+
+
 def _migrate_legacy_store(root: Path) -> None:
     old, new = root / LEGACY_STORE, root / STORE
-    if old.is_file() and not new.exists():
+    if old.is_file() and new.is_file() and _holds_no_runs(new):
+        # a bare `mlflow ui` run before this version created an empty ./mlflow.db: the old store replaces it
+        os.replace(new, new.with_name(STORE + ".empty"))
+    if old.is_file() and new.exists():
+        log.warning("%s (an earlier onecycle's store) is not read: %s holds runs too", old, new)
+    elif old.is_file():
         os.replace(old, new)
         log.warning("moved the MLflow store %s to %s (MLflow's default location; artifacts stay in %s/)",
                     old, new, ARTIFACTS)
@@ -125,8 +152,104 @@ def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
         if exp.lifecycle_stage == "deleted":  # deleted in the UI: a run needs it, and its name is still taken
             client.restore_experiment(exp_id)
             log.warning("the MLflow experiment %r had been deleted: restored it to log this run", experiment)
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlf.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def runs_page_url(experiment_id: str, port: int = 5000, host: str = "127.0.0.1") -> str:
+    """The experiment's runs table in ``mlflow ui``, in MLflow's Model-training view."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_link(port: int = 5000, params_path: str | Path = "params.yaml") -> str:
+    """What ``make ui`` prints: the runs page of ``mlflow.experiment`` in the workspace's store."""
+    from .config import load_params
+
+    experiment = load_params(params_path).mlflow.experiment if Path(params_path).is_file() else "onecycle"
+    return f"MLflow UI: {runs_page_url(_stored_experiment_id(experiment) or configure(experiment), port)}"
+
+
+def _stored_experiment_id(experiment: str) -> str | None:
+    """The experiment's id read straight from the workspace's SQLite store (no 2-40 s MLflow import), or None."""
+    import sqlite3
+
+    root = workspace_root()
+    _migrate_legacy_store(root)
+    db = root / STORE
+    if user_tracking_uri() or not db.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                              (experiment,)).fetchone()
+            tagged = row and con.execute("SELECT 1 FROM experiment_tags WHERE experiment_id = ? AND key = ?",
+                                         (row[0], EXPERIMENT_KIND_TAG)).fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if tagged else None  # not there or not tagged yet: configure() does both
+
+
+def run_name(default: str) -> str:
+    """A new run's name: the DVC experiment's (``dvc exp run -n NAME``) when DVC runs us, else ``default``."""
+    return os.environ.get("DVC_EXP_NAME") or default
+
+
+def start_run(run_id: str | None, name: str | None, system_metrics: bool):
+    """``mlflow.start_run``, with MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)."""
+    mlf = mlflow()
+    if system_metrics:
+        mlf.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)  # MLFLOW_SYSTEM_METRICS_* env vars win
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+    return mlf.start_run(run_id=run_id, run_name=name, log_system_metrics=system_metrics)
+
+
+def split_digest(files: dict[str, str], split: str, val_size: int | None = None, train_subset: int | None = None,
+                 split_seed: int | None = None) -> str:
+    """A digest of one split: fetch's file checksums plus what picks the split's examples out of them.
+
+    Machine-independent: the same fetched files and split settings give the same digest anywhere.
+    """
+    spec: dict[str, Any] = {"files": dict(sorted(files.items())), "split": split}
+    if split != "test":
+        spec.update(val_size=val_size, train_subset=train_subset, split_seed=split_seed)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def datasets(data_cfg, root: Path, splits: list[str], split_seed: int | None = None) -> dict[str, Any]:
+    """MLflow datasets (``mlflow.data``) of the fetched ``splits``: name, digest, source = the DVC-tracked folder."""
+    mlflow()
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from .data import dataset_dir
+
+    folder = dataset_dir(data_cfg, root)
+    files = json.loads((folder / "meta.json").read_text()).get("files") or {}
+    try:
+        source = folder.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:  # data.root outside the workspace
+        source = folder.resolve().as_posix()
+    return {split: MetaDataset(LocalArtifactDatasetSource(source), name=f"{data_cfg.dataset}-{split}",
+                               digest=split_digest(files, split, data_cfg.val_size, data_cfg.train_subset,
+                                                   split_seed))
+            for split in splits}
+
+
+def log_datasets(found: dict[str, Any]) -> None:
+    """Log datasets (split -> mlflow dataset) to the active run as its inputs, with MLflow's context names."""
+    mlf = mlflow()
+    splits = list(found)
+    mlf.log_inputs([found[s] for s in splits], contexts=[DATASET_CONTEXTS[s] for s in splits],
+                   tags_list=[None] * len(splits))
+
+
+def model_of_run(run_id: str) -> str | None:
+    """The id of the model a run logged last (``mlflow.pytorch.log_model``), or None."""
+    outputs = mlflow().MlflowClient().get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    return models[-1].model_id if models else None
 
 
 def git_info(root: Path | None = None) -> dict[str, str]:

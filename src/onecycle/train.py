@@ -37,6 +37,7 @@ from .cli import one_line, run_command
 from .engine import DivergenceError, Setup, build_optimizer, build_setup, device_name, train_step
 from .errors import OneCycleError
 from .files import atomic_write_text
+from .loaders import SPLIT_SEED
 from .loop import (
     FitHooks,
     FitResult,
@@ -152,7 +153,8 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
     mlflow = tracking.mlflow()
     experiment_id = tracking.configure(params.mlflow.experiment, ws.root)
     run_id = _reusable_run(resume_state.get("mlflow_run_id") if resume_state else None, experiment_id)
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"train-{config_id[:6]}")
+    active = tracking.start_run(run_id, None if run_id else tracking.run_name(f"train-{config_id[:6]}"),
+                                system_metrics=params.mlflow.system_metrics)
     new_run = run_id is None
     run_id = active.info.run_id
     logger = tracking.RunLogger(run_id)
@@ -286,6 +288,8 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     if ws.lr_find_png.is_file():
         mlflow.log_artifact(str(ws.lr_find_png), artifact_path="lr_find")
     tracking.log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
+    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
+    tracking.log_datasets(tracking.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
     sample = setup.train_loader.dataset[0][0]
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 

@@ -1,0 +1,134 @@
+"""tracking.py against a real MLflow SQLite store: the legacy store's move, the experiment's kind, dataset digests, run names."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from onecycle import tracking
+from onecycle.config import parse_params
+from tiny import write_fetched
+
+
+def _client(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.default_tracking_uri(root))
+    return mlflow.MlflowClient()
+
+
+def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
+    import mlflow
+
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    legacy = root / "mlruns" / "mlflow.db"
+    legacy.parent.mkdir()
+    mlflow.set_tracking_uri(f"sqlite:///{legacy}")
+    old = mlflow.MlflowClient()
+    exp = old.create_experiment("onecycle", artifact_location=(root / "mlruns/artifacts").as_uri())
+    run = old.create_run(exp, run_name="from-0.1")
+    old.log_metric(run.info.run_id, "val/top1", 0.5, step=1)
+    old.set_terminated(run.info.run_id)
+    mlflow.set_tracking_uri(None)
+
+    assert tracking.configure("onecycle", root) == exp
+    assert not legacy.exists() and (root / "mlflow.db").is_file()
+    moved = _client(root).get_run(run.info.run_id)
+    assert moved.info.run_name == "from-0.1" and moved.data.metrics["val/top1"] == 0.5
+    assert moved.info.artifact_uri.startswith((root / "mlruns/artifacts").as_uri())
+
+
+def test_an_empty_store_left_by_a_bare_mlflow_ui_gives_way_to_the_legacy_one(tmp_path):
+    import mlflow
+
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    legacy = root / "mlruns" / "mlflow.db"
+    legacy.parent.mkdir()
+    mlflow.set_tracking_uri(f"sqlite:///{legacy}")
+    run = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("onecycle"))
+    # what a bare `mlflow ui` leaves: a store with no runs (made elsewhere: this process keeps no handle on it)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'bare.db'}")
+    mlflow.MlflowClient().search_experiments()
+    mlflow.set_tracking_uri(None)
+    shutil.copy(tmp_path / "bare.db", root / "mlflow.db")
+    assert (root / "mlflow.db").is_file()
+    tracking.configure("onecycle", root)
+    assert not legacy.exists() and (root / "mlflow.db.empty").is_file()
+    assert _client(root).get_run(run.info.run_id).info.experiment_id == run.info.experiment_id
+
+
+def test_a_store_with_runs_is_never_replaced_by_a_legacy_one(tmp_path):
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    exp = tracking.configure("onecycle", root)
+    keep = _client(root).create_run(exp)
+    (root / "mlruns" / "mlflow.db").parent.mkdir(exist_ok=True)
+    (root / "mlruns" / "mlflow.db").write_bytes(b"legacy")
+    assert tracking.configure("onecycle", root) == exp
+    assert (root / "mlruns" / "mlflow.db").read_bytes() == b"legacy"
+    assert _client(root).get_run(keep.info.run_id)
+
+
+def test_the_experiment_is_a_model_training_experiment_and_the_ui_link_opens_its_runs(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    client = _client(root)
+    bare = client.create_experiment("made-elsewhere")  # an experiment of an earlier version: no kind tag
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(bare).tags
+    assert tracking.configure("made-elsewhere", root) == bare
+    exp_id = tracking.configure("onecycle", root)
+    for eid in (bare, exp_id):
+        assert _client(root).get_experiment(eid).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    monkeypatch.chdir(root)
+    (root / "params.yaml").write_text("mlflow:\n  experiment: made-elsewhere\n")
+    assert tracking.ui_link(5123).endswith(f"http://127.0.0.1:5123/#/experiments/{bare}/runs"
+                                           "?workflowType=machine_learning")
+
+
+def test_dataset_digests_follow_the_data_and_the_split_not_the_machine(tmp_path):
+    write_fetched(tmp_path / "a" / "data")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same data in another place (another machine)
+    params = parse_params({"data": {"val_size": 100}})
+
+    def digests(root, p=params):
+        return {k: (d.digest, d.source.uri, d.name) for k, d in
+                tracking.datasets(p.data, root, ["train", "val", "test"], split_seed=0).items()}
+
+    a, b = digests(tmp_path / "a"), digests(tmp_path / "b")
+    assert a == b
+    assert a["train"][1:] == ("data/fashion_mnist", "fashion_mnist-train")
+    assert len({d for d, _, _ in a.values()}) == 3
+    other_split = digests(tmp_path / "a", parse_params({"data": {"val_size": 50}}))
+    assert other_split["train"][0] != a["train"][0] and other_split["val"][0] != a["val"][0]
+    assert other_split["test"] == a["test"]  # the test split does not depend on the train/val split
+    write_fetched(tmp_path / "b" / "data", n_train=641)  # other data, same names
+    assert digests(tmp_path / "b")["test"][0] != a["test"][0]
+
+
+def test_runs_are_named_after_the_dvc_experiment(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.run_name("train-abc123") == "train-abc123"
+    monkeypatch.setenv("DVC_EXP_NAME", "lowlr")
+    assert tracking.run_name("train-abc123") == "lowlr"
+
+
+@pytest.mark.slow
+def test_a_training_run_samples_system_metrics_and_can_switch_them_off(tmp_path):
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    tracking.configure("onecycle", root)
+    client = _client(root)
+    with tracking.start_run(None, "with", system_metrics=True) as run:
+        deadline = time.monotonic() + 300  # a generous bound for a loaded machine; the first sample comes in 2 s
+        while not client.get_run(run.info.run_id).data.metrics and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_percentage"} <= set(
+        client.get_run(run.info.run_id).data.metrics)
+    with tracking.start_run(None, "without", system_metrics=False) as quiet:
+        time.sleep(tracking.SYSTEM_METRICS_INTERVAL * 2)
+    assert not client.get_run(quiet.info.run_id).data.metrics
