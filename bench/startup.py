@@ -1,8 +1,8 @@
 """Seconds each stage spends before its own work: a fresh interpreter importing the stage and loading params.
 
 For each stage, a new ``python`` process imports the stage module (and so everything it imports at module
-level: torch for lr_find/train/evaluate, pydantic and NumPy for all) and loads ``params.yaml``, which is all
-that happens before the stage starts fetching, loading data or building its model. The heavy imports a stage
+level), loads ``params.yaml`` and, for every stage but fetch, imports torch: all that happens before the
+stage starts fetching, loading data or building its model. The heavy imports a stage
 makes later, inside its work, are timed apart (MLflow when it logs, albumentations only when a listed
 pipeline needs it). Each figure is the best of ``--repeats`` runs, with the bare interpreter's start-up shown
 for reference. ``python bench/startup.py`` (part of ``make bench``).
@@ -36,9 +36,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     bare = best_of("pass", args.repeats)
-    print(f"bare interpreter: {bare:.2f} s")
+    print(f"bare interpreter: {bare:.2f} s; import torch alone: {best_of('import torch', args.repeats):.2f} s")
     for stage in STAGES:
-        code = f"import onecycle.{stage}; from onecycle.config import load_params; load_params('params.yaml')"
+        # every stage but fetch needs torch before its work, whether it imports it at module level or in run()
+        torch = "" if stage == "fetch" else "; import torch"
+        code = f"import onecycle.{stage}; from onecycle.config import load_params; load_params('params.yaml'){torch}"
         print(f"{stage:<9} before its own work: {best_of(code, args.repeats):.2f} s")
     for name, code in LATER.items():
         print(f"later, when used: import {name}: {best_of(code, args.repeats) - bare:.2f} s")

@@ -74,6 +74,8 @@ class AugmentConfig(_Section):
 
     @model_validator(mode="after")
     def _transforms_exist(self) -> AugmentConfig:
+        if not self.train and not self.eval:
+            return self  # the standard recipes: nothing to check, and no torch/albumentations import for it
         from .transforms import check_spec
 
         check_spec(self.train, "augment.train")
