@@ -233,7 +233,7 @@ class MLflowConfig(_Section):
 
 class EvaluateConfig(_Section):
     # Test-time augmentation: average the class probabilities of each image and its horizontal flip.
-    tta: Literal["none", "flip"] = "none"
+    tta: Literal["none", "flip"] = "flip"
 
 
 class TuneConfig(_Section):
