@@ -273,7 +273,7 @@ print(json.dumps({"uri": mlflow.get_tracking_uri(), "kind": exp.tags.get("mlflow
 def test_a_bare_mlflow_client_and_mlflow_ui_in_the_clone_see_the_runs(repo, tmp_path):
     """No tracking URI anywhere: MLflow's own default (./mlflow.db) is the project's store."""
     clone = repo["path"]
-    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     seen = json.loads(run([sys.executable, "-c", BARE_CLIENT], cwd=clone).stdout.strip().splitlines()[-1])
     assert seen["uri"] == f"sqlite:///{clone / 'mlflow.db'}"  # MLflow's default, ./mlflow.db, resolved
     assert seen["kind"] == "custom_model_development"
@@ -303,7 +303,7 @@ def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(
 
     clone = repo["path"]
     client = _mlflow_client(clone)
-    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     run_ = client.get_run(run_id)
     assert run_.info.run_name.startswith("train-")  # `dvc repro`: no DVC experiment name, a readable default
     inputs = {i.tags[0].value: i.dataset for i in run_.inputs.dataset_inputs if i.tags}

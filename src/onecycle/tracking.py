@@ -245,11 +245,19 @@ def log_datasets(found: dict[str, Any]) -> None:
                    tags_list=[None] * len(splits))
 
 
-def model_of_run(run_id: str) -> str | None:
-    """The id of the model a run logged last (``mlflow.pytorch.log_model``), or None."""
-    outputs = mlflow().MlflowClient().get_run(run_id).outputs
-    models = outputs.model_outputs if outputs else []
-    return models[-1].model_id if models else None
+def model_of_run(run_id: str, name: str = "model") -> str | None:
+    """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
+    none has that name, the one it logged last), or None."""
+    client = mlflow().MlflowClient()
+    outputs = client.get_run(run_id).outputs
+    ids = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    for model_id in reversed(ids):
+        try:
+            if client.get_logged_model(model_id).name == name:
+                return model_id
+        except Exception:  # a model the store cannot return: fall back to the last one
+            break
+    return ids[-1] if ids else None
 
 
 def git_info(root: Path | None = None) -> dict[str, str]:
