@@ -453,7 +453,9 @@ def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tm
     steps_per_epoch = 2048 // 128  # tiny_pipeline_params: train_subset 2048, batch 128
     lrs = [float(r["lr"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
     assert [int(r["step"]) for r in rows] == list(range(2 * steps_per_epoch))  # every step, not every epoch
-    max_lr = json.loads((clone / "reports/lr_find.json").read_text())["suggested_lr"]  # schedule.max_lr: auto
+    suggested_lr = json.loads((clone / "reports/lr_find.json").read_text())["suggested_lr"]
+    # the workspace's schedule.max_lr: auto (the LR finder's), or a number an earlier test's `dvc exp run -S` set
+    max_lr = suggested_lr if params["schedule"]["max_lr"] == "auto" else float(params["schedule"]["max_lr"])
     assert lrs[0] == pytest.approx(max_lr / params["schedule"]["div_factor"])
     assert max(lrs) == pytest.approx(max_lr)
     assert lrs.index(max(lrs)) == params["schedule"]["pct_start"] * 2 * steps_per_epoch - 1
@@ -464,7 +466,7 @@ def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tm
     assert {layer["mark"]["type"] for layer in suggestion["layer"]} == {"rule", "text"}
     values = range_test["data"]["values"]
     (suggested,) = {float(v["suggested_lr"]) for v in values}
-    assert suggested == pytest.approx(max_lr)
+    assert suggested == pytest.approx(suggested_lr)
     assert {v["suggestion"] for v in values} == {"minimum"}
     out = tmp_path / "html"
     run([BIN / "dvc", "plots", "show", "-o", str(out)], cwd=clone)
