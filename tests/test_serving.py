@@ -46,6 +46,9 @@ def _env(**extra) -> dict:
 def trained(tmp_path_factory):
     """A tiny model trained, registered as NAME version 1 and evaluated (so tagged and @candidate)."""
     work = tmp_path_factory.mktemp("serving")
+    # A module fixture runs before the function-scoped isolated_tracking_uri: an earlier test's
+    # mlflow.set_tracking_uri() (which exports MLFLOW_TRACKING_URI) must not pass for the user's store here.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     write_fetched(work / "data", n_train=400, n_test=60)
     tiny_params(work, train={"epochs": 1}, data={"val_size": 64}, mlflow={"registered_model": NAME})
     params = load_params(work / "params.yaml")
