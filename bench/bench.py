@@ -81,13 +81,12 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     from onecycle.engine import build_setup
     from onecycle.loop import fit
     from onecycle.paths import Workspace
-    from onecycle.tracking import RunLogger, configure, quiet_mlflow
+    from onecycle.tracking import RunLogger, configure
     from onecycle.train import stage_hooks
 
     p = params.replace(train={"epochs": 1})
     setup = build_setup(p)
     images = len(setup.train_loader.dataset)
-    quiet_mlflow()
     os.environ["DVC_ROOT"] = str(workdir)  # keep the benchmark's runs out of the project's store
     configure("bench")
     with mlflow.start_run() as run:

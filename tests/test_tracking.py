@@ -20,7 +20,8 @@ def _client(root: Path):
     return mlflow.MlflowClient()
 
 
-def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
+def _legacy_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """(a repo folder, its onecycle 0.1 store mlruns/mlflow.db), MLflow pointed at that store."""
     import mlflow
 
     root = tmp_path / "repo"
@@ -28,6 +29,13 @@ def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
     legacy = root / "mlruns" / "mlflow.db"
     legacy.parent.mkdir()
     mlflow.set_tracking_uri(f"sqlite:///{legacy}")
+    return root, legacy
+
+
+def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
+    import mlflow
+
+    root, legacy = _legacy_repo(tmp_path)
     old = mlflow.MlflowClient()
     exp = old.create_experiment("onecycle", artifact_location=(root / "mlruns/artifacts").as_uri())
     run = old.create_run(exp, run_name="from-0.1")
@@ -45,11 +53,7 @@ def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
 def test_an_empty_store_left_by_a_bare_mlflow_ui_gives_way_to_the_legacy_one(tmp_path):
     import mlflow
 
-    root = tmp_path / "repo"
-    (root / ".git").mkdir(parents=True)
-    legacy = root / "mlruns" / "mlflow.db"
-    legacy.parent.mkdir()
-    mlflow.set_tracking_uri(f"sqlite:///{legacy}")
+    root, legacy = _legacy_repo(tmp_path)
     run = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("onecycle"))
     # what a bare `mlflow ui` leaves: a store with no runs (made elsewhere: this process keeps no handle on it)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'bare.db'}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -49,27 +48,10 @@ SPACE_CONFIG = "demo.json"
 SPACE_REQUIREMENTS = ("torch", "torchvision", "albumentations", "numpy", "pillow", "pydantic", "pyyaml")
 # Spaces' free hardware is CPU: the CPU build of torch is a fraction of the CUDA one's size.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-DEMO_OFFLINE_DEFAULTS = {
-    "GRADIO_ANALYTICS_ENABLED": "False",  # Gradio: no usage analytics, no version check against its server
-    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub (a Gradio dependency): no telemetry
-}
 CSS = """
 #input-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #examples .gallery-item .container, #examples .gallery-item img { width: 56px; height: 56px; object-fit: contain; }
 """
-
-
-def telemetry_off() -> None:
-    """Gradio's analytics and the Hugging Face Hub's telemetry off before gradio is imported.
-
-    As with ``import onecycle``'s offline defaults: a value the user set wins, and ONECYCLE_TELEMETRY=1
-    leaves the libraries at their own defaults.
-    """
-    import onecycle
-
-    if not getattr(onecycle, "telemetry_allowed", lambda: False)():
-        for name, value in DEMO_OFFLINE_DEFAULTS.items():
-            os.environ.setdefault(name, value)
 
 
 @dataclass
@@ -181,7 +163,6 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
     ``predict``, ``ds`` and ``augment_eval`` are what :func:`inference.load_predictor` returns. The
     classification endpoint is named ``classify`` (``/gradio_api/call/classify`` for API clients).
     """
-    telemetry_off()
     try:
         import gradio as gr
     except ImportError:
@@ -209,7 +190,7 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
 
     channels = "grayscale" if c == 1 else "RGB"
     # delete_cache: uploaded images are removed an hour after upload, and all of them when the server stops
-    with gr.Blocks(title="onecycle demo", delete_cache=(600, 3600)) as demo:  # analytics: telemetry_off()
+    with gr.Blocks(title="onecycle demo", delete_cache=(600, 3600)) as demo:  # analytics off: onecycle.OFFLINE_DEFAULTS
         gr.Markdown(
             f"## onecycle demo: {ds.name}\n"
             f"Upload or drop an image, paste one, or pick an example from the test split: the model answers "
@@ -389,7 +370,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(params, args) -> int:
-    telemetry_off()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop as Ctrl-C does, temporary files removed
     try:
         return _serve(params, args)

@@ -117,9 +117,8 @@ def load_predictor(model_path: Path | None, model_uri: str | None, device: torch
     if model_uri:
         import mlflow
 
-        from .tracking import configure, quiet_mlflow
+        from .tracking import configure
 
-        quiet_mlflow()
         configure(None, root)  # only to point MLflow at the project's store (or MLFLOW_TRACKING_URI)
         try:
             info = mlflow.models.get_model_info(model_uri)

@@ -106,20 +106,19 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
         return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args=engine_kwargs.get("connect_args", {}))
+    if backend.startswith("postgres"):
+        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
+    else:
+        lock, unlock = "SELECT GET_LOCK('onecycle_optuna_schema', 600)", "SELECT RELEASE_LOCK('onecycle_optuna_schema')"
+    args = {"k": _PG_LOCK_KEY} if backend.startswith("postgres") else {}
     try:
         with engine.connect() as conn:
-            if backend.startswith("postgres"):
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
-            else:
-                conn.execute(sqlalchemy.text("SELECT GET_LOCK('onecycle_optuna_schema', 600)"))
+            conn.execute(sqlalchemy.text(lock), args)
             conn.commit()
             try:
                 yield
             finally:
-                if backend.startswith("postgres"):
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
-                else:
-                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK('onecycle_optuna_schema')"))
+                conn.execute(sqlalchemy.text(unlock), args)
                 conn.commit()
     finally:
         engine.dispose()

@@ -106,11 +106,6 @@ def mlflow():
     return _mlflow
 
 
-def quiet_mlflow() -> None:
-    """MLflow warns about things users cannot act on (pip version inference, git, etc.)."""
-    mlflow()
-
-
 def configure(experiment: str | None, root: Path | None = None) -> str | None:
     """Point MLflow at the project's store and select ``experiment`` (None: only the store); return its id.
 
