@@ -437,6 +437,24 @@ def test_imagefolder_writes_index_csvs_and_meta(tmp_path, image_folder):
     assert data.fetch(c) == (out, False)
 
 
+def test_an_image_folder_in_the_workspace_is_found_relative_to_it_wherever_the_workspace_moves(tmp_path):
+    ws = tmp_path / "ws"
+    make_image_folder(ws / "images" / "pets")
+    c = DataConfig(dataset="imagefolder", source="images/pets")  # relative: the workspace's, not the cwd's
+    out, wrote = data.fetch(c, ws)
+    assert wrote and out == ws / "data" / "imagefolder"
+    assert json.loads((out / "meta.json").read_text())["source"] == "images/pets"
+    moved = ws.rename(tmp_path / "moved")
+    assert data.fetch(c, moved) == (moved / "data" / "imagefolder", False)
+    root, paths, _ = datamod.load_index(datamod.load_info(c, moved), "train")
+    assert root == (moved / "images" / "pets").resolve() and all((root / p).is_file() for p in paths)
+
+
+def test_a_missing_relative_image_folder_is_named_by_fetch(tmp_path):
+    with pytest.raises(DatasetError, match=r"data.source .*ws/images/none is not a folder"):
+        data.fetch(DataConfig(dataset="imagefolder", source="images/none"), tmp_path / "ws")
+
+
 def test_imagefolder_with_different_classes_in_train_and_val(tmp_path):
     root = make_image_folder(tmp_path / "images")
     for f in (root / "val" / "zebra").iterdir():

@@ -84,6 +84,13 @@ def test_dvc_yaml_outputs_match_the_workspace_paths():
         assert {str(getattr(ws, n)) for n in names} == declared, stage
 
 
+def test_the_fetch_stage_watches_the_image_folder_root():
+    from onecycle.fetch import WATCHED_IMAGES
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fetch"]["deps"]
+    assert str(WATCHED_IMAGES) in deps and (ROOT / WATCHED_IMAGES / "README.md").is_file()
+
+
 def test_params_yaml_and_the_code_defaults_are_the_same_values():
     from onecycle.config import load_params, parse_params
 

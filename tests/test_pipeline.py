@@ -76,18 +76,28 @@ def tiny_pipeline_params(path: Path) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    clone = tmp_path_factory.mktemp("pipeline") / "onecycle"
+def clone_of_this_repo(clone: Path) -> Path:
+    """A git clone of this repo at ``clone`` with the working tree's uncommitted source, dvc.yaml and params."""
     run(["git", "clone", "-q", str(REPO), str(clone)], cwd=clone.parent)
     # the working tree's uncommitted source and params too, so the test checks what is being changed
-    for rel in ("dvc.yaml", "params.yaml", "README.md"):
+    for rel in ("dvc.yaml", "params.yaml", "README.md", ".gitignore", "images/README.md"):
+        (clone / rel).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / rel, clone / rel)
     shutil.rmtree(clone / "src")
     shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return clone
+
+
+def commit_all(clone: Path, message: str) -> None:
+    run(["git", "add", "-A", "src", "images"], cwd=clone)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", message], cwd=clone, check=False)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    clone = clone_of_this_repo(tmp_path_factory.mktemp("pipeline") / "onecycle")
     tiny_pipeline_params(clone / "params.yaml")
-    run(["git", "add", "-A", "src"], cwd=clone)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=clone, check=False)
+    commit_all(clone, "tiny params")
     proc = run([BIN / "dvc", "repro"], cwd=clone, timeout=900)
     return {"path": clone, "repro": proc}
 
@@ -472,3 +482,52 @@ def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tm
     run([BIN / "dvc", "plots", "show", "-o", str(out)], cwd=clone)
     html = (out / "index.html").read_text()
     assert '"type": "log"' in html and "suggested_lr" in html and "optimizer step" in html
+
+
+def test_dvc_repro_re_indexes_an_image_folder_when_images_are_added_and_a_moved_clone_finds_it(tmp_path):
+    from conftest import make_image_folder
+
+    clone = clone_of_this_repo(tmp_path / "onecycle")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", source="images/pets")
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pets = make_image_folder(clone / "images" / "pets")
+    commit_all(clone, "an image folder")
+    assert run(["git", "status", "--porcelain", "images"], cwd=clone).stdout == ""  # images are not source
+    first = run([BIN / "dvc", "repro", "fetch"], cwd=clone)
+    assert "Running stage 'fetch'" in first.stdout and "note:" not in first.stdout
+    meta = json.loads((clone / "data/imagefolder/meta.json").read_text())
+    assert meta["source"] == "images/pets" and meta["num_train"] == 9  # relative: valid in any clone
+    assert _dvc_status(clone).get("fetch") is None
+    locked = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+
+    shutil.copy(pets / "train/cat/cat_0.jpg", pets / "train/cat/cat_new.jpg")
+    assert "fetch" in _dvc_status(clone)  # DVC sees the new image
+    again = run([BIN / "dvc", "repro", "fetch"], cwd=clone)
+    assert "Running stage 'fetch'" in again.stdout
+    assert json.loads((clone / "data/imagefolder/meta.json").read_text())["num_train"] == 10
+    assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["fetch"]["outs"] != locked
+
+    # another dataset under images/ re-runs fetch, but this dataset's index (the stages after it) is unchanged
+    locked = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+    make_image_folder(clone / "images" / "other", classes=("a", "b"))
+    run([BIN / "dvc", "repro", "fetch"], cwd=clone)
+    assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["fetch"]["outs"] == locked
+
+    moved = shutil.move(clone, tmp_path / "elsewhere")  # the workspace moves (or another clone gets the data)
+    up_to_date = run([BIN / "onecycle", "fetch"], cwd=moved)
+    assert up_to_date.stdout.startswith("up to date: imagefolder")
+    assert f"from {Path(moved).resolve() / 'images' / 'pets'}" in up_to_date.stdout
+
+
+def test_fetch_says_when_dvc_cannot_watch_an_image_folder(tmp_path):
+    from conftest import make_image_folder
+
+    clone = clone_of_this_repo(tmp_path / "onecycle")
+    outside = make_image_folder(tmp_path / "outside")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", source=str(outside))
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([BIN / "onecycle", "fetch"], cwd=clone).stdout
+    assert f"note: {outside.resolve()} is outside images/" in out and "dvc repro -f fetch" in out
+    assert json.loads((clone / "data/imagefolder/meta.json").read_text())["source"] == str(outside.resolve())

@@ -51,7 +51,9 @@ class DataConfig(_Section):
     def _imagefolder_needs_source(self) -> DataConfig:
         if self.dataset == "imagefolder" and not self.source:
             raise ValueError("data.source: must name a folder with train/ and val/ when data.dataset is imagefolder")
-        if self.dataset == "imagefolder" and not Path(self.source).expanduser().is_dir():
+        # A relative folder is the workspace's (images/<name>): fetch checks it there, where it runs.
+        source = Path(self.source).expanduser() if self.source else None
+        if self.dataset == "imagefolder" and source.is_absolute() and not source.is_dir():
             raise ValueError(f"data.source must be an existing folder with train/ and val/ when data.dataset is "
                              f"imagefolder; {self.source!r} is not a folder")
         return self

@@ -4,7 +4,8 @@
   ``train_y.npy`` / ``test_y.npy`` (int64) and ``meta.json`` (class names, split sizes, image shape,
   per-channel mean/std of the training split in [0, 1] units, source and checksums);
 * imagefolder: ``train.csv`` / ``test.csv`` (relative path, label) and ``meta.json``; images stay where
-  they are (``data.source``), the ``val/`` folder serving as the test split.
+  they are (``data.source``, recorded relative to the workspace when inside it, so a clone or a moved
+  workspace still finds them), the ``val/`` folder serving as the test split.
 
 A validation split of ``data.val_size`` examples is held out of the training split at load time.
 Writing these folders is the fetch stage's job (``fetch.py``).
@@ -73,9 +74,12 @@ def load_info(data_cfg, root: Path | None = None) -> DatasetInfo:
         raise DatasetError(f"{path} is corrupt: delete {out} and run `onecycle fetch` again") from None
     if not outputs_intact(out, meta):
         raise DatasetError(f"{out} is incomplete: delete it and run `onecycle fetch` again")
+    source = str(meta["source"])
+    if data_cfg.dataset == "imagefolder" and not Path(source).is_absolute():  # fetch writes it relative to the workspace
+        source = str((Path(root if root is not None else ".") / source).resolve())
     return DatasetInfo(name=data_cfg.dataset, classes=list(meta["classes"]), num_train=int(meta["num_train"]),
                        num_test=int(meta["num_test"]), image_shape=tuple(meta["image_shape"]),
-                       mean=list(meta["mean"]), std=list(meta["std"]), source=str(meta["source"]), folder=out)
+                       mean=list(meta["mean"]), std=list(meta["std"]), source=source, folder=out)
 
 
 def load_arrays(info: DatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,9 @@ from .errors import DatasetError
 log = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# dvc.yaml's fetch stage depends on this folder: image folders under it are re-indexed by `dvc repro`
+# when images are added or removed (DVC cannot depend on a folder that only some configs name).
+WATCHED_IMAGES = Path("images")
 FASHION_MNIST_MIRRORS = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
 # name: (file, md5 of the published .gz, md5 of the decompressed IDX payload). Debian's package ships
 # the same payload recompressed, so either checksum proves the content.
@@ -146,13 +149,27 @@ def read_idx(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def _fashion_source(data_cfg, cache: Path) -> tuple[Path, str]:
+def source_path(data_cfg, workspace: Path | None = None) -> Path:
+    """The folder ``data.source`` names, a relative path taken from the workspace (default: the cwd)."""
+    src = Path(data_cfg.source).expanduser()
+    return (src if src.is_absolute() else Path(workspace or ".") / src).resolve()
+
+
+def _portable(root: Path, workspace: Path | None) -> str:
+    """``root`` relative to the workspace when inside it (a clone elsewhere still finds it), else absolute."""
+    try:
+        return root.relative_to(Path(workspace or ".").resolve()).as_posix()
+    except ValueError:
+        return str(root)
+
+
+def _fashion_source(data_cfg, cache: Path, workspace: Path | None) -> tuple[Path, str]:
     if data_cfg.source:
-        src = Path(data_cfg.source).expanduser()
+        src = source_path(data_cfg, workspace)
         if not src.is_dir():
             raise DatasetError(f"data.source {src} is not a folder; point it at the four Fashion-MNIST .gz files "
                                "or set it to null to use the Debian package / download")
-        return src, str(src)
+        return src, _portable(src, workspace)
     if all((DEBIAN_FASHION_MNIST / f).is_file() for f, _, _ in FASHION_MNIST_FILES.values()):
         return DEBIAN_FASHION_MNIST, "debian:dataset-fashion-mnist"
     log.info("Debian's dataset-fashion-mnist is not installed; downloading Fashion-MNIST")
@@ -168,8 +185,8 @@ def _fashion_source(data_cfg, cache: Path) -> tuple[Path, str]:
                        "or set data.source to a folder holding the four .gz files")
 
 
-def _fetch_fashion_mnist(data_cfg, tmp: Path, cache: Path) -> dict[str, Any]:
-    src, origin = _fashion_source(data_cfg, cache)
+def _fetch_fashion_mnist(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None) -> dict[str, Any]:
+    src, origin = _fashion_source(data_cfg, cache, workspace)
     checksums = {}
     for key, (filename, gz_md5, raw_md5) in FASHION_MNIST_FILES.items():
         path = src / filename
@@ -235,14 +252,14 @@ def safe_members(tar: tarfile.TarFile, target: Path) -> list[tarfile.TarInfo]:
     return members
 
 
-def _fetch_cifar(data_cfg, tmp: Path, cache: Path) -> dict[str, Any]:
+def _fetch_cifar(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None) -> dict[str, Any]:
     spec = CIFAR[data_cfg.dataset]
     if data_cfg.source:
-        src = Path(data_cfg.source).expanduser()
+        src = source_path(data_cfg, workspace)
         archive = src / spec["filename"] if src.is_dir() else src
         if not archive.is_file():
             raise DatasetError(f"data.source {src} does not hold {spec['filename']}; set data.source to null to download it")
-        origin = str(archive)
+        origin = _portable(archive, workspace)
     else:
         archive = _download(spec["url"], cache, spec["filename"], spec["md5"])
         origin = spec["url"]
@@ -308,9 +325,10 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, str]
     return classes, items
 
 
-def _imagefolder_index(data_cfg) -> tuple[Path, list[str], dict[str, list[tuple[str, str]]], dict[str, str]]:
+def _imagefolder_index(data_cfg, workspace: Path | None = None
+                       ) -> tuple[Path, list[str], dict[str, list[tuple[str, str]]], dict[str, str]]:
     """(root, classes, {split: [(relative path, class)]}, {csv name: csv text}) of an image folder."""
-    root = Path(data_cfg.source).expanduser().resolve()
+    root = source_path(data_cfg, workspace)
     if not root.is_dir():
         raise DatasetError(f"data.source {root} is not a folder; it must hold train/<class>/ and val/<class>/")
     train_classes, train_items = _list_split(root, "train")
@@ -331,19 +349,20 @@ def _imagefolder_index(data_cfg) -> tuple[Path, list[str], dict[str, list[tuple[
     return root, train_classes, {"train": train_items, "test": val_items}, texts
 
 
-def _imagefolder_unchanged(data_cfg, old_meta: dict) -> bool:
+def _imagefolder_unchanged(data_cfg, old_meta: dict, workspace: Path | None) -> bool:
     """Whether the image folder still lists exactly the images the fetched index holds."""
     try:
-        *_, texts = _imagefolder_index(data_cfg)
+        *_, texts = _imagefolder_index(data_cfg, workspace)
     except DatasetError:
         return False  # fetch again, and let it report what is wrong
     return old_meta.get("checksums") == {name: hashlib.md5(text.encode()).hexdigest() for name, text in texts.items()}
 
 
-def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> dict[str, Any]:
+def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None, sample: int = 32
+                       ) -> dict[str, Any]:
     from PIL import Image
 
-    root, train_classes, items, texts = _imagefolder_index(data_cfg)
+    root, train_classes, items, texts = _imagefolder_index(data_cfg, workspace)
     train_items, val_items = items["train"], items["test"]
     rng = random.Random(0)
     for rel, _ in rng.sample(train_items, min(sample, len(train_items))) + rng.sample(val_items, min(sample, len(val_items))):
@@ -355,7 +374,7 @@ def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, sample: int = 32) -> di
     for name, text in texts.items():
         (tmp / name).write_bytes(text.encode())
     return {
-        "classes": train_classes, "source": str(root), "num_train": len(train_items), "num_test": len(val_items),
+        "classes": train_classes, "source": _portable(root, workspace), "num_train": len(train_items), "num_test": len(val_items),
         "image_shape": [224, 224, 3], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         "checksums": {"train.csv": md5sum(tmp / "train.csv"), "test.csv": md5sum(tmp / "test.csv")},
     }
@@ -382,11 +401,11 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
             old = {}
         # An image folder is read in place: images added or removed since the last fetch change the index.
         if (all(old.get(k) == v for k, v in wanted.items()) and outputs_intact(out, old)
-                and (data_cfg.dataset != "imagefolder" or _imagefolder_unchanged(data_cfg, old))):
+                and (data_cfg.dataset != "imagefolder" or _imagefolder_unchanged(data_cfg, old, workspace))):
             return out, False
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_cfg.dataset}.", dir=root))
     try:
-        meta = FETCHERS[data_cfg.dataset](data_cfg, tmp, cache)
+        meta = FETCHERS[data_cfg.dataset](data_cfg, tmp, cache, workspace)
         if data_cfg.dataset != "imagefolder":
             train_x = np.load(tmp / "train_x.npy", mmap_mode="r")
             test_x = np.load(tmp / "test_x.npy", mmap_mode="r")
@@ -412,6 +431,11 @@ def _run(params, args) -> int:
     state = "fetched" if wrote else "up to date:"
     print(f"{state} {info.name} -> {out} ({info.num_train} train / {info.num_test} test images, "
           f"{info.num_classes} classes, {'x'.join(map(str, info.image_shape))}, from {info.source})")
+    watched = WATCHED_IMAGES.resolve()
+    source = Path(info.source)
+    if params.data.dataset == "imagefolder" and watched != source and watched not in source.parents:
+        print(f"note: {source} is outside {WATCHED_IMAGES}/, so `dvc repro` does not see images added there; "
+              f"move it under {WATCHED_IMAGES}/ or run `dvc repro -f fetch` after changing it")
     return 0
 
 
