@@ -179,7 +179,7 @@ def test_the_training_run_holds_train_test_and_lr_finder_links(repo):
     run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
     run_ = client.get_run(run_id)
     assert run_.info.status == "FINISHED"
-    assert run_.data.metrics["test/top1"] == pytest.approx(
+    assert run_.data.metrics["test_top1"] == pytest.approx(
         json.loads((clone / "reports/metrics.json").read_text())["test"]["top1"])
     lr_run = json.loads((clone / "reports/lr_find.json").read_text())["mlflow_run_id"]
     assert run_.data.tags["lr_find_run_id"] == lr_run
@@ -255,7 +255,7 @@ def test_mlflow_ui_shows_the_run_and_its_artifacts(repo):
         run_id = json.loads((clone / "reports/runs.json").read_text())["train"]
         got = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30).read())
         metrics = {m["key"] for m in got["run"]["data"]["metrics"]}
-        assert {"val/top1", "train/loss", "test/top1", "lr"} <= metrics
+        assert {"val/top1", "train/loss", "test_top1", "lr"} <= metrics
         hist = json.loads(urllib.request.urlopen(
             f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val/top1", timeout=30).read())
         assert [m["step"] for m in hist["metrics"]] == [1, 2]
@@ -307,6 +307,21 @@ def test_a_bare_mlflow_client_and_mlflow_ui_in_the_clone_see_the_runs(repo, tmp_
         ui.wait(timeout=30)
 
 
+def mlflow_chart_order(keys) -> list[str]:
+    """The order of a run page's metric charts in MLflow 3.17 (RunsChartsCardConfig.getBaseChartAndSectionConfigs):
+    sections named by the key's part before the last "/", sorted, then "Model metrics" (no prefix), then
+    "System metrics" (system/); charts sorted by key within a section."""
+    def section(key: str) -> tuple[int, str]:
+        prefix = key.rpartition("/")[0]
+        return (2, "") if prefix == "system" else (1, "") if not prefix else (0, prefix.lower())
+    return sorted(keys, key=lambda k: (section(k), k))
+
+
+def test_mlflow_chart_order_follows_the_ui_rules():
+    keys = ["system/cpu", "lr", "b/x", "a/z", "a/y", "test_top1"]
+    assert mlflow_chart_order(keys) == ["a/y", "a/z", "b/x", "lr", "test_top1", "system/cpu"]
+
+
 def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(repo, tmp_path):
     from onecycle import tracking
     from onecycle.config import load_params
@@ -327,16 +342,20 @@ def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(
     assert {d.name: d.digest for d in inputs.values()} == {d.name: d.digest for d in elsewhere.values()}
     metrics = set(run_.data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_percentage"} <= metrics
-    assert not [k for k in metrics if k.startswith("test/class_top1/")]  # one table, not a chart per class
+    assert not [k for k in metrics if k.startswith(("test/class_top1/", "test_class"))]  # a table, not a chart per class
+    # The run page's first charts are the learning curves (MLflow 3.17's section order, see mlflow_chart_order)
+    first = mlflow_chart_order(metrics)
+    assert first[:5] == ["train/loss", "train/top1", "val/loss", "val/top1", "val/top5"], first
+    assert first.index("test_top1") > first.index("val/top5") and first[-1].startswith("system/")
     table = json.loads(Path(client.download_artifacts(run_id, "evaluate/per_class.json", str(tmp_path))).read_text())
     assert table["columns"][:2] == ["class", "support"] and len(table["data"]) == 10
     assert {"path": "evaluate/per_class.json", "type": "table"} in json.loads(run_.data.tags["mlflow.loggedArtifacts"])
     assert "evaluate/per_class.csv" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
     model = client.get_logged_model(tracking.model_of_run(run_id))
     linked = {m.key: m for m in model.metrics}
-    assert linked["test/top1"].dataset_name == "fashion_mnist-test"
-    assert linked["test/top1"].dataset_digest == inputs["testing"].digest
-    assert linked["test/top1"].value == pytest.approx(run_.data.metrics["test/top1"])
+    assert linked["test_top1"].dataset_name == "fashion_mnist-test"
+    assert linked["test_top1"].dataset_digest == inputs["testing"].digest
+    assert linked["test_top1"].value == pytest.approx(run_.data.metrics["test_top1"])
 
 
 def test_dvc_experiments_carry_their_name_into_mlflow(repo):
@@ -373,7 +392,7 @@ def test_queued_experiments_log_to_the_workspace_store(repo):
     new = {r.data.tags.get("dvc_exp_name"): r for r in runs if r.info.run_id not in before}
     assert {"q1", "q2"} <= set(new)
     assert new["q1"].data.params["schedule.max_lr"] == "0.03"
-    assert new["q2"].data.metrics["test/top1"] > 0
+    assert new["q2"].data.metrics["test_top1"] > 0
     assert not list(clone.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing stranded in the temp copies
 
 

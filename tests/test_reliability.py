@@ -541,7 +541,7 @@ def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
     run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
     evaluate.run(params, Workspace(tmp_path))
     run = _client(tmp_path).get_run(run_id)
-    assert run.info.status == "FAILED" and "test/top1" in run.data.metrics
+    assert run.info.status == "FAILED" and "test_top1" in run.data.metrics
 
 
 # ------------------------------------------------------------------------------------------ secrets

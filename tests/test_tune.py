@@ -493,7 +493,10 @@ def test_sigterm_marks_the_running_trial_failed_and_its_mlflow_run_killed(workdi
         time.sleep(0.2)
     worker.send_signal(signal.SIGTERM)
     out = worker.communicate(timeout=300)[0]
-    assert worker.returncode == 130, out[-3000:]
+    # 130, or death by SIGINT after the cleanup (a shell shows both as 130): seen once in six runs, when the signal
+    # landed inside torch's lazy import of torch._inductor at the trial's start; the trial and runs still end right
+    assert worker.returncode in (130, -signal.SIGINT), out[-3000:]
+    assert "onecycle tune: interrupted" in out
     trials = _study(workdir).get_trials()
     assert [t.state.name for t in trials] == ["FAIL"]
     client, parents, nested = _runs(workdir)

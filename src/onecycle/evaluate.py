@@ -3,7 +3,7 @@
 Writes ``reports/metrics.json`` (DVC metrics: the headline numbers only, see :func:`headline_class_metrics`),
 ``reports/per_class.csv``, ``reports/predictions.csv``
 (actual/predicted pairs, DVC's confusion-matrix plot), ``reports/confusion_matrix.png`` and
-``reports/misclassified.png``, and logs all of it into the training's MLflow run (``test/*``).
+``reports/misclassified.png``, and logs all of it into the training's MLflow run (``test_*``).
 The test split is touched here and nowhere else.
 """
 
@@ -190,8 +190,9 @@ def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]
     test_set = tracking.datasets(params.data, ws.root, ["test"])
     with mlflow.start_run(run_id=run_id):
         tracking.log_datasets(test_set)
-        # linked to the logged model and the test dataset (the model's page and the metric's dataset column)
-        mlflow.log_metrics({f"test/{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
+        # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
+        # unprefixed like mlflow.evaluate's, so the run page shows them after the learning curves (loop.METRIC_KEYS)
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
                            model_id=tracking.model_of_run(run_id), dataset=test_set["test"])
         mlflow.set_tag("test/worst_class", metrics["test"]["worst_class"])
         _log_per_class_table(run_id, table)

@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
                    "epoch_seconds", "images_per_second"]
 # history row key -> MLflow metric key
+# MLflow's run page groups charts by the prefix before "/", sections in alphabetical order, then the
+# unprefixed ones ("Model metrics"), then system/: so the learning curves (train/, val/) come first, the
+# summaries after them (val_best/, wall_clock/), then the per-step lr/momentum and the test results.
 METRIC_KEYS = {"train_loss": "train/loss", "train_top1": "train/top1", "val_loss": "val/loss", "val_top1": "val/top1",
-               "val_top5": "val/top5", "lr": "epoch/lr", "momentum": "epoch/momentum",
-               "epoch_seconds": "epoch/seconds", "images_per_second": "epoch/images_per_second"}
+               "val_top5": "val/top5", "epoch_seconds": "wall_clock/epoch_seconds",
+               "images_per_second": "wall_clock/images_per_second"}
 # Keys that do not change what training computes (so a resumed run may differ in them).
 NEUTRAL_KEYS = {"data.num_workers", "train.resume", "train.checkpoint_every", "train.threads", "train.compile",
                 "mlflow.experiment", "mlflow.registered_model", "mlflow.log_checkpoints", "mlflow.system_metrics",

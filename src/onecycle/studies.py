@@ -69,7 +69,7 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
         # several workers on one SQLite file wait for each other's writes rather than fail at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
-        from optuna.storages import RetryFailedTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         with _schema_lock(url, engine_kwargs), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -77,7 +77,7 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
             # FAIL after the grace period and run again once by another worker.
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                                                  grace_period=2 * HEARTBEAT_S,
-                                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"{key}: cannot open {mask(url)}: {reason}") from None

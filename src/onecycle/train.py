@@ -317,7 +317,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
     def metrics() -> None:
         if not logger.flush():
             raise OneCycleError("MLflow is not reachable: the epochs' metrics could not be logged")
-        mlflow.log_metrics({"best/val_top1": max(result.best_top1, 0.0), "best/epoch": result.best_epoch,
+        mlflow.log_metrics({"val_best/top1": max(result.best_top1, 0.0), "val_best/epoch": result.best_epoch,
                             "total_seconds": result.seconds})
 
     def checkpoints() -> None:
