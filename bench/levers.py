@@ -40,7 +40,7 @@ LEVERS: list[tuple[str, dict]] = [
 
 
 def measure(params, overrides: dict, batches: int) -> tuple[float, int]:
-    """Training images/s of one short epoch of ``params`` with ``overrides`` (after a 3-batch warm-up)."""
+    """Training images/s of one short epoch of ``params`` with ``overrides`` (after an 8-batch warm-up: the shortest One Cycle schedule check_fits accepts is 5 steps)."""
     from onecycle.engine import build_setup, configure_threads
     from onecycle.loop import fit
 
@@ -48,7 +48,7 @@ def measure(params, overrides: dict, batches: int) -> tuple[float, int]:
     merged = {k: dict(v) for k, v in overrides.items()}
     bs = merged.get("data", {}).get("batch_size", params.data.batch_size)
     merged.setdefault("train", {}).update(epochs=1)
-    warm = params.replace(**{**merged, "data": {**merged.get("data", {}), "train_subset": 3 * bs}})
+    warm = params.replace(**{**merged, "data": {**merged.get("data", {}), "train_subset": 8 * bs}})
     p = params.replace(**{**merged, "data": {**merged.get("data", {}), "train_subset": batches * bs}})
     fit(warm, build_setup(warm, with_val=False), 0.05, progress=False)
     setup = build_setup(p, with_val=False)

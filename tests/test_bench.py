@@ -40,3 +40,22 @@ def test_gpu_bench_without_a_gpu_says_nothing_was_measured():
         pytest.skip("a CUDA GPU is visible: the no-GPU message cannot be shown")
     out = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no CUDA GPU is visible; nothing measured" in out.stderr
+
+
+def test_every_quality_lever_is_a_valid_change_of_the_default_params():
+    """bench/quality.py's levers stay valid params as the config evolves (the training itself is the bench's)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    found = json.loads((ROOT / "reports/lr_find.json").read_text())["suggestions"]
+    suggested = found[yaml.safe_load((ROOT / "params.yaml").read_text())["lr_find"]["suggestion"]]
+    default = quality.lever_params("default", seed=1)
+    assert default.schedule.max_lr == pytest.approx(suggested) and default.train.seed == 1
+    assert quality.lever_params("steepest", seed=0).schedule.max_lr == pytest.approx(found["steepest"])
+    assert quality.lever_params("x1.5", seed=0).schedule.max_lr == pytest.approx(1.5 * suggested)
+    for name in quality.LEVERS:
+        changed = quality.lever_params(name, seed=0).flat()
+        assert changed["mlflow.system_metrics"] is False and changed["data.root"].endswith("data")

@@ -1,0 +1,107 @@
+"""Validation top-1 per accuracy lever: the default training with one change at a time, measured in one run.
+
+Levers are chosen on the validation split only (the test split is evaluate's alone). Each lever trains the
+default pipeline's model (``params.yaml`` with the lever's overrides; ``schedule.max_lr: auto`` resolved from
+the committed ``reports/lr_find.json`` suggestions, as the train stage does) in a temporary workspace with
+the real trainer, then evaluates the validation split plain and with flip test-time augmentation. Prints one
+table row per lever: max_lr, val top-1 (plain, flip), val loss (flip), training seconds. Nothing else may
+train meanwhile (2 cores: two trainings slow each other ~8x).
+
+``python bench/quality.py [--levers default,steepest] [--seed 0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVERS = {
+    "default": {},
+    "steepest": {"lr_find": {"suggestion": "steepest"}},  # max_lr = the steepest descent (~1.9x minimum here)
+    "x1.5": {"max_lr_scale": 1.5},  # max_lr = 1.5x the configured suggestion
+    "x2.5": {"max_lr_scale": 2.5},
+    "x4": {"max_lr_scale": 4.0},
+    "pct_start_0.15": {"schedule": {"pct_start": 0.15}},
+    "smoothing_0.1": {"train": {"label_smoothing": 0.1}},
+    "no_nesterov": {"optimizer": {"nesterov": False}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def lever_params(name: str, seed: int):
+    from onecycle.config import parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    extra = dict(LEVERS[name])
+    scale = extra.pop("max_lr_scale", 1.0)
+    raw = merge(raw, extra)
+    raw["data"]["root"] = str(ROOT / raw["data"]["root"])
+    raw["train"]["seed"] = seed
+    raw["mlflow"]["system_metrics"] = False
+    if raw["schedule"]["max_lr"] == "auto":
+        found = json.loads((ROOT / "reports" / "lr_find.json").read_text())
+        raw["schedule"]["max_lr"] = found["suggestions"][raw["lr_find"]["suggestion"]] * scale
+    return parse_params(raw)
+
+
+def measure(name: str, seed: int) -> dict:
+    import torch
+
+    from onecycle import train
+    from onecycle.data import load_info
+    from onecycle.engine import evaluate
+    from onecycle.loaders import build_split, make_loader
+    from onecycle.modelfile import load_model_bundle
+    from onecycle.paths import Workspace
+
+    params = lever_params(name, seed)
+    with tempfile.TemporaryDirectory(prefix="quality.") as tmp:
+        ws = Workspace(Path(tmp))
+        t = time.perf_counter()
+        rc = train.run(params, ws, progress=False)
+        seconds = time.perf_counter() - t
+        if rc != 0:
+            raise SystemExit(f"{name}: training exited {rc}")
+        model, _, _ = load_model_bundle(ws.model)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    val = make_loader(build_split(params, load_info(params.data), "val", train_augment=False),
+                      params.data.batch_size, shuffle=False, seed=0, num_workers=0)
+    plain = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="none")
+    flip = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="flip")
+    return {"lever": name, "max_lr": params.schedule.max_lr, "val_top1": plain["top1"],
+            "val_top1_flip": flip["top1"], "val_loss_flip": flip["loss"], "train_seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levers", default="default,steepest", help=f"comma-separated, of: {', '.join(LEVERS)}")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    names = [n.strip() for n in args.levers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
+    print("| lever | max_lr | val top-1 | val top-1, flip TTA | val loss, flip | train seconds |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        r = measure(name, args.seed)
+        print(f"| {r['lever']} | {r['max_lr']:.4f} | {r['val_top1']:.4f} | {r['val_top1_flip']:.4f} | "
+              f"{r['val_loss_flip']:.4f} | {r['train_seconds']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
