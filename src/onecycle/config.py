@@ -134,7 +134,7 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    suggestion: Literal["steepest", "valley", "minimum"] = "minimum"
+    suggestion: Literal["steepest", "valley", "minimum"] = "steepest"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:
