@@ -175,7 +175,8 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     report = json.loads((workdir / "reports/lr_find.json").read_text())
     assert len(report["lrs"]) == 20 == len(report["smoothed"])
     assert set(report["suggestions"]) == {"steepest", "valley", "minimum"}
-    assert report["suggested_lr"] == report["suggestions"]["minimum"]
+    chosen = load_params(workdir / "params.yaml").lr_find.suggestion
+    assert report["suggestion"] == chosen and report["suggested_lr"] == report["suggestions"][chosen]
     assert (workdir / "reports/lr_find.png").stat().st_size > 10_000
     rows = (workdir / "reports/lr_find.csv").read_text().splitlines()
     assert rows[0] == "lr,loss,smoothed_loss,suggested_lr,suggestion" and len(rows) == 21

@@ -151,7 +151,8 @@ def test_dvc_metrics_show_has_the_test_and_train_metrics(repo):
 def test_reports_and_plots_are_complete(repo):
     clone = repo["path"]
     lr = json.loads((clone / "reports/lr_find.json").read_text())
-    assert len(lr["lrs"]) <= 15 and lr["suggested_lr"] == lr["suggestions"]["minimum"]
+    chosen = yaml.safe_load((clone / "params.yaml").read_text())["lr_find"]["suggestion"]
+    assert len(lr["lrs"]) <= 15 and lr["suggestion"] == chosen and lr["suggested_lr"] == lr["suggestions"][chosen]
     history = (clone / "reports/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss,train_top1,val_loss,val_top1,val_top5,lr,momentum")
     assert len(history) == 3
@@ -496,7 +497,7 @@ def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tm
     values = range_test["data"]["values"]
     (suggested,) = {float(v["suggested_lr"]) for v in values}
     assert suggested == pytest.approx(suggested_lr)
-    assert {v["suggestion"] for v in values} == {"minimum"}
+    assert {v["suggestion"] for v in values} == {params["lr_find"]["suggestion"]}
     out = tmp_path / "html"
     run([BIN / "dvc", "plots", "show", "-o", str(out)], cwd=clone)
     html = (out / "index.html").read_text()
