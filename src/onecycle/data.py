@@ -25,6 +25,21 @@ from .errors import DatasetError
 FORMAT_VERSION = 1
 
 
+def in_workspace(path: str | Path, root: Path | None = None) -> Path:
+    """``path`` made absolute (``~`` expanded), a relative one taken from the workspace ``root`` (default: the cwd)."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else Path(root if root is not None else ".") / p).resolve()
+
+
+def workspace_relative(path: Path, root: Path | None = None) -> str:
+    """``path`` relative to the workspace ``root`` when inside it (so valid in any clone of it), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path(root if root is not None else ".").resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def dataset_dir(data_cfg, root: Path | None = None) -> Path:
     """``data.root``/``data.dataset``, with a relative ``data.root`` taken from ``root`` (default: the cwd)."""
     base = Path(data_cfg.root).expanduser()
@@ -76,7 +91,7 @@ def load_info(data_cfg, root: Path | None = None) -> DatasetInfo:
         raise DatasetError(f"{out} is incomplete: delete it and run `onecycle fetch` again")
     source = str(meta["source"])
     if data_cfg.dataset == "imagefolder" and not Path(source).is_absolute():  # fetch writes it relative to the workspace
-        source = str((Path(root if root is not None else ".") / source).resolve())
+        source = str(in_workspace(source, root))
     return DatasetInfo(name=data_cfg.dataset, classes=list(meta["classes"]), num_train=int(meta["num_train"]),
                        num_test=int(meta["num_test"]), image_shape=tuple(meta["image_shape"]),
                        mean=list(meta["mean"]), std=list(meta["std"]), source=source, folder=out)

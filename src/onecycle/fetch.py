@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .cli import run_command
-from .data import FORMAT_VERSION, dataset_dir, load_info, outputs_intact
+from .data import FORMAT_VERSION, dataset_dir, in_workspace, load_info, outputs_intact, workspace_relative
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -149,27 +149,13 @@ def read_idx(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def source_path(data_cfg, workspace: Path | None = None) -> Path:
-    """The folder ``data.source`` names, a relative path taken from the workspace (default: the cwd)."""
-    src = Path(data_cfg.source).expanduser()
-    return (src if src.is_absolute() else Path(workspace or ".") / src).resolve()
-
-
-def _portable(root: Path, workspace: Path | None) -> str:
-    """``root`` relative to the workspace when inside it (a clone elsewhere still finds it), else absolute."""
-    try:
-        return root.relative_to(Path(workspace or ".").resolve()).as_posix()
-    except ValueError:
-        return str(root)
-
-
 def _fashion_source(data_cfg, cache: Path, workspace: Path | None) -> tuple[Path, str]:
     if data_cfg.source:
-        src = source_path(data_cfg, workspace)
+        src = in_workspace(data_cfg.source, workspace)
         if not src.is_dir():
             raise DatasetError(f"data.source {src} is not a folder; point it at the four Fashion-MNIST .gz files "
                                "or set it to null to use the Debian package / download")
-        return src, _portable(src, workspace)
+        return src, workspace_relative(src, workspace)
     if all((DEBIAN_FASHION_MNIST / f).is_file() for f, _, _ in FASHION_MNIST_FILES.values()):
         return DEBIAN_FASHION_MNIST, "debian:dataset-fashion-mnist"
     log.info("Debian's dataset-fashion-mnist is not installed; downloading Fashion-MNIST")
@@ -255,11 +241,11 @@ def safe_members(tar: tarfile.TarFile, target: Path) -> list[tarfile.TarInfo]:
 def _fetch_cifar(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None) -> dict[str, Any]:
     spec = CIFAR[data_cfg.dataset]
     if data_cfg.source:
-        src = source_path(data_cfg, workspace)
+        src = in_workspace(data_cfg.source, workspace)
         archive = src / spec["filename"] if src.is_dir() else src
         if not archive.is_file():
             raise DatasetError(f"data.source {src} does not hold {spec['filename']}; set data.source to null to download it")
-        origin = _portable(archive, workspace)
+        origin = workspace_relative(archive, workspace)
     else:
         archive = _download(spec["url"], cache, spec["filename"], spec["md5"])
         origin = spec["url"]
@@ -328,7 +314,7 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, str]
 def _imagefolder_index(data_cfg, workspace: Path | None = None
                        ) -> tuple[Path, list[str], dict[str, list[tuple[str, str]]], dict[str, str]]:
     """(root, classes, {split: [(relative path, class)]}, {csv name: csv text}) of an image folder."""
-    root = source_path(data_cfg, workspace)
+    root = in_workspace(data_cfg.source, workspace)
     if not root.is_dir():
         raise DatasetError(f"data.source {root} is not a folder; it must hold train/<class>/ and val/<class>/")
     train_classes, train_items = _list_split(root, "train")
@@ -374,7 +360,7 @@ def _fetch_imagefolder(data_cfg, tmp: Path, cache: Path, workspace: Path | None 
     for name, text in texts.items():
         (tmp / name).write_bytes(text.encode())
     return {
-        "classes": train_classes, "source": _portable(root, workspace), "num_train": len(train_items), "num_test": len(val_items),
+        "classes": train_classes, "source": workspace_relative(root, workspace), "num_train": len(train_items), "num_test": len(val_items),
         "image_shape": [224, 224, 3], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         "checksums": {"train.csv": md5sum(tmp / "train.csv"), "test.csv": md5sum(tmp / "test.csv")},
     }

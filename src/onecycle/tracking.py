@@ -218,15 +218,11 @@ def datasets(data_cfg, root: Path, splits: list[str], split_seed: int | None = N
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    from .data import dataset_dir
+    from .data import dataset_dir, workspace_relative
 
     folder = dataset_dir(data_cfg, root)
     files = json.loads((folder / "meta.json").read_text()).get("files") or {}
-    try:
-        source = folder.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:  # data.root outside the workspace
-        source = folder.resolve().as_posix()
-    return {split: MetaDataset(LocalArtifactDatasetSource(source), name=f"{data_cfg.dataset}-{split}",
+    return {split: MetaDataset(LocalArtifactDatasetSource(workspace_relative(folder, root)), name=f"{data_cfg.dataset}-{split}",
                                digest=split_digest(files, split, data_cfg.val_size, data_cfg.train_subset,
                                                    split_seed))
             for split in splits}
