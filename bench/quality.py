@@ -31,6 +31,8 @@ LEVERS = {
     "pct_start_0.15": {"schedule": {"pct_start": 0.15}},
     "smoothing_0.1": {"train": {"label_smoothing": 0.1}},
     "no_nesterov": {"optimizer": {"nesterov": False}},
+    "lookahead": {"train": {"average": "lookahead"}},  # airbench94's lookahead, the averaged weights at the end
+    "ema": {"train": {"average": "ema"}},  # an exponential moving average of the weights (decay 0.995)
 }
 
 

@@ -213,6 +213,11 @@ class TrainConfig(_Section):
     sync_bn: bool = False
     # Optimizer steps between NaN/inf and stop-request checks (each is one device sync + one all-reduce).
     check_every: int = Field(25, gt=0)
+    # Weight averaging: none, lookahead (airbench94's: every 5 steps, strongest at the end of the cycle) or ema
+    # (an exponential moving average of the weights); the final network is the averaged one.
+    average: Literal["none", "lookahead", "ema"] = "none"
+    # ema only: the average's decay per optimizer step (horizon about 1 / (1 - decay) steps).
+    ema_decay: float = Field(0.995, gt=0, lt=1)
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from .averaging import WeightAverage, build_average
 from .engine import DivergenceError, Setup, build_optimizer, evaluate, make_scaler, to_device, train_step
 from .errors import OneCycleError
 from .loaders import set_epoch, skip_batches
@@ -145,13 +146,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
                     global_step: int, channels_last: bool = False, grad_clip: float | None = None,
                     progress: bool = True, partial: dict | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    step_fn: Callable = train_step, check_every: int = 1) -> tuple[dict, list[tuple[int, float, float]]]:
+                    step_fn: Callable = train_step, check_every: int = 1,
+                    average: WeightAverage | None = None) -> tuple[dict, list[tuple[int, float, float]]]:
     """One pass over ``loader``; returns epoch metrics and the (step, lr, momentum) each step used.
 
     The scheduler is stepped here, once per optimizer step, and nowhere else. ``partial`` continues an
     epoch that was interrupted (its first batches are skipped, its sums carried on). Every ``check_every``
     steps and at the end (:class:`StepGuard`), a non-finite loss raises :class:`DivergenceError` and a
-    ``should_stop()`` request raises :class:`EpochInterrupted` with the state so far.
+    ``should_stop()`` request raises :class:`EpochInterrupted` with the state so far. ``average`` (a
+    :class:`WeightAverage`) is updated after every optimizer step.
     """
     from tqdm.auto import tqdm
 
@@ -183,6 +186,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
             scheduler.step()
             steps.append((global_step, lr, momentum))
             global_step += 1
+            if average is not None:
+                average.update(global_step)
             bs = labels.shape[0]
             loss_sum += loss.float() * bs
             correct += (logits.argmax(1) == labels).sum()
@@ -271,6 +276,7 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
     steps_per_epoch = len(setup.train_loader)
     scheduler = build_scheduler(optimizer, params.schedule, max_lr, tcfg.epochs, steps_per_epoch)
     scaler = make_scaler(device, dtype)
+    average = build_average(tcfg, net, tcfg.epochs * steps_per_epoch)
     result = FitResult()
     start_epoch, partial = 0, None
     if resume_state is not None:
@@ -278,6 +284,8 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
+        if average is not None:
+            average.load_state_dict(resume_state["average"])
         ckpt.set_rng_state(resume_state["rng"])
         start_epoch = int(resume_state["epoch"])
         partial = resume_state.get("partial")
@@ -294,7 +302,8 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
                 "scaler": scaler.state_dict(), "epoch": epoch_done, "partial": partial_state,
                 "global_step": result.global_step, "rng": ckpt.rng_state(), "history": result.history,
                 "best_top1": result.best_top1, "best_epoch": result.best_epoch, "seconds": result.seconds,
-                "max_lr": float(max_lr), "finished": epoch_done == tcfg.epochs}
+                "max_lr": float(max_lr), "finished": epoch_done == tcfg.epochs,
+                "average": average.state_dict() if average is not None else None}
 
     for epoch in range(start_epoch, tcfg.epochs):
         try:
@@ -303,7 +312,7 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
                                              channels_last=tcfg.channels_last, grad_clip=tcfg.grad_clip,
                                              progress=progress, partial=partial if epoch == start_epoch else None,
                                              should_stop=should_stop, step_fn=step_fn,
-                                             check_every=tcfg.check_every)
+                                             check_every=tcfg.check_every, average=average)
         except EpochInterrupted as stop:
             result.global_step = stop.partial["steps"][-1][0] + 1
             if hooks.save_last is not None:
@@ -311,6 +320,8 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
             raise Interrupted(f"stopped at epoch {epoch + 1}, step {stop.partial['step_in_epoch']} of "
                               f"{steps_per_epoch}") from None
         result.global_step = steps[-1][0] + 1
+        if average is not None and epoch + 1 == tcfg.epochs:
+            average.finish()  # the last step has run: validate, keep and save the averaged network
         t_val = time.perf_counter()
         val_m = evaluate(model, setup.val_loader, device, dtype, tcfg.channels_last) if setup.val_loader else {}
         secs = train_m["seconds"] + time.perf_counter() - t_val
