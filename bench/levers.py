@@ -35,6 +35,9 @@ LEVERS: list[tuple[str, dict]] = [
     ("label smoothing 0.1", {"train": {"label_smoothing": 0.1}}),
     ("width 0.375", {"model": {"width": 0.375}}),
     ("width 0.5", {"model": {"width": 0.5}}),
+    ("whiten", {"model": {"whiten": True}}),
+    ("average lookahead", {"train": {"average": "lookahead"}}),
+    ("average ema", {"train": {"average": "ema"}}),
     ("defaults again", {}),
 ]
 

@@ -33,6 +33,10 @@ LEVERS = {
     "no_nesterov": {"optimizer": {"nesterov": False}},
     "lookahead": {"train": {"average": "lookahead"}},  # airbench94's lookahead, the averaged weights at the end
     "ema": {"train": {"average": "ema"}},  # an exponential moving average of the weights (decay 0.995)
+    "whiten": {"model": {"whiten": True}},  # airbench's frozen whitening conv as the prep layer (18 filters)
+    # whiten with the max_lr a 30-step sweep from 1e-3 suggests (bench/lr_find_cost.py: steepest 0.2212 vs 0.2009)
+    "whiten_short_sweep": {"model": {"whiten": True}, "schedule": {"max_lr": 0.2212}},
+    "batch_128": {"data": {"batch_size": 128}, "max_lr_scale": 0.5},  # twice the steps; max_lr scaled linearly
 }
 
 

@@ -21,7 +21,7 @@ def test_defaults_load_with_the_documented_values():
     assert p.model.name == "resnet9" and p.model.stem == "cifar" and p.model.width == 0.25  # as params.yaml
     assert p.data.batch_size == 256 and p.train.channels_last is True
     assert p.schedule.max_lr == "auto" and p.schedule.pct_start == 0.25 and p.schedule.anneal_strategy == "cos"
-    assert p.lr_find.start_lr == 1e-7 and p.lr_find.end_lr == 10.0 and p.lr_find.num_iter == 100
+    assert p.lr_find.start_lr == 1e-3 and p.lr_find.end_lr == 10.0 and p.lr_find.num_iter == 30
     assert p.optimizer.name == "sgd" and p.optimizer.betas == (0.9, 0.999)
     assert p.train.device == "auto" and p.train.amp is False
     assert parse_params(None) == p  # an empty params.yaml is the defaults

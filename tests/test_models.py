@@ -30,18 +30,23 @@ def test_torchvision_resnets_with_the_imagenet_stem_have_the_published_size(name
     assert count_parameters(model) == params
 
 
-def resnet9_params(width: float, in_channels: int, num_classes: int) -> int:
-    """Conv weights (no bias) + BatchNorm weight and bias of every conv, + the bias-free linear layer."""
+def resnet9_params(width: float, in_channels: int, num_classes: int, whiten: bool = False) -> int:
+    """Conv weights (no bias) + BatchNorm weight and bias of every conv, + the bias-free linear layer; with
+    ``whiten`` the prep conv has 2 x 9 x in_channels filters and they are frozen (not trainable parameters)."""
     c0, c1, c2, c3 = (max(1, round(w * width)) for w in (64, 128, 256, 512))
+    if whiten:
+        c0 = 18 * in_channels
     convs = [(in_channels, c0), (c0, c1), (c1, c1), (c1, c1), (c1, c2), (c2, c3), (c3, c3), (c3, c3)]
-    return sum(9 * a * b + 2 * b for a, b in convs) + c3 * num_classes
+    frozen = 9 * in_channels * c0 if whiten else 0
+    return sum(9 * a * b + 2 * b for a, b in convs) + c3 * num_classes - frozen
 
 
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("width", [0.25, 1.0])
 @pytest.mark.parametrize(("in_channels", "size"), [(1, 28), (3, 32)])
-def test_resnet9_shapes_and_size(width, in_channels, size):
-    model = build("resnet9", num_classes=10, in_channels=in_channels, width=width).eval()
-    assert count_parameters(model) == resnet9_params(width, in_channels, 10)
+def test_resnet9_shapes_and_size(width, in_channels, size, whiten):
+    model = build("resnet9", num_classes=10, in_channels=in_channels, width=width, whiten=whiten).eval()
+    assert count_parameters(model) == resnet9_params(width, in_channels, 10, whiten)
     assert model.fc.in_features == round(512 * width)
     with torch.no_grad():
         out = model(torch.randn(2, in_channels, size, size))

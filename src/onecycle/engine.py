@@ -20,7 +20,7 @@ from .checkpoint import rng_state, set_rng_state
 from .data import DatasetInfo, load_info
 from .errors import OneCycleError
 from .loaders import build_split, make_device_loader, make_loader
-from .models import build_model
+from .models import build_model, init_whitening
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,22 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+WHITEN_IMAGES = 5000  # training images whose 3x3 patches set model.whiten's filters
+
+
+def _whitening_images(params, info) -> torch.Tensor:
+    """The first training images as training normalizes them, without augmentation (no randomness drawn)."""
+    ds = build_split(params, info, "train", train_augment=False)
+    loader = make_loader(ds, 500, shuffle=False, seed=0, num_workers=0)
+    images, n = [], 0
+    for x, _ in loader:
+        images.append(x)
+        n += x.shape[0]
+        if n >= WHITEN_IMAGES:
+            break
+    return torch.cat(images)[:WHITEN_IMAGES]
+
+
 def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
     """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them.
 
@@ -217,6 +233,8 @@ def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
     if device.type == "cuda" and not tcfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     net = build_model(params.model, info.num_classes, info.in_channels)
+    if params.model.whiten:
+        init_whitening(net, _whitening_images(params, info))
     if world > 1 and tcfg.sync_bn:
         if device.type != "cuda":
             raise OneCycleError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version)")

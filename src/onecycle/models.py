@@ -2,7 +2,8 @@
 
 ``resnet9`` is the "custom ResNet" of the DAWNBench CIFAR-10 entries (Myrtle.ai): prep 64, layer1 128
 with a residual block, layer2 256, layer3 512 with a residual block, global max-pool, linear with the
-output scaled by 1/8. ``model.width`` scales every channel count. The deeper ones are torchvision's own
+output scaled by 1/8. ``model.width`` scales every channel count; ``model.whiten`` swaps the prep convolution
+for airbench's frozen whitening convolution (``init_whitening`` sets it from training patches). The deeper ones are torchvision's own
 implementations, with the first convolution and max-pool swapped for a 3x3 stride-1 stem when
 ``model.stem`` is ``cifar``.
 """
@@ -10,7 +11,11 @@ implementations, with the first convolution and max-pool swapped for a 3x3 strid
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+WHITEN_KERNEL = 3  # the whitening convolution's patch size: 2 x channels x 3 x 3 filters (18 for grey images)
+WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench94)
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -39,10 +44,15 @@ class ResNet9(nn.Module):
     """DAWNBench ResNet9; ``width`` scales the 64-128-256-512 channel counts."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, stem: str = "cifar",
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, whiten: bool = False):
         super().__init__()
         c = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
-        if stem == "imagenet":
+        if whiten:  # the eigenvectors of the patch covariance and their negatives, frozen; BatchNorm and ReLU after
+            c[0] = 2 * in_channels * WHITEN_KERNEL ** 2
+            conv = nn.Conv2d(in_channels, c[0], kernel_size=WHITEN_KERNEL, padding=WHITEN_KERNEL // 2, bias=False)
+            conv.weight.requires_grad_(False)
+            self.prep = nn.Sequential(conv, nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True))
+        elif stem == "imagenet":
             self.prep = nn.Sequential(
                 nn.Conv2d(in_channels, c[0], kernel_size=7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
@@ -66,7 +76,8 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
     """The network ``model.name`` names, sized for the dataset's classes and channels."""
     name = model_cfg.name
     if name == "resnet9":
-        return ResNet9(num_classes, in_channels, model_cfg.width, model_cfg.stem, model_cfg.zero_init_residual)
+        return ResNet9(num_classes, in_channels, model_cfg.width, model_cfg.stem, model_cfg.zero_init_residual,
+                       model_cfg.whiten)
     import torchvision  # 1.7 s: only for the torchvision ResNets
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
@@ -79,6 +90,25 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
     if model.conv1 is not None:
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+@torch.no_grad()
+def init_whitening(net: nn.Module, images: torch.Tensor) -> None:
+    """Set a ``whiten`` ResNet9's first convolution from ``images`` (N x C x H x W, normalized as training sees
+    them): filters w_i = v_i / sqrt(lambda_i + eps) for the eigenpairs of the patches' covariance, then -w_i.
+    Each eigenvector's sign is fixed (largest entry positive) so the filters do not depend on the solver's."""
+    conv = net.prep[0]
+    k, c = conv.kernel_size[0], conv.in_channels
+    cov, n = torch.zeros(c * k * k, c * k * k, dtype=torch.float64), 0
+    for chunk in images.split(500):  # patches of 500 RGB 32x32 images are 100 MB in float64
+        patches = F.unfold(chunk.double(), k).transpose(1, 2).reshape(-1, c * k * k)
+        cov += patches.T @ patches
+        n += patches.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov / n)
+    signs = torch.sign(eigenvectors.gather(0, eigenvectors.abs().argmax(0, keepdim=True)))
+    filters = (eigenvectors * signs).T / torch.sqrt(eigenvalues.clamp(min=0) + WHITEN_EPS)[:, None]
+    filters = filters.reshape(-1, c, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
 
 
 def count_parameters(model: nn.Module) -> int:

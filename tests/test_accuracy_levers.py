@@ -1,4 +1,5 @@
-"""Weight averaging (lookahead, EMA): the update rules exactly, the final network is the average, resume is exact."""
+"""Accuracy levers: weight averaging (lookahead, EMA: the update rules, the final network is the average, resume
+is exact) and the whitening convolution (it whitens training patches, stays frozen, is resnet9's default only)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,37 @@ def test_the_final_network_is_the_average_and_a_run_stopped_mid_epoch_resumes_ex
     resumed = _fit(workdir, average, resume_state=saved[-1])
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(workdir):
+    import torch.nn.functional as F
+
+    from onecycle.engine import _whitening_images
+    from onecycle.models import WHITEN_EPS
+
+    params = load_params(tiny_params(workdir, train={"epochs": 1}))  # resnet9's default
+    setup = build_setup(params, root=workdir)
+    conv = setup.net.prep[0]
+    assert conv.out_channels == 18 and not conv.weight.requires_grad  # 9 eigenvectors of grey 3x3 patches, +-
+    images = _whitening_images(params, setup.info).double()
+    patches = F.unfold(images, 3).transpose(1, 2).reshape(-1, 9)
+    eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / patches.shape[0])
+    out = F.conv2d(images, conv.weight.double())[:, :9]  # the first 9 filters over the same (unpadded) patches
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 9)
+    cov = flat.T @ flat / flat.shape[0]
+    expected = torch.diag(eigenvalues / (eigenvalues + WHITEN_EPS))  # white up to the eps
+    assert torch.allclose(cov, expected, atol=1e-6)
+    before = conv.weight.detach().clone()
+    fit(params, setup, 0.05, progress=False)
+    assert torch.equal(conv.weight, before)  # frozen: the optimizer never moved it
+    assert any(not torch.equal(a, b) for a, b in zip(setup.net.prep[1].parameters(), (torch.ones(18), torch.zeros(18))))
+
+
+def test_whiten_is_resnet9_with_the_cifar_stem_only(workdir):
+    from onecycle.config import ModelConfig
+    from onecycle.errors import ConfigError
+
+    assert ModelConfig().whiten and not ModelConfig(name="resnet18").whiten and not ModelConfig(stem="imagenet").whiten
+
+    with pytest.raises(ConfigError, match="model.whiten needs model.name resnet9 with stem cifar"):
+        load_params(tiny_params(workdir, model={"whiten": True, "stem": "imagenet"}))
