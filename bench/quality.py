@@ -3,7 +3,8 @@
 Levers are chosen on the validation split only (the test split is evaluate's alone). Each lever trains the
 default pipeline's model (``params.yaml`` with the lever's overrides; ``schedule.max_lr: auto`` resolved from
 the committed ``reports/lr_find.json`` suggestions, as the train stage does) in a temporary workspace with
-the real trainer, then evaluates the validation split plain and with flip test-time augmentation. Prints one
+the real trainer, then evaluates the validation split plain and with flip test-time augmentation. Training is
+bit-reproducible on a CPU, so a lever's row does not depend on when it ran (its seconds do). Prints one
 table row per lever: max_lr, val top-1 (plain, flip), val loss (flip), training seconds. Nothing else may
 train meanwhile (2 cores: two trainings slow each other ~8x).
 
@@ -33,9 +34,11 @@ LEVERS = {
     "no_nesterov": {"optimizer": {"nesterov": False}},
     "lookahead": {"train": {"average": "lookahead"}},  # airbench94's lookahead, the averaged weights at the end
     "ema": {"train": {"average": "ema"}},  # an exponential moving average of the weights (decay 0.995)
+    # Measured when the default was the plain prep conv and a 100-step sweep from 1e-7 (README: Performance):
     "whiten": {"model": {"whiten": True}},  # airbench's frozen whitening conv as the prep layer (18 filters)
     # whiten with the max_lr a 30-step sweep from 1e-3 suggests (bench/lr_find_cost.py: steepest 0.2212 vs 0.2009)
     "whiten_short_sweep": {"model": {"whiten": True}, "schedule": {"max_lr": 0.2212}},
+    "plain_prep": {"model": {"whiten": False}},  # today's default without the whitening conv
     "batch_128": {"data": {"batch_size": 128}, "max_lr_scale": 0.5},  # twice the steps; max_lr scaled linearly
 }
 
