@@ -59,3 +59,20 @@ def test_every_quality_lever_is_a_valid_change_of_the_default_params():
     for name in quality.LEVERS:
         changed = quality.lever_params(name, seed=0).flat()
         assert changed["mlflow.system_metrics"] is False and changed["data.root"].endswith("data")
+
+
+def test_every_lr_find_cost_variant_is_a_valid_change_of_the_default_params():
+    """bench/lr_find_cost.py's sweeps stay valid params as the config evolves (the sweeps themselves are the bench's)."""
+    import importlib.util
+
+    from onecycle.config import load_params
+
+    spec = importlib.util.spec_from_file_location("lr_find_cost", ROOT / "bench/lr_find_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = load_params(ROOT / "params.yaml")
+    for label, overrides in bench.VARIANTS:
+        params = base.replace(**overrides) if overrides else base
+        for section, values in overrides.items():
+            for key, value in values.items():
+                assert getattr(getattr(params, section), key) == value, label
