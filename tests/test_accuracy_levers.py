@@ -105,14 +105,14 @@ def test_the_final_network_is_the_average_and_a_run_stopped_mid_epoch_resumes_ex
 def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(workdir):
     import torch.nn.functional as F
 
-    from onecycle.engine import _whitening_images
+    from onecycle.engine import whitening_batches
     from onecycle.models import WHITEN_EPS
 
     params = load_params(tiny_params(workdir, train={"epochs": 1}))  # resnet9's default
     setup = build_setup(params, root=workdir)
     conv = setup.net.prep[0]
     assert conv.out_channels == 18 and not conv.weight.requires_grad  # 9 eigenvectors of grey 3x3 patches, +-
-    images = _whitening_images(params, setup.info).double()
+    images = torch.cat(list(whitening_batches(params, setup.info))).double()
     patches = F.unfold(images, 3).transpose(1, 2).reshape(-1, 9)
     eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / patches.shape[0])
     out = F.conv2d(images, conv.weight.double())[:, :9]  # the first 9 filters over the same (unpadded) patches
@@ -123,7 +123,7 @@ def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(wor
     before = conv.weight.detach().clone()
     fit(params, setup, 0.05, progress=False)
     assert torch.equal(conv.weight, before)  # frozen: the optimizer never moved it
-    assert any(not torch.equal(a, b) for a, b in zip(setup.net.prep[1].parameters(), (torch.ones(18), torch.zeros(18))))
+    assert any(not torch.equal(a, b) for a, b in zip(setup.net.prep[1].parameters(), (torch.ones(18), torch.zeros(18)), strict=True))
 
 
 def test_whiten_is_resnet9_with_the_cifar_stem_only(workdir):

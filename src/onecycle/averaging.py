@@ -31,13 +31,13 @@ class WeightAverage:
     def __init__(self, net: nn.Module, kind: str, total_steps: int, ema_decay: float = 0.0):
         if kind not in ("lookahead", "ema"):
             raise ValueError(f"unknown weight average {kind!r}")
-        self.net, self.kind, self.total_steps, self.ema_decay = net, kind, max(1, int(total_steps)), float(ema_decay)
-        self.names = [k for k, v in net.state_dict().items() if v.is_floating_point()]
-        self.average = [v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()]
-
-    def _live(self) -> list[torch.Tensor]:
-        state = self.net.state_dict()
-        return [state[k] for k in self.names]
+        self.kind, self.total_steps, self.ema_decay = kind, max(1, int(total_steps)), float(ema_decay)
+        floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+        self.names = list(floats)
+        # state_dict's tensors share storage with the parameters and buffers (loading a checkpoint copies into
+        # them in place), so these views stay live: no state_dict() per optimizer step
+        self.live = list(floats.values())
+        self.average = [v.detach().clone() for v in self.live]
 
     @torch.no_grad()
     def update(self, steps_done: int) -> None:
@@ -46,19 +46,16 @@ class WeightAverage:
             if steps_done % LOOKAHEAD_EVERY:
                 return
             decay = LOOKAHEAD_DECAY * (steps_done / self.total_steps) ** 3
-            live = self._live()
-            torch._foreach_lerp_(self.average, live, 1.0 - decay)
-            for w, a in zip(live, self.average):
-                w.copy_(a)
+            torch._foreach_lerp_(self.average, self.live, 1.0 - decay)
+            torch._foreach_copy_(self.live, self.average)  # the fast weights restart from the slow ones
         else:
             decay = min(self.ema_decay, (1 + steps_done) / (10 + steps_done))
-            torch._foreach_lerp_(self.average, self._live(), 1.0 - decay)
+            torch._foreach_lerp_(self.average, self.live, 1.0 - decay)
 
     @torch.no_grad()
     def finish(self) -> None:
         """After the run's last step: the network takes the averaged weights."""
-        for w, a in zip(self._live(), self.average):
-            w.copy_(a)
+        torch._foreach_copy_(self.live, self.average)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "names": list(self.names), "average": [a.clone() for a in self.average]}
@@ -66,8 +63,7 @@ class WeightAverage:
     def load_state_dict(self, state: dict) -> None:
         if state["kind"] != self.kind or list(state["names"]) != self.names:
             raise ValueError("the checkpoint's weight average does not match this configuration")
-        for a, saved in zip(self.average, state["average"]):
-            a.copy_(saved)
+        torch._foreach_copy_(self.average, list(state["average"]))
 
 
 def build_average(train_cfg, net: nn.Module, total_steps: int) -> WeightAverage | None:

@@ -97,7 +97,7 @@ class ModelConfig(_Section):
     whiten: bool = True
 
     @model_validator(mode="after")
-    def _width_only_resnet9(self) -> ModelConfig:
+    def _resnet9_only_options(self) -> ModelConfig:
         if self.name != "resnet9" or self.stem != "cifar":
             # only resnet9's cifar prep conv has a whitening form: params.yaml's `whiten: true` must not stop
             # `-S model.name=resnet50`, and the logged params say what was trained

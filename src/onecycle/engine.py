@@ -200,17 +200,16 @@ def configure_threads(threads: int) -> None:
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set model.whiten's filters
 
 
-def _whitening_images(params, info) -> torch.Tensor:
-    """The first training images as training normalizes them, without augmentation (no randomness drawn)."""
+def whitening_batches(params, info):
+    """The first ``WHITEN_IMAGES`` training images, in batches of 500, as training normalizes them, without
+    augmentation (no randomness drawn)."""
     ds = build_split(params, info, "train", train_augment=False)
-    loader = make_loader(ds, 500, shuffle=False, seed=0, num_workers=0)
-    images, n = [], 0
-    for x, _ in loader:
-        images.append(x)
+    n = 0
+    for x, _ in make_loader(ds, 500, shuffle=False, seed=0, num_workers=0):
+        yield x[:WHITEN_IMAGES - n]
         n += x.shape[0]
         if n >= WHITEN_IMAGES:
-            break
-    return torch.cat(images)[:WHITEN_IMAGES]
+            return
 
 
 def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
@@ -234,7 +233,7 @@ def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     net = build_model(params.model, info.num_classes, info.in_channels)
     if params.model.whiten:
-        init_whitening(net, _whitening_images(params, info))
+        init_whitening(net, whitening_batches(params, info))
     if world > 1 and tcfg.sync_bn:
         if device.type != "cuda":
             raise OneCycleError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version)")
