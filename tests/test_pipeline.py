@@ -121,17 +121,17 @@ def _dvc_status(clone: Path) -> dict:
 def test_dvc_status_changes_only_for_the_stages_that_run_an_edited_module(repo):
     clone = repo["path"]
     assert _dvc_status(clone) == {}
-    edited = ["src/onecycle/predict.py", "src/onecycle/tune.py", "README.md", "src/onecycle/loop.py",
-              "src/onecycle/fetch.py"]
+    edited = ["src/onecycle/stages/predict.py", "src/onecycle/stages/tune.py", "README.md",
+              "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
     try:
         for rel in edited[:3]:  # modules no pipeline stage runs, and the docs
             with open(clone / rel, "a") as f:
                 f.write("\n# an edit\n")
         assert _dvc_status(clone) == {}
-        with open(clone / "src/onecycle/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
+        with open(clone / "src/onecycle/training/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"train"}
-        with open(clone / "src/onecycle/fetch.py", "a") as f:  # the fetch stage's own module
+        with open(clone / "src/onecycle/stages/fetch.py", "a") as f:  # the fetch stage's own module
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"fetch", "train"}
     finally:

@@ -156,9 +156,9 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
 
 
 def test_a_long_schedule_is_downsampled_keeping_the_first_peak_and_last_step():
-    from onecycle.training.records import downsample_steps, schedule_csv
+    from onecycle.training.records import Step, downsample_steps, schedule_csv
 
-    steps = [(i, 1.0 - abs(i - 4321) / 10_000, 0.9) for i in range(10_001)]  # peak at step 4321
+    steps = [Step(i, 1.0 - abs(i - 4321) / 10_000, 0.9) for i in range(10_001)]  # peak at step 4321
     kept = downsample_steps(steps, limit=2000)
     assert len(kept) <= 2002 and [s for s, _, _ in kept] == sorted({s for s, _, _ in kept})
     assert {0, 4321, 10_000} <= {s for s, _, _ in kept}
