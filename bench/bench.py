@@ -85,14 +85,14 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     from onecycle.training.loop import fit
 
     p = params.replace(train={"epochs": 1})
-    setup = build_setup(p)
+    setup = build_setup(p.data, p.augment, p.model, p.train)
     images = len(setup.train_loader.dataset)
     os.environ["DVC_ROOT"] = str(workdir)  # keep the benchmark's runs out of the project's store
     configure("bench")
     with mlflow.start_run() as run:
         t = time.perf_counter()
         hooks = stage_hooks(Workspace(workdir), "bench", run.info.run_id, RunLogger(run.info.run_id), resumed=False)
-        fit(p, setup, 0.1, hooks=hooks, progress=False)
+        fit(setup, 0.1, train=p.train, schedule=p.schedule, optimizer=p.optimizer, hooks=hooks, progress=False)
         secs = time.perf_counter() - t
     return images / secs, secs, images
 
@@ -102,9 +102,9 @@ def bench_lr_find(params, steps: int) -> float:
     from onecycle.training.rangetest import run_range_test
 
     p = params.replace(lr_find={"num_iter": max(steps, 10), "end_lr": 1.0, "step_mult": None})
-    setup = build_setup(p, with_val=False)
+    setup = build_setup(p.data, p.augment, p.model, p.train, with_val=False)
     t = time.perf_counter()
-    run_range_test(p, setup, progress=False)
+    run_range_test(setup, optimizer=p.optimizer, lr_find=p.lr_find, train=p.train, progress=False)
     return p.lr_find.num_iter * params.data.batch_size / (time.perf_counter() - t)
 
 
@@ -112,7 +112,7 @@ def bench_evaluate(params, setup) -> float:
     from onecycle.data.loaders import build_split, make_loader
     from onecycle.training.engine import evaluate
 
-    test = build_split(params, setup.info, "test", train_augment=False)
+    test = build_split(params.data, params.augment, setup.info, "test", train_augment=False, seed=params.train.seed)
     loader = make_loader(test, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     t = time.perf_counter()
     out = evaluate(setup.model, loader, setup.device, setup.dtype, params.train.channels_last, collect=True)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     params = load_params(args.params)
     threads = torch.get_num_threads()
-    setup = build_setup(params)
+    setup = build_setup(params.data, params.augment, params.model, params.train)
     shape = tuple(setup.train_loader.dataset[0][0].shape)
     flops_fwd = forward_flops(setup.model, shape)
     peak = matmul_gflops()

@@ -115,8 +115,9 @@ def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool)
         info = load_info(params.data)
     except Exception as exc:
         return f"skipped: {' '.join(str(exc).split())}"
-    setup = build_setup(params)
-    test = make_loader(build_split(params, info, "test", train_augment=False), 1024, shuffle=False, seed=0,
+    setup = build_setup(params.data, params.augment, params.model, params.train)
+    test_ds = build_split(params.data, params.augment, info, "test", train_augment=False, seed=params.train.seed)
+    test = make_loader(test_ds, 1024, shuffle=False, seed=0,
                        num_workers=params.data.num_workers, pin_memory=device.type == "cuda")
     clock = {"train": 0.0, "since": time.perf_counter(), "reached": None}
     lines = []
@@ -131,7 +132,8 @@ def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool)
             clock["reached"] = (epoch, clock["train"])
         clock["since"] = time.perf_counter()
 
-    fit(params, setup, params.schedule.max_lr, hooks=FitHooks(on_epoch=on_epoch), progress=False)
+    fit(setup, params.schedule.max_lr, train=params.train, schedule=params.schedule, optimizer=params.optimizer,
+        hooks=FitHooks(on_epoch=on_epoch), progress=False)
     print("\n".join(lines))
     if clock["reached"] is None:
         return f"not reached in {params.train.epochs} epochs ({clock['train']:.1f} s of training)"

@@ -53,9 +53,10 @@ def measure(params, overrides: dict, batches: int) -> tuple[float, int]:
     merged.setdefault("train", {}).update(epochs=1)
     warm = params.replace(**{**merged, "data": {**merged.get("data", {}), "train_subset": 8 * bs}})
     p = params.replace(**{**merged, "data": {**merged.get("data", {}), "train_subset": batches * bs}})
-    fit(warm, build_setup(warm, with_val=False), 0.05, progress=False)
-    setup = build_setup(p, with_val=False)
-    result = fit(p, setup, 0.05, progress=False)
+    fit(build_setup(warm.data, warm.augment, warm.model, warm.train, with_val=False), 0.05, train=warm.train,
+        schedule=warm.schedule, optimizer=warm.optimizer, progress=False)
+    setup = build_setup(p.data, p.augment, p.model, p.train, with_val=False)
+    result = fit(setup, 0.05, train=p.train, schedule=p.schedule, optimizer=p.optimizer, progress=False)
     return result.history[-1]["images_per_second"], bs
 
 

@@ -42,9 +42,10 @@ def main() -> None:
         if only and not any(label.startswith(o) for o in only):
             continue
         params = base.replace(**overrides) if overrides else base
-        setup = build_setup(params, with_val=False)
+        setup = build_setup(params.data, params.augment, params.model, params.train, with_val=False)
         t = time.perf_counter()
-        result = run_range_test(params, setup, progress=False)
+        result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
+                                progress=False)
         seconds = time.perf_counter() - t
         s = {k: (f"{v:.4f}" if v is not None else "-") for k, v in result.suggestions.items()}
         print(f"| {label} | {len(result.lrs)} | {seconds:.1f} | {s['steepest']} | {s['valley']} | {s['minimum']} |",

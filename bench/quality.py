@@ -87,7 +87,8 @@ def measure(name: str, seed: int) -> dict:
         model, _, _ = load_model_bundle(ws.model)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    val = make_loader(build_split(params, load_info(params.data), "val", train_augment=False),
+    val = make_loader(build_split(params.data, params.augment, load_info(params.data), "val", train_augment=False,
+                                  seed=params.train.seed),
                       params.data.batch_size, shuffle=False, seed=0, num_workers=0)
     plain = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="none")
     flip = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="flip")

@@ -31,8 +31,8 @@ def main() -> None:
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     info = load_info(params.data)
-    val = make_loader(build_split(params, info, "val", train_augment=False), params.data.batch_size, shuffle=False,
-                      seed=0, num_workers=0)
+    val = make_loader(build_split(params.data, params.augment, info, "val", train_augment=False, seed=params.train.seed),
+                      params.data.batch_size, shuffle=False, seed=0, num_workers=0)
     results = {}
     for tta in ("none", "flip", "none", "flip"):  # twice each, alternating; the second of each is reported
         t = time.perf_counter()

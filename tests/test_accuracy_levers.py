@@ -75,9 +75,9 @@ def test_a_checkpointed_average_must_match_the_configuration():
 def _fit(workdir, average, *, hooks=None, resume_state=None, should_stop=None, step_fn=train_step):
     params = load_params(tiny_params(workdir, train={"epochs": 2, "check_every": 3, "average": average,
                                                      "ema_decay": 0.9}))
-    setup = build_setup(params, root=workdir)
-    fit(params, setup, 0.05, hooks=hooks, resume_state=resume_state, should_stop=should_stop, progress=False,
-        step_fn=step_fn)
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
+    fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
+        resume_state=resume_state, should_stop=should_stop, progress=False, step_fn=step_fn)
     return {k: v.detach().clone() for k, v in setup.net.state_dict().items()}  # the final network
 
 
@@ -109,10 +109,10 @@ def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(wor
     from onecycle.training.models import WHITEN_EPS
 
     params = load_params(tiny_params(workdir, train={"epochs": 1}))  # resnet9's default
-    setup = build_setup(params, root=workdir)
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
     conv = setup.net.prep[0]
     assert conv.out_channels == 18 and not conv.weight.requires_grad  # 9 eigenvectors of grey 3x3 patches, +-
-    images = torch.cat(list(whitening_batches(params, setup.info))).double()
+    images = torch.cat(list(whitening_batches(params.data, params.augment, setup.info, params.train.seed))).double()
     patches = F.unfold(images, 3).transpose(1, 2).reshape(-1, 9)
     eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / patches.shape[0])
     out = F.conv2d(images, conv.weight.double())[:, :9]  # the first 9 filters over the same (unpadded) patches
@@ -121,7 +121,7 @@ def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(wor
     expected = torch.diag(eigenvalues / (eigenvalues + WHITEN_EPS))  # white up to the eps
     assert torch.allclose(cov, expected, atol=1e-6)
     before = conv.weight.detach().clone()
-    fit(params, setup, 0.05, progress=False)
+    fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, progress=False)
     assert torch.equal(conv.weight, before)  # frozen: the optimizer never moved it
     assert any(not torch.equal(a, b) for a, b in zip(setup.net.prep[1].parameters(), (torch.ones(18), torch.zeros(18)), strict=True))
 

@@ -100,7 +100,7 @@ def test_loader_yields_batches_from_the_fast_path(tmp_path):
     write_fetched(tmp_path / "data", n_train=300, n_test=50)
     params = parse_params({"data": {"root": str(tmp_path / "data"), "val_size": 44, "batch_size": 64}})
     info = load_info(params.data)
-    ds = build_split(params, info, "train", train_augment=True)
+    ds = build_split(params.data, params.augment, info, "train", train_augment=True, seed=params.train.seed)
     assert ds.batch_transform is not None
     loader = make_loader(ds, 64, shuffle=True, seed=0, num_workers=0)
     batches = list(loader)

@@ -199,7 +199,7 @@ def project(tmp_path_factory) -> Path:
                            mean=meta["mean"], std=meta["std"])
     torch.manual_seed(0)
     model = build_model(params.model, len(info.classes), info.image_shape[2])
-    save_model(params, info, model.state_dict(), root / "models" / "model.pt")
+    save_model(params.model, params.augment, info, model.state_dict(), root / "models" / "model.pt")
     test_x = np.load(root / "data" / "fashion_mnist" / "test_x.npy")
     (root / "pngs").mkdir()
     for i in range(3):

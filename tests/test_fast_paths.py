@@ -25,8 +25,10 @@ def _batches(loader, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torc
 
 
 def test_on_device_batches_are_the_dataloader_batches_bit_for_bit(workdir):
-    plain = build_setup(load_params(tiny_params(workdir)), root=workdir)
-    device = build_setup(load_params(tiny_params(workdir, data={"on_device": True})), root=workdir)
+    plain_p = load_params(tiny_params(workdir))
+    device_p = load_params(tiny_params(workdir, data={"on_device": True}))
+    plain = build_setup(plain_p.data, plain_p.augment, plain_p.model, plain_p.train, root=workdir)
+    device = build_setup(device_p.data, device_p.augment, device_p.model, device_p.train, root=workdir)
     assert type(device.train_loader).__name__ == "DeviceLoader" and type(plain.train_loader).__name__ == "DataLoader"
     for loaders, skips in (((plain.train_loader, device.train_loader), (0, 0, 3)),  # a resumed epoch skips batches
                            ((plain.val_loader, device.val_loader), (0, 0, 0))):
@@ -41,16 +43,16 @@ def test_on_device_batches_are_the_dataloader_batches_bit_for_bit(workdir):
 
 def test_on_device_falls_back_with_a_warning_when_a_pipeline_is_listed(workdir, caplog):
     params = load_params(tiny_params(workdir, data={"on_device": True}, augment={"train": ["HorizontalFlip"]}))
-    setup = build_setup(params, root=workdir)
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
     assert type(setup.train_loader).__name__ == "DataLoader"
     assert "data.on_device needs" in caplog.text
 
 
 def _fit(workdir, *, hooks=None, resume_state=None, should_stop=None, step_fn=train_step, **train):
     params = load_params(tiny_params(workdir, train={"epochs": 2, **train}))
-    setup = build_setup(params, root=workdir)
-    return fit(params, setup, 0.05, hooks=hooks, resume_state=resume_state, should_stop=should_stop,
-               progress=False, step_fn=step_fn), setup
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
+    return fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
+               resume_state=resume_state, should_stop=should_stop, progress=False, step_fn=step_fn), setup
 
 
 @pytest.mark.slow
@@ -98,7 +100,7 @@ def test_mixed_precision_runs_through_the_real_trainer_on_cpu_and_resumes(workdi
     from onecycle.stages.command import guarded
 
     params = load_params(tiny_params(workdir, train={"epochs": 2, "amp": amp, "amp_on_cpu": True}))
-    setup = build_setup(params, root=workdir)
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
     assert setup.dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
     dtypes, calls = set(), {"n": 0}
 

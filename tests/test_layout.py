@@ -160,6 +160,21 @@ def test_no_module_re_exports_a_helper_for_compatibility():
         assert "re-exported" not in path.read_text(), path.name
 
 
+def test_modules_below_the_stages_receive_params_sections_not_the_whole_params():
+    """A stage loads params.yaml and hands each function the typed sections (or values) it reads; only the tuning
+    package, whose search space spans every section, and the config module itself see the whole ``Params``."""
+    # MLflow's own inference ``params`` (a dict) in the served model's predict signature
+    mlflow_inference = {("serving/pyfunc_model.py", "predict"), ("serving/classifier.py", "__call__")}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if layer(rel.removesuffix(".py").replace("/", ".")) not in ("core", "data", "training", "tracking", "serving"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (rel, node.name) not in mlflow_inference:
+                names = [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+                assert not {"params", "tparams"} & set(names), f"{rel}:{node.lineno} {node.name}() takes the params"
+
+
 def test_no_dataset_is_branched_on_by_name_outside_its_record():
     names = ("imagefolder", "fashion_mnist", "cifar10", "cifar100")
     allowed = {"data/catalog.py", "data/fetchers.py", "config.py"}  # the records, their fetchers, the default

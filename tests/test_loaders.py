@@ -21,7 +21,8 @@ def _loader(tmp_path, pipeline: str, workers: int):
         write_fetched(root, n_train=300, n_test=50)
     params = parse_params({"data": {"root": str(root), "val_size": 44, "batch_size": 64},
                            "augment": {"train": PIPELINES[pipeline]}})
-    ds = build_split(params, load_info(params.data), "train", train_augment=True)
+    ds = build_split(params.data, params.augment, load_info(params.data), "train", train_augment=True,
+                     seed=params.train.seed)
     assert (ds.batch_transform is not None) is (pipeline == "batched")
     return make_loader(ds, 64, shuffle=True, seed=3, num_workers=workers)
 

@@ -150,11 +150,12 @@ def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(workdir):
     # 600 - 128 validation = 472 training images: batch 64 does not divide them (last batch 24),
     # and 12 steps run past one epoch, so the data loader is restarted mid-sweep.
     params = load_params(tiny_params(workdir, lr_find={"num_iter": 12}))
-    setup = build_setup(params, with_val=False)
+    setup = build_setup(params.data, params.augment, params.model, params.train, with_val=False)
     before = {k: v.clone() for k, v in setup.model.state_dict().items()}
     torch_rng = torch.get_rng_state()
     np_rng = np.random.get_state()[1].copy()
-    result = run_range_test(params, setup, progress=False)
+    result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
+                            progress=False)
     assert len(result.lrs) == 12
     after = setup.model.state_dict()
     for k, v in before.items():

@@ -89,7 +89,7 @@ def _model_file(tmp_path: Path) -> Path:
                            mean=[0.3], std=[0.3])
     net = build_model(params.model, 10, 1)
     path = tmp_path / "models/model.pt"
-    save_model(params, info, net.state_dict(), path)
+    save_model(params.model, params.augment, info, net.state_dict(), path)
     return path
 
 

@@ -393,7 +393,7 @@ def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed
                 "precision": "None", "processes": 1}
     for key, old in (("architecture", "b2"), ("device", "cuda"), ("precision", "bfloat16"), ("processes", 2)):
         ckpt.save({"config_hash": "h", "epoch": 1, "identity": {**identity, key: old}}, tmp_path / "last.pt")
-        assert find_resume_state(params, "h", tmp_path, identity=identity) is None
+        assert find_resume_state(params.train, "h", tmp_path, identity=identity) is None
         assert f"cannot continue here: {key} {old} -> {identity[key]}" in caplog.text
         assert not (tmp_path / "last.pt").exists()
     assert len(list((tmp_path / "previous").glob("h*/last.pt"))) == 4  # every earlier one kept
@@ -406,7 +406,7 @@ def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog
     params = parse_params({"train": {"device": "cpu"}})
     ckpt.save({"config_hash": "mine", "epoch": 1, "mlflow_run_id": None}, tmp_path / "last.pt")
     ckpt.save({"config_hash": "other", "model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "best.pt")
-    assert find_resume_state(params, "mine", tmp_path) is None
+    assert find_resume_state(params.train, "mine", tmp_path) is None
     assert "best.pt is from a different configuration (hash other, now mine)" in caplog.text
     assert (tmp_path / "previous/mine/best.pt").is_file()
 

@@ -190,9 +190,9 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
     splits = []
     real_build_split = engine.build_split
 
-    def recording(params, info, split, **kwargs):
+    def recording(data, augment, info, split, **kwargs):
         splits.append(split)
-        return real_build_split(params, info, split, **kwargs)
+        return real_build_split(data, augment, info, split, **kwargs)
 
     monkeypatch.setattr(engine, "build_split", recording)
     tiny_params(workdir, tune={"epochs": 1, "n_trials": 4})

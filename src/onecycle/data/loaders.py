@@ -216,25 +216,25 @@ def _subset(ds: ArrayDataset, idx: np.ndarray) -> ArrayDataset:
     return ds
 
 
-def build_split(params, info: DatasetInfo, split: str, train_augment: bool) -> ArrayDataset:
-    """The ``train``, ``val`` or ``test`` split as a dataset, with train or eval transforms."""
-    data = params.data
+def build_split(data, augment, info: DatasetInfo, split: str, *, train_augment: bool,
+                seed: int) -> ArrayDataset:
+    """The ``train``, ``val`` or ``test`` split as a dataset, with train or eval transforms; ``seed`` (``train.seed``)
+    seeds the per-image augmentation."""
     h, w, c = info.image_shape
 
     def per_image_transforms():  # albumentations (a 3 s import): only when a pipeline needs it
         if train_augment:
-            return build_train_transforms(params.augment, data.dataset, h, info.mean, info.std)
-        return build_eval_transforms(params.augment, data.dataset, info.mean, info.std)
+            return build_train_transforms(augment, data.dataset, h, info.mean, info.std)
+        return build_eval_transforms(augment, data.dataset, info.mean, info.std)
 
     source_split = "test" if split == "test" else "train"
     if catalog.kind(data.dataset).image_folder:
         root, paths, labels = load_index(info, source_split)
-        ds: ArrayDataset = ImageFileDataset(root, paths, labels, per_image_transforms(), channels=c,
-                                            seed=params.train.seed)
+        ds: ArrayDataset = ImageFileDataset(root, paths, labels, per_image_transforms(), channels=c, seed=seed)
     else:
         images, labels = load_arrays(info, source_split)
-        fast = batch_pipeline(params.augment, data.dataset, info.mean, info.std, train=train_augment)
-        ds = ArrayDataset(images, labels, None if fast else per_image_transforms(), seed=params.train.seed,
+        fast = batch_pipeline(augment, data.dataset, info.mean, info.std, train=train_augment)
+        ds = ArrayDataset(images, labels, None if fast else per_image_transforms(), seed=seed,
                           batch_transform=fast)
     if split != "test":
         train_idx, val_idx = split_train_val(len(ds), data.val_size, SPLIT_SEED, data.train_subset)

@@ -13,32 +13,33 @@ from typing import Any
 
 import torch
 
+from onecycle.config import AugmentConfig, ModelConfig
 from onecycle.core.errors import OneCycleError
 from onecycle.training import checkpoint as ckpt
 
 FORMAT = "onecycle-model/1"
 
 
-def model_bundle(params, info, state_dict: dict) -> dict[str, Any]:
-    """What models/model.pt holds: best weights plus what rebuilds the model and its eval transforms."""
+def model_bundle(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict) -> dict[str, Any]:
+    """What models/model.pt holds: best weights plus what rebuilds the model (``model``) and its eval transforms
+    (``augment.eval``)."""
     return {
         "format": FORMAT, "state_dict": state_dict,
-        "model": params.model.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
         "dataset": {"name": info.name, "classes": info.classes, "image_shape": list(info.image_shape),
                     "mean": info.mean, "std": info.std},
-        "augment_eval": params.augment.model_dump(mode="json")["eval"],
+        "augment_eval": augment.model_dump(mode="json")["eval"],
     }
 
 
-def save_model(params, info, state_dict: dict, path: Path) -> None:
+def save_model(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict, path: Path) -> None:
     """Write the bundle atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save(model_bundle(params, info, state_dict), path)
+    ckpt.save(model_bundle(model, augment, info, state_dict), path)
 
 
 def load_model_bundle(path: Path, device: torch.device | str = "cpu"):
     """``(model, dataset description, bundle)``: the network in eval mode on ``device``."""
-    from onecycle.config import ModelConfig
     from onecycle.training.models import build_model
 
     if not Path(path).is_file():

@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 
 import onecycle
+from onecycle.config import AugmentConfig, ModelConfig
 from onecycle.serving.classifier import DEFAULT_K, IMAGE_COLUMN
 from onecycle.serving.modelfile import model_bundle
 from onecycle.tracking import store
 
 
-def _onecycle_metadata(params, info) -> dict:
+def _onecycle_metadata(model: ModelConfig, augment: AugmentConfig, info) -> dict:
     """What ``onecycle predict --model-uri`` needs to preprocess images and name classes."""
-    return {k: v for k, v in model_bundle(params, info, {}).items() if k != "state_dict"}
+    return {k: v for k, v in model_bundle(model, augment, info, {}).items() if k != "state_dict"}
 
 
-def _log_network(params, setup, state_dict: dict):
+def _log_network(model_cfg: ModelConfig, augment: AugmentConfig, setup, state_dict: dict):
     """The raw network (softmax output) in MLflow's "pt2" format, unregistered; returns its ModelInfo."""
     import numpy as np
 
@@ -40,7 +41,7 @@ def _log_network(params, setup, state_dict: dict):
     mlflow = store.mlflow()
     from mlflow.models import infer_signature
 
-    model = build_model(params.model, setup.info.num_classes, setup.info.in_channels)
+    model = build_model(model_cfg, setup.info.num_classes, setup.info.in_channels)
     model.load_state_dict(state_dict)
     served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     loader = setup.val_loader or setup.train_loader
@@ -50,7 +51,7 @@ def _log_network(params, setup, state_dict: dict):
         probs = served(torch.from_numpy(example)).numpy()
     return mlflow.pytorch.log_model(
         served, name="network", signature=infer_signature(example, probs), input_example=example,
-        serialization_format="pt2", metadata={"onecycle": _onecycle_metadata(params, setup.info)},
+        serialization_format="pt2", metadata={"onecycle": _onecycle_metadata(model_cfg, augment, setup.info)},
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
     )
 
@@ -67,8 +68,10 @@ def _example_png(info) -> bytes:
     return buf.getvalue()
 
 
-def log_final_model(params, setup, state_dict: dict) -> str | None:
-    """Log the image classifier (registered) and the raw network to the active run; returns the classifier's URI."""
+def log_final_model(setup, state_dict: dict, *, model: ModelConfig, augment: AugmentConfig,
+                    registered_model: str) -> str | None:
+    """Log the image classifier (registered as ``registered_model``) and the raw network to the active run;
+    returns the classifier's URI."""
     import numpy as np
     import pandas as pd
     import PIL
@@ -79,20 +82,21 @@ def log_final_model(params, setup, state_dict: dict) -> str | None:
 
     from onecycle.serving.modelfile import save_model
 
-    network = _log_network(params, setup, state_dict)
+    network = _log_network(model, augment, setup, state_dict)
     signature = ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
                                params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.pt"
-        save_model(params, setup.info, state_dict, model_file)  # the same bytes as models/model.pt
+        save_model(model, augment, setup.info, state_dict, model_file)  # the same bytes as models/model.pt
         code = Path(tmp) / "onecycle"  # the package as the model's own code, without caches
         shutil.copytree(Path(onecycle.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"model_file": str(model_file)}, code_paths=[str(code)],
             signature=signature, input_example=pd.DataFrame({IMAGE_COLUMN: [_example_png(setup.info)]}),
-            registered_model_name=params.mlflow.registered_model,
-            metadata={"onecycle": {**_onecycle_metadata(params, setup.info), "network_uri": network.model_uri}},
+            registered_model_name=registered_model,
+            metadata={"onecycle": {**_onecycle_metadata(model, augment, setup.info),
+                                   "network_uri": network.model_uri}},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                               f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}",
                               f"albumentations=={_version('albumentations')}", f"pydantic=={_version('pydantic')}",

@@ -143,7 +143,7 @@ def run(params, ws: Workspace) -> dict:
     if list(info.classes) != list(ds_meta.classes):
         raise OneCycleError(f"{ws.model} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
                             "retrain or point data.dataset at the model's dataset")
-    test_ds = build_split(params, info, "test", train_augment=False)
+    test_ds = build_split(params.data, params.augment, info, "test", train_augment=False, seed=params.train.seed)
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -64,11 +64,12 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     """The lr_find stage in ``ws``: sweep, write the reports, log the MLflow run; returns the result."""
     from onecycle.training.engine import build_setup, device_name
 
-    setup = build_setup(params, with_val=False, root=ws.root)
+    setup = build_setup(params.data, params.augment, params.model, params.train, with_val=False, root=ws.root)
     cfg = params.lr_find
     log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s", cfg.mode, cfg.start_lr,
              cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name)
-    result = run_range_test(params, setup, progress=progress)
+    result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
+                            progress=progress)
     chosen = cfg.suggestion
     suggested = result.suggestions.get(chosen)
 

@@ -114,8 +114,8 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) and ``finalize_hook`` (called with each
     finalization step's name before it runs) are the seams tests inject faults through.
     """
-    max_lr = resolve_max_lr(params, ws.lr_find_json)
-    config_id = config_hash(params, max_lr)
+    max_lr = resolve_max_lr(params.schedule.max_lr, ws.lr_find_json)
+    config_id = config_hash(params.flat(), max_lr)
     main = dist.is_main()
     with workspace_lock(ws) if main else contextlib.nullcontext():
         return _run(params, ws, max_lr, config_id, main, step_fn, progress, finalize_hook)
@@ -123,16 +123,16 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
 
 def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_fn: Callable, progress: bool,
          finalize_hook: Callable[[str], None] | None) -> int:
-    setup = build_setup(params, root=ws.root)
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=ws.root)
     check_fits(params.schedule, params.train.epochs, len(setup.train_loader))
     identity = resume_identity(setup)
-    resume_state = find_resume_state(params, config_id, ws.checkpoints, _run_finished(params.mlflow.experiment, ws.root),
-                                     move_aside=main, identity=identity)
+    resume_state = find_resume_state(params.train, config_id, ws.checkpoints,
+                                     _run_finished(params.mlflow.experiment, ws.root), move_aside=main, identity=identity)
     if not main:  # other DDP ranks: train in step with rank 0, which alone logs, checkpoints and reports
         try:
             with StopSignals() as stop:
-                fit(params, setup, max_lr, resume_state=resume_state, progress=False, should_stop=stop,
-                    step_fn=step_fn)
+                fit(setup, max_lr, train=params.train, schedule=params.schedule, optimizer=params.optimizer,
+                    resume_state=resume_state, progress=False, should_stop=stop, step_fn=step_fn)
         finally:
             dist.sync_or_leave()
             dist.shutdown()
@@ -156,8 +156,8 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
               f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
         hooks = stage_hooks(ws, config_id, run_id, logger, resume_state is not None, identity)
         with StopSignals() as stop:  # a finished checkpoint: fit trains nothing and returns its result
-            result = fit(params, setup, max_lr, hooks=hooks, resume_state=resume_state, should_stop=stop,
-                         progress=progress, step_fn=step_fn)
+            result = fit(setup, max_lr, train=params.train, schedule=params.schedule, optimizer=params.optimizer,
+                         hooks=hooks, resume_state=resume_state, should_stop=stop, progress=progress, step_fn=step_fn)
     except DivergenceError as exc:
         _finish_failed(params, setup, ws, run_id, str(exc), logger)
         raise
@@ -292,7 +292,7 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
 def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict, run_id: str) -> None:
     """models/model.pt, reports/train.json (DVC metrics: numbers only) and reports/runs.json (the MLflow run ids
     of these outputs: the training's, and the LR range test's it used)."""
-    save_model(params, setup.info, state_dict, ws.model)
+    save_model(params.model, params.augment, setup.info, state_dict, ws.model)
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
     run_ids = {"train": run_id, "lr_find": lr_find_run_id(ws.lr_find_json)}
     atomic_write_text(ws.runs_json, json.dumps(run_ids, indent=2) + "\n")
@@ -332,7 +332,9 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
 
     return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary, run_id)),
             ("metrics", metrics), ("checkpoints", checkpoints), ("reports", reports),
-            ("model", lambda: log_final_model(params, setup, result.best_state)), ("end_run", end_run)]
+            ("model", lambda: log_final_model(setup, result.best_state, model=params.model, augment=params.augment,
+                                              registered_model=params.mlflow.registered_model)),
+            ("end_run", end_run)]
 
 
 def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str, logger: runs.RunLogger,

@@ -171,19 +171,19 @@ class Objective:
             except ConfigError as exc:
                 msg = f"trial {trial.number}: the sampled values do not fit together: {exc}"
                 raise _InvalidTrialError(msg) from None
-            max_lr = resolve_max_lr(tparams, self.ws.lr_find_json)
+            max_lr = resolve_max_lr(tparams.schedule.max_lr, self.ws.lr_find_json)
             command = dvc_command(values, tparams.train.epochs)
             trial.set_user_attr(DVC_COMMAND_ATTR, command)
             mlflow.set_tag(DVC_COMMAND_ATTR, command)
             runs.log_params_flat({**tparams.flat(), "schedule.max_lr_used": max_lr})
-            mlflow.set_tag("config_hash", config_hash(tparams, max_lr))
-            setup = build_setup(tparams, root=self.ws.root)
+            mlflow.set_tag("config_hash", config_hash(tparams.flat(), max_lr))
+            setup = build_setup(tparams.data, tparams.augment, tparams.model, tparams.train, root=self.ws.root)
             try:
                 check_fits(tparams.schedule, tparams.train.epochs, len(setup.train_loader))
             except ConfigError as exc:
                 raise _InvalidTrialError(f"trial {trial.number}: {exc}") from None
-            result = fit(tparams, setup, max_lr, hooks=FitHooks(on_epoch=self._on_epoch(trial, tparams.train.epochs,
-                                                                                        logger)),
+            result = fit(setup, max_lr, train=tparams.train, schedule=tparams.schedule, optimizer=tparams.optimizer,
+                         hooks=FitHooks(on_epoch=self._on_epoch(trial, tparams.train.epochs, logger)),
                          step_fn=self.step_fn)
             seen = [row[self.column] for row in result.history
                     if row.get(self.column) is not None and math.isfinite(row[self.column])]

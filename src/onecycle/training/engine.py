@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from onecycle.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from onecycle.core.errors import OneCycleError
 from onecycle.data.loaders import build_split, make_device_loader, make_loader
 from onecycle.data.store import DatasetInfo, load_info
@@ -200,10 +201,10 @@ def configure_threads(threads: int) -> None:
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set model.whiten's filters
 
 
-def whitening_batches(params, info):
+def whitening_batches(data: DataConfig, augment: AugmentConfig, info: DatasetInfo, seed: int):
     """The first ``WHITEN_IMAGES`` training images, in batches of 500, as training normalizes them, without
     augmentation (no randomness drawn)."""
-    ds = build_split(params, info, "train", train_augment=False)
+    ds = build_split(data, augment, info, "train", train_augment=False, seed=seed)
     n = 0
     for x, _ in make_loader(ds, 500, shuffle=False, seed=0, num_workers=0):
         yield x[:WHITEN_IMAGES - n]
@@ -212,28 +213,31 @@ def whitening_batches(params, info):
             return
 
 
-def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
-    """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them.
+def build_setup(data: DataConfig, augment: AugmentConfig, model: ModelConfig, train: TrainConfig, *,
+                with_val: bool = True, root=None) -> Setup:
+    """Dataset, device, model (seeded), loss and loaders, exactly as ``train`` uses them, from the params sections
+    that say them.
 
-    A relative ``data.root`` is taken from ``root`` (default: the cwd). Under ``torchrun`` this joins the process group, shards the data (``data.batch_size`` stays the
-    global batch) and wraps the model in DistributedDataParallel (SyncBatchNorm with ``train.sync_bn``).
+    A relative ``data.root`` is taken from ``root`` (default: the cwd). Under ``torchrun`` this joins the process
+    group, shards the data (``data.batch_size`` stays the global batch) and wraps the model in
+    DistributedDataParallel (SyncBatchNorm with ``train.sync_bn``).
     """
     from onecycle.training import distributed as dist
 
-    info = load_info(params.data, root)
-    tcfg = params.train
+    info = load_info(data, root)
+    tcfg = train  # short: read on most lines below
     configure_threads(tcfg.threads)
     device = resolve_device(tcfg.device)
     device = dist.init(device.type) or device
     rank, world = dist.rank(), dist.world_size()
-    dist.per_process_batch(params.data.batch_size)
+    dist.per_process_batch(data.batch_size)
     dtype = amp_dtype(tcfg.amp, device, tcfg.amp_on_cpu)
     seed_everything(tcfg.seed, tcfg.deterministic)  # the same seed on every rank: identical initial weights
     if device.type == "cuda" and not tcfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    net = build_model(params.model, info.num_classes, info.in_channels)
-    if params.model.whiten:
-        init_whitening(net, whitening_batches(params, info))
+    net = build_model(model, info.num_classes, info.in_channels)
+    if model.whiten:
+        init_whitening(net, whitening_batches(data, augment, info, tcfg.seed))
     if world > 1 and tcfg.sync_bn:
         if device.type != "cuda":
             raise OneCycleError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version)")
@@ -241,29 +245,30 @@ def build_setup(params, *, with_val: bool = True, root=None) -> Setup:
     net = net.to(device)
     if tcfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = net
+    step_model = net
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
     pin = device.type == "cuda"
-    train_ds = build_split(params, info, "train", train_augment=True)
-    on_device = params.data.on_device and train_ds.batch_transform is not None
-    if params.data.on_device and not on_device:
+    train_ds = build_split(data, augment, info, "train", train_augment=True, seed=tcfg.seed)
+    on_device = data.on_device and train_ds.batch_transform is not None
+    if data.on_device and not on_device:
         log.warning("data.on_device needs an array dataset with the standard augmentation (augment.train empty); "
                     "loading through the DataLoader instead")
 
     def loader(ds, shuffle: bool, seed: int):
         if on_device:
-            return make_device_loader(ds, params.data.batch_size, shuffle=shuffle, seed=seed, device=device,
+            return make_device_loader(ds, data.batch_size, shuffle=shuffle, seed=seed, device=device,
                                       rank=rank, world=world)
-        return make_loader(ds, params.data.batch_size, shuffle=shuffle, seed=seed, num_workers=params.data.num_workers,
+        return make_loader(ds, data.batch_size, shuffle=shuffle, seed=seed, num_workers=data.num_workers,
                            pin_memory=pin, rank=rank, world=world)
 
     train_loader = loader(train_ds, True, tcfg.seed)
     val_loader = None
-    if with_val and params.data.val_size > 0:
-        val_loader = loader(build_split(params, info, "val", train_augment=False), False, 0)
+    if with_val and data.val_size > 0:
+        val_loader = loader(build_split(data, augment, info, "val", train_augment=False, seed=tcfg.seed), False, 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
-    return Setup(info, device, dtype, model, loss_fn, train_loader, val_loader, net)
+    return Setup(info, device, dtype, step_model, loss_fn, train_loader, val_loader, net)
 
 
 @contextlib.contextmanager

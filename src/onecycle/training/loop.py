@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from onecycle.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from onecycle.core.errors import OneCycleError
 from onecycle.data.loaders import set_epoch, skip_batches
 from onecycle.training import checkpoint as ckpt
@@ -46,9 +47,10 @@ NEUTRAL_KEYS = {"data.num_workers", "train.resume", "train.checkpoint_every", "t
                 "train.check_every"}
 
 
-def config_hash(params, max_lr: float) -> str:
-    """Hash of everything that changes the result of training (and the LR actually used)."""
-    flat = {k: v for k, v in params.flat().items()
+def config_hash(flat_params: dict, max_lr: float) -> str:
+    """Hash of everything that changes the result of training (and the LR actually used), from the dotted
+    params (``Params.flat()``): the identity of a configuration, so it reads every section."""
+    flat = {k: v for k, v in flat_params.items()
             if k.split(".")[0] in ("data", "augment", "model", "optimizer", "schedule", "train") and k not in NEUTRAL_KEYS}
     flat["schedule.max_lr"] = float(max_lr)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -222,9 +224,9 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, resume_state: dict | None = None,
-        progress: bool = True, should_stop: Callable[[], bool] | None = None,
-        step_fn: Callable = train_step) -> FitResult:
+def fit(setup: Setup, max_lr: float, *, train: TrainConfig, schedule: ScheduleConfig, optimizer: OptimizerConfig,
+        hooks: FitHooks | None = None, resume_state: dict | None = None, progress: bool = True,
+        should_stop: Callable[[], bool] | None = None, step_fn: Callable = train_step) -> FitResult:
     """Train ``setup.model`` for ``train.epochs`` with One Cycle to ``max_lr``; the epoch loop.
 
     Per epoch: train, validate, hand checkpoint states to ``hooks.save_best``/``save_last``, print one
@@ -233,11 +235,11 @@ def fit(params, setup: Setup, max_lr: float, *, hooks: FitHooks | None = None, r
     current state (mid-epoch included) goes to ``save_last`` and :class:`Interrupted` is raised.
     """
     hooks = hooks or FitHooks()
-    tcfg = params.train
+    tcfg = train
     model, net, device, dtype = setup.model, setup.net, setup.device, setup.dtype
-    optimizer = build_optimizer(params.optimizer, net, lr=max_lr / params.schedule.div_factor)
+    optimizer = build_optimizer(optimizer, net, lr=max_lr / schedule.div_factor)  # the section in, torch's out
     steps_per_epoch = len(setup.train_loader)
-    scheduler = build_scheduler(optimizer, params.schedule, max_lr, tcfg.epochs, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, schedule, max_lr, tcfg.epochs, steps_per_epoch)
     scaler = make_scaler(device, dtype)
     average = build_average(tcfg, net, tcfg.epochs * steps_per_epoch)
     result = FitResult()

@@ -30,10 +30,10 @@ def read_suggestion(path: Path) -> float:
     return float(lr)
 
 
-def resolve_max_lr(params, report: Path) -> float:
+def resolve_max_lr(max_lr: float | str, report: Path) -> float:
     """``schedule.max_lr``, or the LR finder's chosen suggestion (in ``report``) when it is ``auto``."""
-    if params.schedule.max_lr != "auto":
-        return float(params.schedule.max_lr)
+    if max_lr != "auto":
+        return float(max_lr)
     return read_suggestion(report)
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from onecycle.config import LRFindConfig, OptimizerConfig, TrainConfig
 
 # fastai trims the first tenth and the last 5 points of the curve before suggesting (noisy ends).
 SKIP_END = 5
@@ -166,29 +167,24 @@ def cycle(loader):
         epoch += 1
 
 
-def run_range_test(params, setup=None, progress: bool = True, root: Path | None = None) -> RangeTestResult:
-    """The LR range test exactly as ``train`` would train: same model, optimizer, data, precision."""
-    from onecycle.training.engine import (
-        build_optimizer,
-        build_setup,
-        make_scaler,
-        preserved_state,
-        to_device,
-        train_step,
-    )
+def run_range_test(setup, *, optimizer: OptimizerConfig, lr_find: LRFindConfig, train: TrainConfig,
+                   progress: bool = True) -> RangeTestResult:
+    """The LR range test exactly as ``train`` would train: same model, optimizer, data, precision (``setup`` from
+    :func:`onecycle.training.engine.build_setup`, without a validation split)."""
+    from onecycle.training.engine import build_optimizer, make_scaler, preserved_state, to_device, train_step
 
-    setup = setup or build_setup(params, with_val=False, root=root)
+    cfg = lr_find
     model = setup.model
     model.train()
-    optimizer = build_optimizer(params.optimizer, model, lr=params.lr_find.start_lr)
+    optimizer = build_optimizer(optimizer, model, lr=cfg.start_lr)  # the section in, torch's out
     scaler = make_scaler(setup.device, setup.dtype)
-    channels_last = params.train.channels_last
+    channels_last = train.channels_last
 
     def step(images, labels):
         images, labels = to_device(images, labels, setup.device, channels_last)
         loss, _ = train_step(model, images, labels, optimizer, scaler, setup.loss_fn, setup.device, setup.dtype,
-                             params.train.grad_clip)
+                             train.grad_clip)
         return loss.item()
 
     with preserved_state(model, optimizer):
-        return range_test(model, optimizer, cycle(setup.train_loader), step, params.lr_find, progress=progress)
+        return range_test(model, optimizer, cycle(setup.train_loader), step, cfg, progress=progress)

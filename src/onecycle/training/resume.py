@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from onecycle.config import TrainConfig
 from onecycle.core.errors import OneCycleError
 from onecycle.core.paths import Workspace
 from onecycle.training import checkpoint as ckpt
@@ -56,7 +57,7 @@ def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoi
     return None
 
 
-def find_resume_state(params, config_id: str, checkpoint_dir: Path,
+def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
                       run_finished: Callable[[str | None], bool] = lambda run_id: True, move_aside: bool = True,
                       identity: dict | None = None) -> dict | None:
     """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning).
@@ -70,7 +71,7 @@ def find_resume_state(params, config_id: str, checkpoint_dir: Path,
     last = checkpoint_dir / "last.pt"
     if not last.exists():
         return None
-    if not params.train.resume:
+    if not train.resume:
         log.warning("train.resume is false: starting fresh; the old checkpoints move to %s", checkpoint_dir / "previous")
         if move_aside:
             _move_aside(checkpoint_dir)
@@ -90,7 +91,7 @@ def find_resume_state(params, config_id: str, checkpoint_dir: Path,
         log.warning("the training in %s finished but its finalization did not: completing it in MLflow run %s, "
                     "without training again", last, state.get("mlflow_run_id"))
     else:
-        log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], params.train.epochs,
+        log.info("resuming from %s: epoch %d of %d, MLflow run %s", last, state["epoch"], train.epochs,
                  state.get("mlflow_run_id"))
     best = checkpoint_dir / "best.pt"
     if best.is_file():
