@@ -1,0 +1,316 @@
+"""README "Scaling out", for real on loopback: an MLflow server on PostgreSQL with artifacts in S3, a DVC S3
+remote, Optuna workers on PostgreSQL, a two-node torchrun, and the tracking server or S3 going away.
+
+Each component is the real one, started by the fixtures below on 127.0.0.1 only:
+
+* PostgreSQL: Debian's server binaries, a throw-away cluster (conftest's ``postgres_url``), one database for
+  MLflow's backend store (its own role, with a password) and one for the Optuna study;
+* S3: ``moto``'s server mode (``ThreadedMotoServer``, as dvc-s3's own tests use it) in this process, with a
+  bucket for MLflow's artifacts and one for the DVC remote; only the MLflow server and DVC get its keys;
+* ``mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://...`` as a subprocess that
+  serves the artifacts, so the training processes get ``MLFLOW_TRACKING_URI`` and no S3 credentials.
+
+Skipped only where no PostgreSQL server is installed (``make setup`` installs Debian's as root).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, fresh_database
+from tiny import tiny_params, write_fetched
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+S3_KEY, S3_SECRET = "AKIATEAMSTACK0000001", "team-stack-s3-SECRET-do-not-log"
+PG_PASSWORD = "team-stack-pg-SECRET-do-not-log"
+SECRETS = (S3_SECRET, PG_PASSWORD)
+ARTIFACTS_BUCKET, DVC_BUCKET = "team-mlflow", "team-dvc"
+MODEL = "team-onecycle"
+
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------------------ the components
+
+def client_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
+    """A training machine's environment: no AWS credentials, no MLflow/DVC state of this process."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "AWS_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTEST_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env.update(extra)
+    return env
+
+
+LOG: list[str] = []  # every command's output, scanned for credentials at the end of the module
+
+
+def sh(cmd, cwd, env, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    LOG.append(proc.stdout + proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def wait_http(url: str, seconds: float = 120, proc: subprocess.Popen | None = None) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited early with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return time.monotonic() - start
+        except Exception:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+class S3Server:
+    """moto's S3 in this process on a fixed port, so that it can stop and start again (the data stays)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer("127.0.0.1", self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+class MlflowServer:
+    """``mlflow server`` on PostgreSQL with artifacts in S3, served; stop() and start() for the outage test."""
+
+    def __init__(self, backend: str, s3: S3Server, home: Path):
+        self.backend, self.s3, self.home = backend, s3, home
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = home / "mlflow-server.log"
+
+    def start(self) -> float:
+        env = client_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
+                         MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint)
+        cmd = [BIN / "mlflow", "server", "--backend-store-uri", self.backend,
+               "--artifacts-destination", f"s3://{ARTIFACTS_BUCKET}", "--host", "127.0.0.1", "--port",
+               str(self.port), "--workers", "1"]
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen([str(c) for c in cmd], cwd=self.home, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return wait_http(self.uri + "/health", proc=self.proc)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    server.start()
+    for bucket in (ARTIFACTS_BUCKET, DVC_BUCKET):
+        server.client().create_bucket(Bucket=bucket)
+    yield server
+    if server.server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def team_db(postgres_url):
+    """MLflow's backend store: a database owned by a role with a password (the URL carries it)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE ROLE mlflow LOGIN PASSWORD '{PG_PASSWORD}'"))
+        conn.execute(sqlalchemy.text("CREATE DATABASE mlflow OWNER mlflow"))
+    engine.dispose()
+    host = postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
+    return {"mlflow": f"postgresql://mlflow:{PG_PASSWORD}@{host}/mlflow",
+            "optuna": fresh_database(postgres_url, "optuna_team")}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(team_db, s3, tmp_path_factory):
+    server = MlflowServer(team_db["mlflow"], s3, tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.stop()
+    LOG.append(server.log.read_text())
+
+
+def _png(workdir: Path, out: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    x = np.load(workdir / "data/fashion_mnist/test_x.npy", mmap_mode="r")[0]
+    Image.fromarray(np.asarray(x).squeeze()).convert("RGB").save(out)
+    return out
+
+
+def tiny_team_params(workdir: Path, **sections) -> None:
+    """tiny.py's seconds-long params with a registered model and the team's experiment."""
+    tiny_params(workdir, **{"mlflow": {"experiment": "team", "registered_model": MODEL, "system_metrics": False},
+                            "evaluate": {"tta": "none"}, **sections})
+
+
+def clone_with_tiny_params(base: Path) -> Path:
+    """test_pipeline's clone of this repo, the full params.yaml with tiny values, and a tiny fetched dataset
+    recorded as the fetch stage's output (``dvc commit``: fetch checks the published Fashion-MNIST checksums)."""
+    from test_pipeline import clone_of_this_repo, commit_all
+
+    clone = clone_of_this_repo(base / "onecycle")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"].update(val_size=128, batch_size=64)
+    params["model"]["width"] = 0.125
+    params["lr_find"].update(num_iter=12)
+    params["train"].update(epochs=2, threads=1, deterministic=True)
+    params["mlflow"].update(experiment="team", registered_model=MODEL, system_metrics=False)
+    params["evaluate"]["tta"] = "none"
+    params["tune"].update(epochs=1, storage=None)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_fetched(clone / "data", n_train=640, n_test=100)
+    commit_all(clone, "tiny params")
+    sh([BIN / "dvc", "commit", "-f", "fetch"], clone, client_env())
+    return clone
+
+
+def test_the_team_recipe_end_to_end(mlflow_server, s3, team_db, tmp_path):
+    """dvc repro against the server, dvc push to S3, a teammate's clone + dvc pull + predict, two tune workers
+    on PostgreSQL, and mlflow models serve of @champion from the server."""
+    uri = mlflow_server.uri
+    clone = clone_with_tiny_params(tmp_path)
+    env = client_env(uri)
+    t0 = time.monotonic()
+    sh([BIN / "dvc", "repro"], clone, env, timeout=900)
+    timings = {"dvc repro": time.monotonic() - t0}
+
+    # the run, its metrics, the registered model and the artifacts: on the server, the files in S3
+    client = mlflow_server.client()
+    runs = json.loads((clone / "reports/runs.json").read_text())
+    run = client.get_run(runs["train"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert "test_top1" in run.data.metrics or any(k.startswith("test") for k in run.data.metrics)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served: the training machine has no S3 keys
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    keys = s3.keys(ARTIFACTS_BUCKET)
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/history.csv") for k in keys), keys[:20]
+    assert any(k.endswith("checkpoints/best.pt") for k in keys) and any(k.endswith("MLmodel") for k in keys)
+    assert not list(clone.glob("mlruns/**/*.csv")) and not (clone / "mlflow.db").exists()  # nothing local
+    sh([BIN / "onecycle", "promote"], clone, env)
+    assert client.get_model_version_by_alias(MODEL, "champion").run_id == run.info.run_id
+
+    # serving @champion from the server starts now (it takes a while); asked at the end
+    port = free_port()
+    serve = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        # dvc push to the S3 remote: the endpoint in .dvc/config (committed), the keys in .dvc/config.local
+        t0 = time.monotonic()
+        sh([BIN / "dvc", "remote", "add", "-d", "shared", f"s3://{DVC_BUCKET}/store"], clone, env)
+        sh([BIN / "dvc", "remote", "modify", "shared", "endpointurl", s3.endpoint], clone, env)
+        sh([BIN / "dvc", "remote", "modify", "--local", "shared", "access_key_id", S3_KEY], clone, env)
+        sh([BIN / "dvc", "remote", "modify", "--local", "shared", "secret_access_key", S3_SECRET], clone, env)
+        sh(["git", "add", "-A"], clone, env)
+        sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], clone, env)
+        sh([BIN / "dvc", "push"], clone, env)
+        assert s3.keys(DVC_BUCKET)
+        tracked = sh(["git", "grep", "-I", "-l", "-e", S3_SECRET, "-e", PG_PASSWORD], clone, env, check=False)
+        assert tracked.stdout == ""  # no credential in anything committed
+
+        # a teammate: git clone + the keys + dvc pull; data, model and reports without training
+        mate = tmp_path / "teammate"
+        sh(["git", "clone", "-q", str(clone), str(mate)], tmp_path, env)
+        sh([BIN / "dvc", "remote", "modify", "--local", "shared", "access_key_id", S3_KEY], mate, env)
+        sh([BIN / "dvc", "remote", "modify", "--local", "shared", "secret_access_key", S3_SECRET], mate, env)
+        sh([BIN / "dvc", "pull"], mate, env)
+        for rel in ("models/model.pt", "data/fashion_mnist/train_x.npy", "reports/metrics.json", "reports/train.json"):
+            assert (mate / rel).read_bytes() == (clone / rel).read_bytes(), rel
+        status = sh([BIN / "dvc", "status"], mate, env).stdout
+        assert "checkpoints" in status and "model.pt" not in status and "lr_find" not in status
+        png = _png(mate, tmp_path / "item.png")
+        answer = json.loads(sh([BIN / "onecycle", "predict", png, "--json"], mate, env).stdout.splitlines()[-1])
+        assert len(answer["top_k"]) >= 1
+        timings["push, teammate's clone, pull, predict"] = time.monotonic() - t0
+
+        # two tune workers (as on two machines) on PostgreSQL, logging to the server under one parent run
+        t0 = time.monotonic()
+        params = yaml.safe_load((mate / "params.yaml").read_text())
+        params["tune"]["storage"] = team_db["optuna"]
+        (mate / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        cmd = [str(BIN / "onecycle"), "tune", "--n-trials", "1"]
+        workers = [subprocess.Popen(cmd, cwd=mate, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True) for _ in range(2)]
+        outputs = [w.communicate(timeout=600)[0] for w in workers]
+        LOG.extend(outputs)
+        assert [w.returncode for w in workers] == [0, 0], outputs
+        exp = client.get_experiment_by_name("team")
+        tune_runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("optuna_study")
+                     or r.data.tags.get("trial_number")]
+        parents = [r for r in tune_runs if "mlflow.parentRunId" not in r.data.tags]
+        nested = [r for r in tune_runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(parents) == 1, [r.data.tags for r in tune_runs]
+        assert sorted(r.data.tags["trial_number"] for r in nested) == ["0", "1"]
+        assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
+        timings["two tune workers"] = time.monotonic() - t0
+
+        # the champion, served from the server's registry (artifacts through the server), answers a PNG
+        t0 = time.monotonic()
+        wait_http(f"http://127.0.0.1:{port}/ping", seconds=300, proc=serve)
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(png.read_bytes()).decode()]]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        served = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert [c["class"] for c in served["predictions"][0]["top_k"]][:1] == [answer["top_k"][0]["class"]]
+        timings["serve @champion (after the rest)"] = time.monotonic() - t0
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        LOG.append(serve.communicate(timeout=30)[0])
+    print("timings:", {k: round(v, 1) for k, v in timings.items()})
