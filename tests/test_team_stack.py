@@ -147,6 +147,9 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def s3():
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     server = S3Server()
     server.start()
     for bucket in (ARTIFACTS_BUCKET, DVC_BUCKET):
@@ -314,3 +317,134 @@ def test_the_team_recipe_end_to_end(mlflow_server, s3, team_db, tmp_path):
         os.killpg(serve.pid, signal.SIGTERM)
         LOG.append(serve.communicate(timeout=30)[0])
     print("timings:", {k: round(v, 1) for k, v in timings.items()})
+
+
+# ------------------------------------------------------------------------------------------ outages
+
+class Lines:
+    """A process's merged output, line by line with the monotonic time each arrived."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def wait_for(self, prefix: str, seconds: float = 300) -> float:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for t, line in list(self.lines):
+                if line.startswith(prefix):
+                    return t
+            assert self.proc.poll() is None or self.thread.is_alive(), self.text()
+            time.sleep(0.05)
+        raise AssertionError(f"no line {prefix!r} within {seconds}s:\n{self.text()}")
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=30)
+        LOG.append(self.text())
+        return code
+
+
+def _epochs_between(lines: Lines, start: float, end: float) -> list[str]:
+    return [line.split(":")[0] for t, line in lines.lines if start <= t <= end and line.startswith("epoch ")]
+
+
+OUTAGE_SECONDS = 20
+
+
+def test_training_goes_on_while_the_tracking_server_is_down_and_everything_arrives(mlflow_server, tmp_path):
+    """The server stops for ~20 s mid-training and starts again: no epoch stops, nothing is lost."""
+    epochs = 16
+    write_fetched(tmp_path / "data", n_train=1152, n_test=50)  # 1024 training images: 16 steps an epoch
+    tiny_team_params(tmp_path, train={"epochs": epochs},
+                     mlflow={"experiment": "team", "registered_model": MODEL, "system_metrics": True})
+    proc = subprocess.Popen([str(BIN / "onecycle"), "train"], cwd=tmp_path, env=client_env(mlflow_server.uri),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
+    try:
+        lines.wait_for("epoch 2/")
+        down = time.monotonic()
+        mlflow_server.stop()
+        time.sleep(OUTAGE_SECONDS)
+        restart = time.monotonic()
+        mlflow_server.start()
+        up = time.monotonic()
+        code = lines.finish()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = lines.text()
+    assert code == 0, out[-4000:]
+    during = _epochs_between(lines, down, up)
+    kept = [line for _, line in lines.lines if "metric values kept" in line]
+    figures = {"seconds down": round(up - down, 1), "of which restarting": round(up - restart, 1),
+               "epochs finished while down": during, "buffered": kept,
+               "recovered": [line for _, line in lines.lines if "reachable again" in line]}
+    print("outage:", json.dumps(figures, indent=1))
+    (tmp_path / "outage.json").write_text(json.dumps(figures))
+    assert len(during) >= 2, figures  # training did not stop while the server was down
+    assert kept and figures["recovered"], out[-3000:]
+
+    client = mlflow_server.client()
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "val/top1")}) == list(range(1, epochs + 1))
+    assert sorted({m.step for m in client.get_metric_history(run_id, "lr")}) == list(range(epochs * 16))
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in
+                                                                  client.list_artifacts(run_id, "checkpoints")}
+    assert {"history.csv", "schedule.csv", "checkpoints/best.pt"} <= artifacts, artifacts
+    assert [v.run_id for v in client.search_model_versions(f"name='{MODEL}'") if v.run_id == run_id] == [run_id]
+
+
+def test_a_server_that_stays_down_ends_in_one_line_and_the_run_completes_later(mlflow_server, tmp_path):
+    """Down until after the last epoch: one error line, exit 1, nothing lost; `onecycle train` again (the server
+    back) completes the run without training. MLFLOW_HTTP_REQUEST_MAX_RETRIES bounds how long the end waits."""
+    write_fetched(tmp_path / "data", n_train=640, n_test=50)
+    tiny_team_params(tmp_path, train={"epochs": 3})
+    env = client_env(mlflow_server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+    proc = subprocess.Popen([str(BIN / "onecycle"), "train"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
+    try:
+        lines.wait_for("train: ")  # the run exists on the server
+        mlflow_server.stop()
+        code = lines.finish()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if mlflow_server.proc.poll() is not None:
+            mlflow_server.start()
+    out = lines.text()
+    assert code == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("onecycle train: error: ")]
+    assert len(errors) == 1 and "finalization stopped at step 'metrics'" in errors[0], out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert len([line for line in out.splitlines() if "metric values kept" in line]) == 1  # said once, not per epoch
+    assert ckpt_finished(tmp_path)
+
+    again = sh([BIN / "onecycle", "train"], tmp_path, client_env(mlflow_server.uri))
+    assert not [line for line in again.stdout.splitlines() if line.startswith("epoch ")]  # nothing trained again
+    print("stays down:", errors[0])
+    client = mlflow_server.client()
+    run_id = json.loads((tmp_path / "reports/runs.json").read_text())["train"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "val/top1")}) == [1, 2, 3]
+    assert sorted({m.step for m in client.get_metric_history(run_id, "lr")}) == list(range(3 * 8))
+    assert [v.run_id for v in client.search_model_versions(f"name='{MODEL}'") if v.run_id == run_id] == [run_id]
+
+
+def ckpt_finished(workdir: Path) -> bool:
+    from onecycle import checkpoint as ckpt
+
+    return bool(ckpt.load(workdir / "checkpoints/last.pt").get("finished"))

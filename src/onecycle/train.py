@@ -315,7 +315,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
                "epochs": len(result.history), "total_seconds": round(result.seconds, 1)}
 
     def metrics() -> None:
-        if not logger.flush():
+        if not logger.flush(patient=True):  # waits out a server restart (MLflow's own retries)
             raise OneCycleError("MLflow is not reachable: the epochs' metrics could not be logged")
         mlflow.log_metrics({"val_best/top1": max(result.best_top1, 0.0), "val_best/epoch": result.best_epoch,
                             "total_seconds": result.seconds})
