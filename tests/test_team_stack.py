@@ -448,3 +448,62 @@ def ckpt_finished(workdir: Path) -> bool:
     from onecycle import checkpoint as ckpt
 
     return bool(ckpt.load(workdir / "checkpoints/last.pt").get("finished"))
+
+
+# ------------------------------------------------------------------------------------------ two nodes
+
+def _node(base: Path, name: str, experiment: str) -> Path:
+    """A machine's clone: the same data and params (as from git + dvc pull), its own checkpoints/ and reports/."""
+    work = base / name
+    write_fetched(work / "data", n_train=640, n_test=50)  # 512 training images: 8 global batches of 64
+    tiny_team_params(work, train={"epochs": 3},
+                     mlflow={"experiment": experiment, "registered_model": MODEL, "system_metrics": False})
+    return work
+
+
+def _torchrun_nodes(nodes: list[Path], uri: str) -> list[subprocess.Popen]:
+    """README's multi-machine command, one process per node, the rendezvous and gloo on loopback."""
+    port = free_port()
+    env = client_env(uri, GLOO_SOCKET_IFNAME="lo")
+    return [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(rank), "--rdzv-backend",
+                              "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "team",
+                              "--local-addr", "127.0.0.1", "--nproc-per-node", "1", "-m", "onecycle", "train"],
+                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank, work in enumerate(nodes)]
+
+
+def test_two_nodes_train_one_run_with_one_checkpoint_and_resume(mlflow_server, tmp_path):
+    from onecycle import checkpoint as ckpt
+
+    nodes = [_node(tmp_path, f"node{i}", "team-ddp") for i in range(2)]
+    first = [Lines(p) for p in _torchrun_nodes(nodes, mlflow_server.uri)]
+    try:
+        first[0].wait_for("epoch 1/3")
+        first[0].proc.send_signal(signal.SIGTERM)  # node 0 is preempted: the whole job stops with a checkpoint
+        codes = [lines.finish(timeout=300) for lines in first]
+    finally:
+        for lines in first:
+            if lines.proc.poll() is None:
+                lines.proc.kill()
+    assert codes[0] != 0, first[0].text()[-3000:]
+    stopped = ckpt.load(nodes[0] / "checkpoints/last.pt")
+    assert 1 <= stopped["epoch"] < 3 and not stopped.get("finished"), first[0].text()[-3000:]
+    assert not (nodes[1] / "checkpoints/last.pt").exists()  # rank 0 alone checkpoints
+
+    again = [Lines(p) for p in _torchrun_nodes(nodes, mlflow_server.uri)]
+    codes = [lines.finish(timeout=600) for lines in again]
+    assert codes == [0, 0], "\n".join(lines.text()[-3000:] for lines in again)
+    out = again[0].text()
+    assert "x 2 processes" in out and "epoch 3/3" in out and "epoch 1/3" not in out, out[-3000:]
+    assert ckpt.load(nodes[0] / "checkpoints/last.pt")["finished"]
+    assert not (nodes[1] / "checkpoints/last.pt").exists()
+
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("team-ddp").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["processes"] == "2"
+    assert run.data.tags["resumed_from_epoch"] == str(stopped["epoch"])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == list(range(24))
+    assert json.loads((nodes[0] / "reports/runs.json").read_text())["train"] == run.info.run_id

@@ -140,7 +140,9 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
     setup = build_setup(params, root=ws.root)
     check_fits(params.schedule, params.train.epochs, len(setup.train_loader))
     identity = resume_identity(setup)
-    resume_state = find_resume_state(params, config_id, ws.checkpoints, ws.root, move_aside=main, identity=identity)
+    # rank 0 decides and sends its checkpoint to the other ranks (on other machines they have none)
+    resume_state = dist.from_main(find_resume_state(params, config_id, ws.checkpoints, ws.root, identity=identity)
+                                  if main else None)
     if not main:  # other DDP ranks: train in step with rank 0, which alone logs, checkpoints and reports
         try:
             with StopSignals() as stop:
