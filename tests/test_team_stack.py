@@ -507,3 +507,68 @@ def test_two_nodes_train_one_run_with_one_checkpoint_and_resume(mlflow_server, t
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == list(range(24))
     assert json.loads((nodes[0] / "reports/runs.json").read_text())["train"] == run.info.run_id
+
+
+# ------------------------------------------------------------------------------------------ S3 going away
+
+def test_dvc_push_through_an_s3_outage_leaves_nothing_half_written(s3, tmp_path):
+    """S3 stops in the middle of a `dvc push` for ~20 s: DVC's clear error (no traceback), every object in the
+    bucket whole (content-addressed: its bytes hash to its key), and the next push completes."""
+    import hashlib
+
+    import numpy as np
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = client_env()
+    sh(["git", "init", "-q"], repo, env)
+    sh([BIN / "dvc", "init", "-q"], repo, env)
+    rng = np.random.default_rng(0)
+    (repo / "data").mkdir()
+    for i in range(400):  # 400 objects of 64 KiB: the push takes long enough to be cut
+        (repo / "data" / f"part-{i:03d}.bin").write_bytes(rng.bytes(64 * 1024))
+    sh([BIN / "dvc", "add", "data"], repo, env)
+    sh([BIN / "dvc", "remote", "add", "-d", "shared", f"s3://{DVC_BUCKET}/outage"], repo, env)
+    sh([BIN / "dvc", "remote", "modify", "shared", "endpointurl", s3.endpoint], repo, env)
+    sh([BIN / "dvc", "remote", "modify", "--local", "shared", "access_key_id", S3_KEY], repo, env)
+    sh([BIN / "dvc", "remote", "modify", "--local", "shared", "secret_access_key", S3_SECRET], repo, env)
+
+    push = subprocess.Popen([str(BIN / "dvc"), "push"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        start = time.monotonic()
+        while not [k for k in s3.keys(DVC_BUCKET) if k.startswith("outage/")]:
+            assert push.poll() is None and time.monotonic() - start < 120, "the push ended before S3 could stop"
+            time.sleep(0.05)
+        before = len([k for k in s3.keys(DVC_BUCKET) if k.startswith("outage/")])
+        down = time.monotonic()
+        s3.stop()
+        time.sleep(OUTAGE_SECONDS)
+        s3.start()
+        up = time.monotonic()
+        out = push.communicate(timeout=600)[0]
+        ended = time.monotonic()
+    finally:
+        if push.poll() is None:
+            push.kill()
+        if s3.server is None:
+            s3.start()
+    LOG.append(out)
+    assert "Traceback" not in out, out[-3000:]
+    keys = [k for k in s3.keys(DVC_BUCKET) if k.startswith("outage/")]
+    client = s3.client()
+    for key in keys:  # files/md5/ab/cdef...: every object's bytes hash to its name
+        body = client.get_object(Bucket=DVC_BUCKET, Key=key)["Body"].read()
+        digest = key.split("/md5/", 1)[1].replace("/", "")
+        if not digest.endswith(".dir"):
+            assert hashlib.md5(body).hexdigest() == digest, key
+    figures = {"seconds down": round(up - down, 1), "objects before the outage": before,
+               "push exit code": push.returncode, "push ended seconds after S3 was back": round(ended - up, 1),
+               "objects after": len(keys), "last lines": out.strip().splitlines()[-2:]}
+    print("s3 outage:", json.dumps(figures, indent=1))
+    if push.returncode != 0:
+        assert [line for line in out.splitlines() if line.startswith("ERROR:")], out[-3000:]
+    again = sh([BIN / "dvc", "push"], repo, env)
+    status = sh([BIN / "dvc", "status", "-c"], repo, env).stdout
+    assert "up to date" in status.lower() or "in sync" in status.lower(), status + again.stdout
+    assert len([k for k in s3.keys(DVC_BUCKET) if k.startswith("outage/")]) == 401  # 400 files and the .dir
