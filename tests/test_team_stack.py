@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,8 +34,9 @@ from tiny import tiny_params, write_fetched
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-S3_KEY, S3_SECRET = "AKIATEAMSTACK0000001", "team-stack-s3-SECRET-do-not-log"
-PG_PASSWORD = "team-stack-pg-SECRET-do-not-log"
+# made at run time, so that no file (this one included) holds them and a leak anywhere is a leak
+S3_KEY, S3_SECRET = "AKIATEAMSTACK0000001", f"s3-{secrets.token_hex(12)}"
+PG_PASSWORD = f"pg-{secrets.token_hex(12)}"
 SECRETS = (S3_SECRET, PG_PASSWORD)
 ARTIFACTS_BUCKET, DVC_BUCKET = "team-mlflow", "team-dvc"
 MODEL = "team-onecycle"
@@ -171,7 +173,8 @@ def team_db(postgres_url):
     engine.dispose()
     host = postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
     return {"mlflow": f"postgresql://mlflow:{PG_PASSWORD}@{host}/mlflow",
-            "optuna": fresh_database(postgres_url, "optuna_team")}
+            # the workers' URL carries a password too (the throw-away cluster trusts loopback, so it is not checked)
+            "optuna": fresh_database(postgres_url, "optuna_team").replace("onecycle@", f"onecycle:{PG_PASSWORD}@", 1)}
 
 
 @pytest.fixture(scope="module")
@@ -572,3 +575,41 @@ def test_dvc_push_through_an_s3_outage_leaves_nothing_half_written(s3, tmp_path)
     status = sh([BIN / "dvc", "status", "-c"], repo, env).stdout
     assert "up to date" in status.lower() or "in sync" in status.lower(), status + again.stdout
     assert len([k for k in s3.keys(DVC_BUCKET) if k.startswith("outage/")]) == 401  # 400 files and the .dir
+
+
+# ------------------------------------------------------------------------------------------ credentials
+
+@pytest.mark.parametrize("text, masked", [
+    ("aws_secret_access_key = abc/DEF+1", "aws_secret_access_key = ***"),
+    ("AWS_ACCESS_KEY_ID=AKIATEAMSTACK0000001 used", "AWS_ACCESS_KEY_ID=*** used"),
+    ("key AKIATEAMSTACK0000001 denied", "key *** denied"),
+    ("https://b.s3.example/k?X-Amz-Credential=AKIAX%2F1&X-Amz-Signature=abc&X-Amz-Security-Token=zz",
+     "https://b.s3.example/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***"),
+    ("--backend-store-uri postgresql+psycopg://mlflow:pw@db:5432/mlflow", "--backend-store-uri postgresql+psycopg://mlflow:***@db:5432/mlflow"),
+    ("s3://team-mlflow/1/abc/artifacts http://127.0.0.1:5000", "s3://team-mlflow/1/abc/artifacts http://127.0.0.1:5000"),
+])
+def test_redact_masks_s3_keys_and_the_tracking_servers_database_url(text, masked):
+    from onecycle.redact import redact
+
+    assert redact(text) == masked
+
+
+def test_no_credential_reached_anything_logged(mlflow_server, s3):
+    """After the tests above (same module): every command's output, the server's runs (params, tags) and every
+    text artifact in the S3 bucket are free of the S3 secret key and the PostgreSQL password."""
+    texts = [*LOG, mlflow_server.log.read_text()]  # the commands' output (when run with the tests above), the server's
+    leaks = [text[max(0, text.find(s) - 200):text.find(s) + 50] for text in texts for s in SECRETS if s in text]
+    client = mlflow_server.client()
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            blob = json.dumps([run.data.params, run.data.tags])
+            leaks += [f"run {run.info.run_id}: {blob[blob.find(s) - 100:blob.find(s) + 50]}" for s in SECRETS
+                      if s in blob]
+            if run.data.params.get("tune.storage", "").startswith("postgresql"):
+                assert ":***@" in run.data.params["tune.storage"]
+    objects = s3.client()
+    for key in s3.keys(ARTIFACTS_BUCKET):
+        if key.endswith((".csv", ".json", ".txt", ".yaml", "MLmodel", ".py")):
+            body = objects.get_object(Bucket=ARTIFACTS_BUCKET, Key=key)["Body"].read().decode(errors="replace")
+            leaks += [f"s3://{ARTIFACTS_BUCKET}/{key}" for s in SECRETS if s in body]
+    assert leaks == []
