@@ -123,9 +123,10 @@ class MlflowServer:
         self.log = home / "mlflow-server.log"
 
     def start(self) -> float:
+        # the password from PGPASSWORD, not the command line (which `ps` shows to every user of the machine)
         env = client_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
-                         MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint)
-        cmd = [BIN / "mlflow", "server", "--backend-store-uri", self.backend,
+                         MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, PGPASSWORD=PG_PASSWORD)
+        cmd = [BIN / "mlflow", "server", "--backend-store-uri", self.backend.replace(f":{PG_PASSWORD}@", "@"),
                "--artifacts-destination", f"s3://{ARTIFACTS_BUCKET}", "--host", "127.0.0.1", "--port",
                str(self.port), "--workers", "1"]
         with open(self.log, "a") as out:
