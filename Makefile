@@ -57,7 +57,7 @@ repro:
 	$(BIN)/dvc repro
 
 ui:  ## a bare `mlflow ui` (the store is MLflow's default ./mlflow.db), bound to loopback; prints the runs page
-	@$(PY) -c 'from onecycle.tracking import ui_link; print(ui_link('"$${PORT:-5000}"'))'
+	@$(PY) -c 'from onecycle.tracking.store import ui_link; print(ui_link('"$${PORT:-5000}"'))'
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000}
 
 demo:  ## the demo page for models/model.pt on http://127.0.0.1:7860 (PORT=... to change): upload an image, see its top classes

@@ -45,7 +45,7 @@ def forward_flops(model, shape) -> float:
 
 def bench_floor(params, setup, steps: int) -> float:
     """(a): the same model/optimizer/batch on tensors already augmented and normalized, in memory."""
-    from onecycle.engine import build_optimizer
+    from onecycle.training.engine import build_optimizer
 
     ds = setup.train_loader.dataset
     bs = params.data.batch_size
@@ -78,11 +78,11 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     """(b): one real epoch through train.fit with validation, checkpoint and MLflow; (img/s, s, images)."""
     import mlflow
 
-    from onecycle.engine import build_setup
-    from onecycle.loop import fit
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages.train import stage_hooks
     from onecycle.tracking import RunLogger, configure
-    from onecycle.train import stage_hooks
+    from onecycle.training.engine import build_setup
+    from onecycle.training.loop import fit
 
     p = params.replace(train={"epochs": 1})
     setup = build_setup(p)
@@ -98,8 +98,8 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
 
 
 def bench_lr_find(params, steps: int) -> float:
-    from onecycle.engine import build_setup
-    from onecycle.rangetest import run_range_test
+    from onecycle.training.engine import build_setup
+    from onecycle.training.rangetest import run_range_test
 
     p = params.replace(lr_find={"num_iter": max(steps, 10), "end_lr": 1.0, "step_mult": None})
     setup = build_setup(p, with_val=False)
@@ -109,8 +109,8 @@ def bench_lr_find(params, steps: int) -> float:
 
 
 def bench_evaluate(params, setup) -> float:
-    from onecycle.engine import evaluate
-    from onecycle.loaders import build_split, make_loader
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.training.engine import evaluate
 
     test = build_split(params, setup.info, "test", train_augment=False)
     loader = make_loader(test, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     from onecycle.config import load_params
-    from onecycle.engine import build_setup
-    from onecycle.schedule import build_scheduler  # noqa: F401  (import cost out of the timings)
+    from onecycle.training.engine import build_setup
+    from onecycle.training.schedule import build_scheduler  # noqa: F401  (import cost out of the timings)
 
     params = load_params(args.params)
     threads = torch.get_num_threads()

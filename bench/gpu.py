@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onecycle.data import catalog
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -52,8 +54,8 @@ def step_rate(model_cfg: dict, shape: tuple[int, int, int], classes: int, batch:
               amp: bool, channels_last: bool, compile_: bool, steps: int, warmup: int) -> float:
     """Training images/s of onecycle's train_step on a synthetic batch resident on ``device``."""
     from onecycle.config import parse_params
-    from onecycle.engine import build_optimizer, make_scaler, train_step
-    from onecycle.models import build_model
+    from onecycle.training.engine import build_optimizer, make_scaler, train_step
+    from onecycle.training.models import build_model
 
     params = parse_params({"model": model_cfg})
     net = build_model(params.model, classes, shape[0]).to(device)
@@ -78,11 +80,11 @@ def step_rate(model_cfg: dict, shape: tuple[int, int, int], classes: int, batch:
 
 def feed_rate(images: np.ndarray, labels: np.ndarray, batch: int, workers: int, pin: bool, batches: int) -> float:
     """images/s the training loader yields: the CIFAR batched recipe over uint8 arrays, as train builds it."""
-    from onecycle.loaders import ArrayDataset, make_loader, set_epoch
-    from onecycle.transforms import BatchAugment
+    from onecycle.data.loaders import ArrayDataset, make_loader, set_epoch
+    from onecycle.data.transforms import BatchAugment
 
     mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-    ds = ArrayDataset(images, labels, None, seed=0, batch_transform=BatchAugment("cifar10", mean, std, True))
+    ds = ArrayDataset(images, labels, None, seed=0, batch_transform=BatchAugment(catalog.kind("cifar10").batch_recipe, mean, std, True))
     loader = make_loader(ds, batch, shuffle=True, seed=0, num_workers=workers, pin_memory=pin)
     set_epoch(loader, 0)
     it = iter(loader)
@@ -96,10 +98,10 @@ def feed_rate(images: np.ndarray, labels: np.ndarray, batch: int, workers: int, 
 
 def cifar_time_to(target: float, device: torch.device, base_params, smoke: bool) -> str:
     """Train the DAWNBench recipe, evaluate the test split after each epoch; report when top-1 >= target."""
-    from onecycle.data import load_info
-    from onecycle.engine import build_setup, evaluate
-    from onecycle.loaders import build_split, make_loader
-    from onecycle.loop import FitHooks, fit
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.data.store import load_info
+    from onecycle.training.engine import build_setup, evaluate
+    from onecycle.training.loop import FitHooks, fit
 
     recipe = {k: dict(v) for k, v in CIFAR_RECIPE.items()}
     recipe["train"]["device"] = device.type
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from onecycle.errors import OneCycleError
+    from onecycle.core.errors import OneCycleError
 
     try:
         raise SystemExit(main())

@@ -44,8 +44,8 @@ LEVERS: list[tuple[str, dict]] = [
 
 def measure(params, overrides: dict, batches: int) -> tuple[float, int]:
     """Training images/s of one short epoch of ``params`` with ``overrides`` (after an 8-batch warm-up: the shortest One Cycle schedule check_fits accepts is 5 steps)."""
-    from onecycle.engine import build_setup, configure_threads
-    from onecycle.loop import fit
+    from onecycle.training.engine import build_setup, configure_threads
+    from onecycle.training.loop import fit
 
     configure_threads(os.cpu_count() or 1)  # undo an earlier lever's thread setting
     merged = {k: dict(v) for k, v in overrides.items()}

@@ -30,8 +30,8 @@ VARIANTS = [  # (label, params sections to override)
 
 def main() -> None:
     from onecycle.config import load_params
-    from onecycle.engine import build_setup
-    from onecycle.rangetest import run_range_test
+    from onecycle.training.engine import build_setup
+    from onecycle.training.rangetest import run_range_test
 
     base = load_params(ROOT / "params.yaml")
     base = base.replace(data={"root": str(ROOT / base.data.root)}, mlflow={"system_metrics": False})

@@ -69,12 +69,12 @@ def lever_params(name: str, seed: int):
 def measure(name: str, seed: int) -> dict:
     import torch
 
-    from onecycle import train
-    from onecycle.data import load_info
-    from onecycle.engine import evaluate
-    from onecycle.loaders import build_split, make_loader
-    from onecycle.modelfile import load_model_bundle
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.data.store import load_info
+    from onecycle.serving.modelfile import load_model_bundle
+    from onecycle.stages import train
+    from onecycle.training.engine import evaluate
 
     params = lever_params(name, seed)
     with tempfile.TemporaryDirectory(prefix="quality.") as tmp:

@@ -21,11 +21,11 @@ import torch
 
 
 def run(args) -> None:
-    from onecycle import distributed as dist
     from onecycle.config import parse_params
-    from onecycle.engine import build_optimizer, make_scaler, train_step
-    from onecycle.loop import StepGuard
-    from onecycle.models import build_model
+    from onecycle.training import distributed as dist
+    from onecycle.training.engine import build_optimizer, make_scaler, train_step
+    from onecycle.training.loop import StepGuard
+    from onecycle.training.models import build_model
 
     device = torch.device(args.device)
     device = dist.init(device.type) or device

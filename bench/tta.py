@@ -21,10 +21,10 @@ def main() -> None:
     import torch
 
     from onecycle.config import load_params
-    from onecycle.data import load_info
-    from onecycle.engine import evaluate
-    from onecycle.loaders import build_split, make_loader
-    from onecycle.modelfile import load_model_bundle
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.data.store import load_info
+    from onecycle.serving.modelfile import load_model_bundle
+    from onecycle.training.engine import evaluate
 
     params = load_params(args.params)
     model, _, _ = load_model_bundle(args.model)
@@ -61,7 +61,7 @@ def shifted_views(model, loader, views, channels_last: bool) -> tuple[float, flo
     import torch
     import torch.nn.functional as F
 
-    from onecycle.engine import to_device
+    from onecycle.training.engine import to_device
 
     model.eval()
     correct, n, loss = 0, 0, 0.0

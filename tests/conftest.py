@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 import tiny
-from onecycle import fetch as data
 from onecycle.config import parse_params
+from onecycle.data import fetchers as data
 
 PYTHON = sys.executable
 # The published names (Debian's package and the official mirror use the same ones).

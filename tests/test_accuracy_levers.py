@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from onecycle.averaging import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY, WeightAverage
 from onecycle.config import load_params
-from onecycle.engine import build_setup, train_step
-from onecycle.loop import FitHooks, Interrupted, fit
+from onecycle.training.averaging import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY, WeightAverage
+from onecycle.training.engine import build_setup, train_step
+from onecycle.training.loop import FitHooks, Interrupted, fit
 from tiny import tiny_params
 
 
@@ -105,8 +105,8 @@ def test_the_final_network_is_the_average_and_a_run_stopped_mid_epoch_resumes_ex
 def test_the_whitening_convolution_whitens_training_patches_and_stays_frozen(workdir):
     import torch.nn.functional as F
 
-    from onecycle.engine import whitening_batches
-    from onecycle.models import WHITEN_EPS
+    from onecycle.training.engine import whitening_batches
+    from onecycle.training.models import WHITEN_EPS
 
     params = load_params(tiny_params(workdir, train={"epochs": 1}))  # resnet9's default
     setup = build_setup(params, root=workdir)

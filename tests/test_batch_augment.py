@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from onecycle.config import AugmentConfig
-from onecycle.transforms import BatchAugment, apply, batch_pipeline, build_eval_transforms
+from onecycle.data import catalog
+from onecycle.data.transforms import BatchAugment, apply, batch_pipeline, build_eval_transforms
 
 
 def _images(n, size, channels, seed=0):
@@ -32,7 +33,7 @@ def _windows(padded, size):
 def test_eval_path_equals_albumentations_normalize():
     mean, std = [0.286], [0.353]
     imgs = _images(16, 28, 1)
-    fast = BatchAugment("fashion_mnist", mean, std, train=False)(imgs, torch.Generator().manual_seed(0))
+    fast = BatchAugment(catalog.kind("fashion_mnist").batch_recipe, mean, std, train=False)(imgs, torch.Generator().manual_seed(0))
     slow = build_eval_transforms(AugmentConfig(), "fashion_mnist", mean, std)
     for i in range(16):
         np.testing.assert_allclose(fast[i].numpy(), apply(slow, imgs[i]), atol=1e-5)
@@ -41,7 +42,7 @@ def test_eval_path_equals_albumentations_normalize():
 def test_fashion_crops_are_windows_of_the_zero_padded_image_maybe_flipped():
     mean, std = [0.5], [0.25]
     imgs = _images(32, 28, 1)
-    out = BatchAugment("fashion_mnist", mean, std, train=True)(imgs, torch.Generator().manual_seed(1))
+    out = BatchAugment(catalog.kind("fashion_mnist").batch_recipe, mean, std, train=True)(imgs, torch.Generator().manual_seed(1))
     assert out.shape == (32, 1, 28, 28) and out.dtype == torch.float32
     for i in range(32):
         got = np.rint(_undo(out[i], mean, std))
@@ -52,7 +53,7 @@ def test_fashion_crops_are_windows_of_the_zero_padded_image_maybe_flipped():
 def test_cifar_has_reflect_padding_and_exactly_one_8x8_hole_inside_the_image():
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
     imgs = np.full((64, 32, 32, 3), 200, dtype=np.uint8)  # constant: crops and flips keep it, the hole does not
-    out = BatchAugment("cifar10", mean, std, train=True)(imgs, torch.Generator().manual_seed(2))
+    out = BatchAugment(catalog.kind("cifar10").batch_recipe, mean, std, train=True)(imgs, torch.Generator().manual_seed(2))
     assert out.shape == (64, 3, 32, 32)
     for i in range(64):
         pix = np.rint(_undo(out[i], mean, std))
@@ -64,7 +65,7 @@ def test_cifar_has_reflect_padding_and_exactly_one_8x8_hole_inside_the_image():
 
 
 def test_same_seed_same_batch_and_offsets_and_flips_are_uniform():
-    aug = BatchAugment("fashion_mnist", [0.5], [0.25], train=True)
+    aug = BatchAugment(catalog.kind("fashion_mnist").batch_recipe, [0.5], [0.25], train=True)
     imgs = _images(2000, 28, 1, seed=3)
     a = aug(imgs, torch.Generator().manual_seed(7))
     b = aug(imgs, torch.Generator().manual_seed(7))
@@ -92,8 +93,8 @@ def test_the_fast_path_only_replaces_the_standard_recipe(train_spec, dataset, ex
 
 def test_loader_yields_batches_from_the_fast_path(tmp_path):
     from onecycle.config import parse_params
-    from onecycle.data import load_info
-    from onecycle.loaders import build_split, make_loader
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.data.store import load_info
     from tiny import write_fetched
 
     write_fetched(tmp_path / "data", n_train=300, n_test=50)

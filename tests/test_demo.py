@@ -187,8 +187,8 @@ def project(tmp_path_factory) -> Path:
     import torch
 
     from onecycle.config import load_params
-    from onecycle.modelfile import save_model
-    from onecycle.models import build_model
+    from onecycle.serving.modelfile import save_model
+    from onecycle.training.models import build_model
 
     root = tmp_path_factory.mktemp("demo")
     tiny.write_fetched(root / "data", n_train=40, n_test=30)
@@ -307,7 +307,7 @@ def in_project(project, monkeypatch):
     monkeypatch.chdir(project)
     for name in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    from onecycle import demo
+    from onecycle.stages import demo
 
     return demo.main
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from onecycle import checkpoint as ckpt
-from onecycle.loaders import EpochSampler, ShardSampler
+from onecycle.data.loaders import EpochSampler, ShardSampler
+from onecycle.training import checkpoint as ckpt
 from tiny import tiny_params, write_fetched
 
 BIN = Path(sys.executable).parent
@@ -107,11 +107,11 @@ def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
 
 FAIL_ON_RANK = '''
 import errno, os, sys
-from onecycle import train
-from onecycle.cli import guarded, setup_logging
+from onecycle.stages import train
+from onecycle.stages.command import guarded, setup_logging
 from onecycle.config import load_params
-from onecycle.engine import train_step
-from onecycle.paths import Workspace
+from onecycle.training.engine import train_step
+from onecycle.core.paths import Workspace
 
 calls = 0
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from onecycle import checkpoint as ckpt
 from onecycle.config import load_params
-from onecycle.engine import DivergenceError, build_setup, train_step
-from onecycle.loaders import set_epoch, skip_batches
-from onecycle.loop import FitHooks, Interrupted, fit
+from onecycle.data.loaders import set_epoch, skip_batches
+from onecycle.training import checkpoint as ckpt
+from onecycle.training.engine import DivergenceError, build_setup, train_step
+from onecycle.training.loop import FitHooks, Interrupted, fit
 from tiny import tiny_params
 
 
@@ -93,9 +93,9 @@ def test_a_stop_waits_for_the_next_check_and_resumes_exactly(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs_through_the_real_trainer_on_cpu_and_resumes(workdir, amp):
-    from onecycle import train
-    from onecycle.cli import guarded
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import train
+    from onecycle.stages.command import guarded
 
     params = load_params(tiny_params(workdir, train={"epochs": 2, "amp": amp, "amp_on_cpu": True}))
     setup = build_setup(params, root=workdir)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_FOLDER, FASHION_FILES, idx_bytes, make_cifar_archive, make_fashion_source, make_image_folder
-from onecycle import data as datamod
-from onecycle import fetch as data
 from onecycle.config import DataConfig
-from onecycle.errors import DatasetError
+from onecycle.core.errors import DatasetError
+from onecycle.data import fetchers as data
+from onecycle.data import store as datamod
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]

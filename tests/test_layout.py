@@ -13,30 +13,52 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "onecycle"
 STAGES = ("fetch", "lr_find", "train", "evaluate", "predict", "promote", "tune", "demo")
 DVC_STAGES = ("fetch", "lr_find", "train", "evaluate")
+# The layers, bottom to top: a module may import its own package and the layers below it, never one above.
+LAYERS = ("core", "data", "config", "training", "tracking", "serving", "tuning", "stages", "cli")
+
+
+def all_modules() -> list[str]:
+    """Every module of the package, dotted below ``onecycle`` (``training.loop``, ``data.__init__``, ``cli``)."""
+    return sorted(p.relative_to(PKG).with_suffix("").as_posix().replace("/", ".") for p in PKG.rglob("*.py"))
+
+
+def module_file(name: str) -> Path:
+    return PKG / f"{name.replace('.', '/')}.py"
+
+
+def _resolve(dotted: str) -> str | None:
+    """A dotted name below onecycle (``training.loop``, ``data``) as a module of the package, if it is one."""
+    if module_file(dotted).is_file():
+        return dotted
+    if (PKG / dotted.replace(".", "/") / "__init__.py").is_file():
+        return f"{dotted}.__init__"
+    return None
 
 
 def imported_modules(name: str) -> set[str]:
     """The onecycle modules ``name`` imports directly, at module level or inside functions, or names as a file."""
-    tree = ast.parse((PKG / f"{name}.py").read_text())
+    path = module_file(name)
+    tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from . import x / from .x import y
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif node.module and node.module.split(".")[0] == "onecycle":
-                parts = node.module.split(".")
-                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            found.add(node.value[:-3])  # a module run by file name (MLflow's models-from-code file)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "onecycle":
+            base = node.module.split(".", 1)[1] if "." in node.module else ""
+            if base:
+                found.add(base)
+            for alias in node.names:  # from onecycle.training import loop: a module
+                found.add(f"{base}.{alias.name}" if base else alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{name}: relative import; onecycle imports absolutely")
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "onecycle" and len(parts) > 1:
-                    found.add(parts[1])
-    return {m for m in found if (PKG / f"{m}.py").is_file()}
+            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("onecycle."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
+            found.add(str(path.parent.relative_to(PKG) / node.value[:-3]).replace("/", "."))  # a file run by name
+    modules = {m for m in map(_resolve, found) if m}
+    # importing a.b.c runs the __init__ of every package on the way
+    for m in list(modules):
+        parts = m.split(".")
+        modules.update(".".join([*parts[:i], "__init__"]) for i in range(1, len(parts)) if parts[i - 1] != "__init__")
+    return {m for m in modules if module_file(m).is_file()} - {name}
 
 
 def closure(name: str) -> set[str]:
@@ -50,29 +72,57 @@ def closure(name: str) -> set[str]:
     return seen
 
 
-def test_no_stage_module_imports_another_stage():
-    offenders = {stage: sorted(imported_modules(stage) & set(STAGES)) for stage in STAGES if (PKG / f"{stage}.py").is_file()}
-    assert {k: v for k, v in offenders.items() if v} == {}
-    shared = [p.stem for p in PKG.glob("*.py") if p.stem not in STAGES]
-    below = {m: sorted(imported_modules(m) & set(STAGES)) for m in shared}
-    assert {k: v for k, v in below.items() if v} == {}, "shared modules must not import stages"
+def layer(module: str) -> str:
+    return module.split(".")[0] if "." in module else module
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    wrong = {}
+    for module in all_modules():
+        if layer(module) not in LAYERS:
+            continue  # onecycle/__init__.py and __main__.py: the package's door
+        mine = LAYERS.index(layer(module))
+        above = sorted(m for m in imported_modules(module)
+                       if layer(m) in LAYERS and LAYERS.index(layer(m)) > mine)
+        if above:
+            wrong[module] = above
+    assert wrong == {}
+
+
+def test_no_stage_module_imports_another_stage_and_nothing_imports_the_cli():
+    stages = {f"stages.{s}" for s in STAGES}
+    assert {m: sorted(imported_modules(m) & stages) for m in stages if imported_modules(m) & stages} == {}
+    assert [m for m in all_modules() if "cli" in imported_modules(m) and m != "__main__"] == []
+
+
+def test_every_package_and_module_sits_in_a_layer():
+    top = sorted(p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert set(top) <= set(LAYERS), top
+    assert {f"stages.{s}" for s in STAGES} <= set(all_modules())
 
 
 @pytest.mark.parametrize("stage", DVC_STAGES)
 def test_dvc_yaml_deps_are_exactly_the_modules_the_stage_runs(stage):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     listed = {d for d in dvc["deps"] if d.startswith("src/")}
-    expected = {f"src/onecycle/{m}.py" for m in closure(stage)}
+    expected = {f"src/onecycle/{m.replace('.', '/')}.py" for m in closure(f"stages.{stage}")}
     assert listed == expected, f"dvc.yaml stages.{stage}.deps should list: {sorted(expected)}"
 
 
-def test_the_import_walk_sees_lazy_imports():
-    assert "loop" in closure("train") and "loop" not in closure("lr_find")
-    assert "rangetest" in imported_modules("lr_find")
+def test_the_import_walk_sees_lazy_imports_and_package_inits():
+    assert "training.loop" in closure("stages.train") and "training.loop" not in closure("stages.lr_find")
+    assert "training.rangetest" in imported_modules("stages.lr_find")
+    assert "training.__init__" in closure("stages.lr_find") and "stages.command" in closure("stages.fetch")
+    assert "serving.pyfunc_model" in imported_modules("serving.publish")  # a file MLflow runs by name
+
+
+def test_train_does_not_depend_on_the_range_test_engine():
+    assert "training.rangetest" not in closure("stages.train")
+    assert "training.lr_report" in closure("stages.train")
 
 
 def test_dvc_yaml_outputs_match_the_workspace_paths():
-    from onecycle.paths import STAGE_OUTPUTS, Workspace
+    from onecycle.core.paths import STAGE_OUTPUTS, Workspace
 
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     ws = Workspace(Path("."))
@@ -85,7 +135,7 @@ def test_dvc_yaml_outputs_match_the_workspace_paths():
 
 
 def test_the_fetch_stage_watches_the_image_folder_root():
-    from onecycle.fetch import WATCHED_IMAGES
+    from onecycle.stages.fetch import WATCHED_IMAGES
 
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fetch"]["deps"]
     assert str(WATCHED_IMAGES) in deps and (ROOT / WATCHED_IMAGES / "README.md").is_file()
@@ -98,16 +148,29 @@ def test_params_yaml_and_the_code_defaults_are_the_same_values():
 
 
 def test_modules_are_short_and_say_what_they_own():
-    for path in sorted(PKG.glob("*.py")):
+    for path in sorted(PKG.rglob("*.py")):
         text = path.read_text()
         assert len(text.splitlines()) <= 520, f"{path.name} has {len(text.splitlines())} lines"
         if path.stem not in ("__main__",):
-            assert ast.get_docstring(ast.parse(text)), f"{path.name} has no module docstring"
+            assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring"
 
 
 def test_no_module_re_exports_a_helper_for_compatibility():
-    for path in sorted(PKG.glob("*.py")):
+    for path in sorted(PKG.rglob("*.py")):
         assert "re-exported" not in path.read_text(), path.name
+
+
+def test_no_dataset_is_branched_on_by_name_outside_its_record():
+    names = ("imagefolder", "fashion_mnist", "cifar10", "cifar100")
+    allowed = {"data/catalog.py", "data/fetchers.py", "config.py"}  # the records, their fetchers, the default
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and rel not in allowed:
+                consts = [c.value for c in (node.left, *node.comparators) if isinstance(c, ast.Constant)]
+                consts += [e.value for c in node.comparators if isinstance(c, ast.Tuple | ast.List | ast.Set)
+                           for e in c.elts if isinstance(e, ast.Constant)]
+                assert not set(consts) & set(names), f"{rel}:{node.lineno} compares with a dataset name"
 
 
 def write_dvc_deps(path: Path = ROOT / "dvc.yaml") -> None:
@@ -117,7 +180,8 @@ def write_dvc_deps(path: Path = ROOT / "dvc.yaml") -> None:
     def flush() -> None:
         out.extend(other)
         if stage in DVC_STAGES:
-            out.extend(f"{indent}- src/onecycle/{m}.py\n" for m in sorted(closure(stage)))
+            out.extend(f"{indent}- src/onecycle/{m.replace('.', '/')}.py\n"
+                       for m in sorted(closure(f"stages.{stage}"), key=lambda m: m.replace(".", "/")))
 
     for line in path.read_text().splitlines(keepends=True):
         stripped = line.strip()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from onecycle.config import parse_params
-from onecycle.data import load_info
-from onecycle.loaders import build_split, make_loader, set_epoch, skip_batches
+from onecycle.data.loaders import build_split, make_loader, set_epoch, skip_batches
+from onecycle.data.store import load_info
 from tiny import write_fetched
 
 # the standard recipe (batched fast path) and a listed albumentations pipeline (per image)

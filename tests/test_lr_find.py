@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from onecycle.config import LRFindConfig, load_params, parse_params
-from onecycle.errors import ConfigError
-from onecycle.rangetest import (
-    NoDescentError,
+from onecycle.core.errors import ConfigError
+from onecycle.training.lr_report import NoDescentError, read_suggestion
+from onecycle.training.rangetest import (
     descends,
     lr_schedule,
     range_test,
-    read_suggestion,
     run_range_test,
     smooth_losses,
     suggest_minimum,
@@ -146,7 +145,7 @@ def test_nan_loss_stops_the_sweep():
 
 
 def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(workdir):
-    from onecycle.engine import build_setup
+    from onecycle.training.engine import build_setup
 
     # 600 - 128 validation = 472 training images: batch 64 does not divide them (last batch 24),
     # and 12 steps run past one epoch, so the data loader is restarted mid-sweep.
@@ -168,7 +167,7 @@ def test_range_test_restores_weights_optimizer_and_rng_bit_for_bit(workdir):
 def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     import mlflow
 
-    from onecycle.lr_find import main
+    from onecycle.stages.lr_find import main
 
     tiny_params(workdir, lr_find={"num_iter": 20, "start_lr": 1e-4, "end_lr": 10}, schedule={"max_lr": "auto"})
     assert main(["--params", "params.yaml"]) == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from onecycle.config import ModelConfig
-from onecycle.models import ResNet9, build_model, count_parameters, model_summary
+from onecycle.training.models import ResNet9, build_model, count_parameters, model_summary
 
 
 def record_shape(module: nn.Module, seen: dict, key: str) -> None:

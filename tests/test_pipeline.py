@@ -121,17 +121,17 @@ def _dvc_status(clone: Path) -> dict:
 def test_dvc_status_changes_only_for_the_stages_that_run_an_edited_module(repo):
     clone = repo["path"]
     assert _dvc_status(clone) == {}
-    edited = ["src/onecycle/predict.py", "src/onecycle/tune.py", "README.md", "src/onecycle/loop.py",
-              "src/onecycle/fetch.py"]
+    edited = ["src/onecycle/stages/predict.py", "src/onecycle/stages/tune.py", "README.md",
+              "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
     try:
         for rel in edited[:3]:  # modules no pipeline stage runs, and the docs
             with open(clone / rel, "a") as f:
                 f.write("\n# an edit\n")
         assert _dvc_status(clone) == {}
-        with open(clone / "src/onecycle/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
+        with open(clone / "src/onecycle/training/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"train"}
-        with open(clone / "src/onecycle/fetch.py", "a") as f:  # the fetch stage's own module
+        with open(clone / "src/onecycle/stages/fetch.py", "a") as f:  # the fetch stage's own module
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"fetch", "train"}
     finally:
@@ -324,8 +324,8 @@ def test_mlflow_chart_order_follows_the_ui_rules():
 
 
 def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(repo, tmp_path):
-    from onecycle import tracking
     from onecycle.config import load_params
+    from onecycle.tracking import runs
 
     clone = repo["path"]
     client = _mlflow_client(clone)
@@ -339,7 +339,7 @@ def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(
     # the same fetched files, copied elsewhere (another machine), give the same digests
     shutil.copytree(clone / "data" / "fashion_mnist", tmp_path / "data" / "fashion_mnist")
     params = load_params(clone / "params.yaml")
-    elsewhere = tracking.datasets(params.data, tmp_path, ["train", "val", "test"], split_seed=0)
+    elsewhere = runs.datasets(params.data, tmp_path, ["train", "val", "test"], split_seed=0)
     assert {d.name: d.digest for d in inputs.values()} == {d.name: d.digest for d in elsewhere.values()}
     metrics = set(run_.data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_percentage"} <= metrics
@@ -352,7 +352,7 @@ def test_the_training_run_shows_its_datasets_system_metrics_and_per_class_table(
     assert table["columns"][:2] == ["class", "support"] and len(table["data"]) == 10
     assert {"path": "evaluate/per_class.json", "type": "table"} in json.loads(run_.data.tags["mlflow.loggedArtifacts"])
     assert "evaluate/per_class.csv" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
-    model = client.get_logged_model(tracking.model_of_run(run_id))
+    model = client.get_logged_model(runs.model_of_run(run_id))
     linked = {m.key: m for m in model.metrics}
     assert linked["test_top1"].dataset_name == "fashion_mnist-test"
     assert linked["test_top1"].dataset_digest == inputs["testing"].digest

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import inference
-from onecycle.inference import ImageError, open_image
+from onecycle.data import images
+from onecycle.data.images import ImageError, open_image
+from onecycle.serving import inference
 from tiny import tiny_params
 
 
@@ -73,15 +74,15 @@ def test_open_image_refuses_each_bad_file_naming_it(tmp_path, kind, reason):
 def test_open_image_refuses_an_oversized_file_before_reading_it(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes((28, 28)))
-    monkeypatch.setattr(inference, "MAX_BYTES", 10)
+    monkeypatch.setattr(images, "MAX_BYTES", 10)
     with pytest.raises(ImageError, match=r"big\.png: refused, .* MiB is larger than"):
         open_image(path)
 
 
 def _model_file(tmp_path: Path) -> Path:
     from onecycle.config import parse_params
-    from onecycle.modelfile import save_model
-    from onecycle.models import build_model
+    from onecycle.serving.modelfile import save_model
+    from onecycle.training.models import build_model
 
     params = parse_params({"model": {"width": 0.125}})
     info = SimpleNamespace(name="fashion_mnist", classes=[f"class{i}" for i in range(10)], image_shape=(28, 28, 1),
@@ -93,7 +94,7 @@ def _model_file(tmp_path: Path) -> Path:
 
 
 def test_predict_answers_the_good_images_and_names_each_bad_one(tmp_path, monkeypatch, capsys):
-    from onecycle import predict
+    from onecycle.stages import predict
 
     monkeypatch.chdir(tmp_path)
     model = _model_file(tmp_path)
@@ -115,12 +116,12 @@ def test_predict_answers_the_good_images_and_names_each_bad_one(tmp_path, monkey
 def test_a_bad_file_in_an_image_folder_stops_training_cleanly_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     """The fetch stage checks a sample only; a file that turns bad later stops the epoch naming it."""
     from conftest import make_image_folder
-    from onecycle import engine
-    from onecycle import fetch as fetch_mod
-    from onecycle import train as train_mod
-    from onecycle.cli import guarded
     from onecycle.config import load_params
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import fetch as fetch_mod
+    from onecycle.stages import train as train_mod
+    from onecycle.stages.command import guarded
+    from onecycle.training import engine
 
     monkeypatch.chdir(tmp_path)
     folder = make_image_folder(tmp_path / "images", size=(32, 32))
@@ -142,7 +143,7 @@ def test_a_bad_file_in_an_image_folder_stops_training_cleanly_and_the_run_resume
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("onecycle train")]
     assert len(err) == 1 and err[0].startswith("onecycle train: error: "), err
     assert str(folder / "train") in err[0] and "400000000 pixels" in err[0]
-    from onecycle import checkpoint as ckpt
+    from onecycle.training import checkpoint as ckpt
 
     assert ckpt.load(ws.checkpoints / "last.pt")["epoch"] == 1
     import mlflow

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import checkpoint as ckpt
+from onecycle.training import checkpoint as ckpt
 from tiny import tiny_params, write_fetched
 
 BIN = Path(sys.executable).parent
@@ -141,7 +141,7 @@ def test_checkpoints_never_run_code_from_the_file(tmp_path, monkeypatch):
 
 
 def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from onecycle.evaluate import main
+    from onecycle.stages.evaluate import main
 
     write_fetched(tmp_path / "data", n_train=300, n_test=50)
     monkeypatch.chdir(tmp_path)
@@ -174,7 +174,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 @pytest.mark.slow
 def test_disk_full_during_training_is_a_clear_error_and_the_run_is_marked(tmp_path, monkeypatch, capsys):
-    from onecycle import train as train_mod
+    from onecycle.stages import train as train_mod
 
     write_fetched(tmp_path / "data", n_train=600, n_test=100)
     monkeypatch.chdir(tmp_path)
@@ -203,7 +203,7 @@ def test_disk_full_during_training_is_a_clear_error_and_the_run_is_marked(tmp_pa
 def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatch, caplog):
     import mlflow
 
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     write_fetched(tmp_path / "data", n_train=600, n_test=100)
     monkeypatch.chdir(tmp_path)
@@ -231,7 +231,7 @@ def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatc
 
 def _tiny_train(tmp_path, monkeypatch, epochs: int = 2, **sections):
     from onecycle.config import load_params
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
 
     write_fetched(tmp_path / "data", n_train=600, n_test=100)  # 472 train images: 8 steps an epoch
     monkeypatch.chdir(tmp_path)
@@ -240,14 +240,14 @@ def _tiny_train(tmp_path, monkeypatch, epochs: int = 2, **sections):
 
 
 def _train(params, ws, **kwargs) -> int:
-    from onecycle import train
-    from onecycle.cli import guarded
+    from onecycle.stages import train
+    from onecycle.stages.command import guarded
 
     return guarded("train", lambda: train.run(params, ws, **kwargs))
 
 
 def _step_failing_at(n: int, exc: BaseException):
-    from onecycle.engine import train_step
+    from onecycle.training.engine import train_step
 
     calls = {"n": 0}
 
@@ -334,8 +334,8 @@ def test_disk_full_writing_the_model_file_is_one_line_and_completed_later(tmp_pa
 
 def test_one_cycle_schedules_that_do_not_fit_are_refused_and_the_others_run():
     from onecycle.config import ScheduleConfig
-    from onecycle.errors import ConfigError
-    from onecycle.schedule import build_scheduler
+    from onecycle.core.errors import ConfigError
+    from onecycle.training.schedule import build_scheduler
 
     refused = 0
     for cfg in (ScheduleConfig(), ScheduleConfig(pct_start=0.5), ScheduleConfig(three_phase=True),
@@ -358,7 +358,7 @@ def test_one_cycle_schedules_that_do_not_fit_are_refused_and_the_others_run():
 
 
 def test_a_one_epoch_run_of_four_steps_is_refused_in_one_line_before_any_run(tmp_path, monkeypatch, capsys):
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     write_fetched(tmp_path / "data", n_train=384, n_test=50)  # 256 train images, batch 64: 4 steps
     monkeypatch.chdir(tmp_path)
@@ -386,14 +386,14 @@ def test_a_changed_dataset_starts_fresh_in_one_line_instead_of_crashing(tmp_path
 
 def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed(tmp_path, caplog):
     from onecycle.config import parse_params
-    from onecycle.resume import find_resume_state
+    from onecycle.training.resume import find_resume_state
 
     params = parse_params({"train": {"device": "cpu"}})
     identity = {"architecture": "a1", "train_images": 100, "steps_per_epoch": 2, "device": "cpu",
                 "precision": "None", "processes": 1}
     for key, old in (("architecture", "b2"), ("device", "cuda"), ("precision", "bfloat16"), ("processes", 2)):
         ckpt.save({"config_hash": "h", "epoch": 1, "identity": {**identity, key: old}}, tmp_path / "last.pt")
-        assert find_resume_state(params, "h", tmp_path, tmp_path, identity=identity) is None
+        assert find_resume_state(params, "h", tmp_path, identity=identity) is None
         assert f"cannot continue here: {key} {old} -> {identity[key]}" in caplog.text
         assert not (tmp_path / "last.pt").exists()
     assert len(list((tmp_path / "previous").glob("h*/last.pt"))) == 4  # every earlier one kept
@@ -401,12 +401,12 @@ def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed
 
 def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog):
     from onecycle.config import parse_params
-    from onecycle.resume import find_resume_state
+    from onecycle.training.resume import find_resume_state
 
     params = parse_params({"train": {"device": "cpu"}})
     ckpt.save({"config_hash": "mine", "epoch": 1, "mlflow_run_id": None}, tmp_path / "last.pt")
     ckpt.save({"config_hash": "other", "model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "best.pt")
-    assert find_resume_state(params, "mine", tmp_path, tmp_path) is None
+    assert find_resume_state(params, "mine", tmp_path) is None
     assert "best.pt is from a different configuration (hash other, now mine)" in caplog.text
     assert (tmp_path / "previous/mine/best.pt").is_file()
 
@@ -414,7 +414,7 @@ def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog
 def test_a_second_train_in_the_same_workspace_fails_fast(tmp_path, monkeypatch, capsys):
     from filelock import FileLock
 
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     write_fetched(tmp_path / "data", n_train=600, n_test=100)
     monkeypatch.chdir(tmp_path)
@@ -443,14 +443,14 @@ def test_a_queued_dvc_experiment_says_it_cannot_be_resumed(tmp_path, monkeypatch
     calls = []
 
     def sigint_at_step_3(*args, **kwargs):
-        from onecycle.engine import train_step
+        from onecycle.training.engine import train_step
 
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return train_step(*args, **kwargs)
 
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
 
     assert _train(params, Workspace(Path(".")), step_fn=sigint_at_step_3) == 130
     err = capsys.readouterr().err
@@ -525,8 +525,9 @@ def test_a_resume_after_the_run_was_deleted_or_the_experiment_changed(tmp_path, 
 
 @pytest.mark.slow
 def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
-    from onecycle import engine, evaluate
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import evaluate
+    from onecycle.training import engine
 
     params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
 
@@ -555,7 +556,7 @@ def test_evaluate_leaves_a_diverged_training_run_failed(tmp_path, monkeypatch):
     ("http://host:8080/path and sqlite:///reports/optuna.db", "http://host:8080/path and sqlite:///reports/optuna.db"),
 ])
 def test_redact_masks_credentials_and_nothing_else(text, masked):
-    from onecycle.redact import redact
+    from onecycle.core.redact import redact
 
     assert redact(text) == masked
     assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
@@ -566,7 +567,7 @@ def test_a_storage_password_never_reaches_mlflow_logs_or_reports(tmp_path, monke
     """tune.storage with a password: train logs all params to MLflow; the password must not be among them."""
     import logging
 
-    from onecycle import train as train_mod
+    from onecycle.stages import train as train_mod
 
     write_fetched(tmp_path / "data", n_train=600, n_test=50)  # 8 steps: a schedule that fits (3 would not)
     monkeypatch.chdir(tmp_path)

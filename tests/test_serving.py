@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onecycle import evaluate, predict, promote, train
-from onecycle.cli import guarded
 from onecycle.config import load_params
-from onecycle.data import load_info
-from onecycle.paths import Workspace
-from onecycle.serving import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_candidate, test_digest
+from onecycle.core.paths import Workspace
+from onecycle.data.store import load_info
+from onecycle.stages import evaluate, predict, promote, train
+from onecycle.stages.command import guarded
+from onecycle.tracking.registry import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_candidate, test_digest
 from tiny import tiny_params, write_fetched
 
 pytestmark = pytest.mark.slow

@@ -454,7 +454,7 @@ def test_a_server_that_stays_down_ends_in_one_line_and_the_run_completes_later(m
 
 
 def ckpt_finished(workdir: Path) -> bool:
-    from onecycle import checkpoint as ckpt
+    from onecycle.training import checkpoint as ckpt
 
     return bool(ckpt.load(workdir / "checkpoints/last.pt").get("finished"))
 
@@ -482,7 +482,7 @@ def _torchrun_nodes(nodes: list[Path], uri: str) -> list[subprocess.Popen]:
 
 
 def test_two_nodes_train_one_run_with_one_checkpoint_and_resume(mlflow_server, tmp_path):
-    from onecycle import checkpoint as ckpt
+    from onecycle.training import checkpoint as ckpt
 
     nodes = [_node(tmp_path, f"node{i}", "team-ddp") for i in range(2)]
     first = [Lines(p) for p in _torchrun_nodes(nodes, mlflow_server.uri)]
@@ -595,7 +595,7 @@ def test_dvc_push_through_an_s3_outage_leaves_nothing_half_written(s3, tmp_path)
     ("s3://team-mlflow/1/abc/artifacts http://127.0.0.1:5000", "s3://team-mlflow/1/abc/artifacts http://127.0.0.1:5000"),
 ])
 def test_redact_masks_s3_keys_and_the_tracking_servers_database_url(text, masked):
-    from onecycle.redact import redact
+    from onecycle.core.redact import redact
 
     assert redact(text) == masked
 

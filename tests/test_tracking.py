@@ -1,4 +1,4 @@
-"""tracking.py against a real MLflow SQLite store: the legacy store's move, the experiment's kind, dataset digests, run names."""
+"""runs.py against a real MLflow SQLite store: the legacy store's move, the experiment's kind, dataset digests, run names."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from onecycle import tracking
 from onecycle.config import parse_params
+from onecycle.tracking import runs, store
 from tiny import write_fetched
 
 
 def _client(root: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.default_tracking_uri(root))
+    mlflow.set_tracking_uri(store.default_tracking_uri(root))
     return mlflow.MlflowClient()
 
 
@@ -43,7 +43,7 @@ def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
     old.set_terminated(run.info.run_id)
     mlflow.set_tracking_uri(None)
 
-    assert tracking.configure("onecycle", root) == exp
+    assert store.configure("onecycle", root) == exp
     assert not legacy.exists() and (root / "mlflow.db").is_file()
     moved = _client(root).get_run(run.info.run_id)
     assert moved.info.run_name == "from-0.1" and moved.data.metrics["val/top1"] == 0.5
@@ -61,7 +61,7 @@ def test_an_empty_store_left_by_a_bare_mlflow_ui_gives_way_to_the_legacy_one(tmp
     mlflow.set_tracking_uri(None)
     shutil.copy(tmp_path / "bare.db", root / "mlflow.db")
     assert (root / "mlflow.db").is_file()
-    tracking.configure("onecycle", root)
+    store.configure("onecycle", root)
     assert not legacy.exists() and (root / "mlflow.db.empty").is_file()
     assert _client(root).get_run(run.info.run_id).info.experiment_id == run.info.experiment_id
 
@@ -69,11 +69,11 @@ def test_an_empty_store_left_by_a_bare_mlflow_ui_gives_way_to_the_legacy_one(tmp
 def test_a_store_with_runs_is_never_replaced_by_a_legacy_one(tmp_path):
     root = tmp_path / "repo"
     (root / ".git").mkdir(parents=True)
-    exp = tracking.configure("onecycle", root)
+    exp = store.configure("onecycle", root)
     keep = _client(root).create_run(exp)
     (root / "mlruns" / "mlflow.db").parent.mkdir(exist_ok=True)
     (root / "mlruns" / "mlflow.db").write_bytes(b"legacy")
-    assert tracking.configure("onecycle", root) == exp
+    assert store.configure("onecycle", root) == exp
     assert (root / "mlruns" / "mlflow.db").read_bytes() == b"legacy"
     assert _client(root).get_run(keep.info.run_id)
 
@@ -83,14 +83,14 @@ def test_the_experiment_is_a_model_training_experiment_and_the_ui_link_opens_its
     (root / ".git").mkdir(parents=True)
     client = _client(root)
     bare = client.create_experiment("made-elsewhere")  # an experiment of an earlier version: no kind tag
-    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(bare).tags
-    assert tracking.configure("made-elsewhere", root) == bare
-    exp_id = tracking.configure("onecycle", root)
+    assert store.EXPERIMENT_KIND_TAG not in client.get_experiment(bare).tags
+    assert store.configure("made-elsewhere", root) == bare
+    exp_id = store.configure("onecycle", root)
     for eid in (bare, exp_id):
-        assert _client(root).get_experiment(eid).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+        assert _client(root).get_experiment(eid).tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
     monkeypatch.chdir(root)
     (root / "params.yaml").write_text("mlflow:\n  experiment: made-elsewhere\n")
-    assert tracking.ui_link(5123).endswith(f"http://127.0.0.1:5123/#/experiments/{bare}/runs"
+    assert store.ui_link(5123).endswith(f"http://127.0.0.1:5123/#/experiments/{bare}/runs"
                                            "?workflowType=machine_learning")
 
 
@@ -101,7 +101,7 @@ def test_dataset_digests_follow_the_data_and_the_split_not_the_machine(tmp_path)
 
     def digests(root, p=params):
         return {k: (d.digest, d.source.uri, d.name) for k, d in
-                tracking.datasets(p.data, root, ["train", "val", "test"], split_seed=0).items()}
+                runs.datasets(p.data, root, ["train", "val", "test"], split_seed=0).items()}
 
     a, b = digests(tmp_path / "a"), digests(tmp_path / "b")
     assert a == b
@@ -116,23 +116,23 @@ def test_dataset_digests_follow_the_data_and_the_split_not_the_machine(tmp_path)
 
 def test_runs_are_named_after_the_dvc_experiment(monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    assert tracking.run_name("train-abc123") == "train-abc123"
+    assert runs.run_name("train-abc123") == "train-abc123"
     monkeypatch.setenv("DVC_EXP_NAME", "lowlr")
-    assert tracking.run_name("train-abc123") == "lowlr"
+    assert runs.run_name("train-abc123") == "lowlr"
 
 
 @pytest.mark.slow
 def test_a_training_run_samples_system_metrics_and_can_switch_them_off(tmp_path):
     root = tmp_path / "repo"
     (root / ".git").mkdir(parents=True)
-    tracking.configure("onecycle", root)
+    store.configure("onecycle", root)
     client = _client(root)
-    with tracking.start_run(None, "with", system_metrics=True) as run:
+    with runs.start_run(None, "with", system_metrics=True) as run:
         deadline = time.monotonic() + 300  # a generous bound for a loaded machine; the first sample comes in 2 s
         while not client.get_run(run.info.run_id).data.metrics and time.monotonic() < deadline:
             time.sleep(0.2)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_percentage"} <= set(
         client.get_run(run.info.run_id).data.metrics)
-    with tracking.start_run(None, "without", system_metrics=False) as quiet:
-        time.sleep(tracking.SYSTEM_METRICS_INTERVAL * 2)
+    with runs.start_run(None, "without", system_metrics=False) as quiet:
+        time.sleep(runs.SYSTEM_METRICS_INTERVAL * 2)
     assert not client.get_run(quiet.info.run_id).data.metrics

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from onecycle import checkpoint as ckpt
 from onecycle.config import ScheduleConfig, parse_params
-from onecycle.errors import ConfigError
-from onecycle.schedule import build_scheduler, current_momentum
+from onecycle.core.errors import ConfigError
+from onecycle.training import checkpoint as ckpt
+from onecycle.training.schedule import build_scheduler, current_momentum
 from tiny import tiny_params, write_fetched
 
 
@@ -110,7 +110,7 @@ def _history(workdir):
 def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     import mlflow
 
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     tiny_params(workdir, mlflow={"registered_model": "tiny-resnet", "log_checkpoints": "best"})
     assert main(["--params", "params.yaml"]) == 0
@@ -156,9 +156,9 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
 
 
 def test_a_long_schedule_is_downsampled_keeping_the_first_peak_and_last_step():
-    from onecycle.loop import downsample_steps, schedule_csv
+    from onecycle.training.records import Step, downsample_steps, schedule_csv
 
-    steps = [(i, 1.0 - abs(i - 4321) / 10_000, 0.9) for i in range(10_001)]  # peak at step 4321
+    steps = [Step(i, 1.0 - abs(i - 4321) / 10_000, 0.9) for i in range(10_001)]  # peak at step 4321
     kept = downsample_steps(steps, limit=2000)
     assert len(kept) <= 2002 and [s for s, _, _ in kept] == sorted({s for s, _, _ in kept})
     assert {0, 4321, 10_000} <= {s for s, _, _ in kept}
@@ -170,11 +170,11 @@ def test_a_long_schedule_is_downsampled_keeping_the_first_peak_and_last_step():
 
 @pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tmp_path):
-    from onecycle import train
-    from onecycle.cli import guarded
     from onecycle.config import load_params
-    from onecycle.engine import train_step
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import train
+    from onecycle.stages.command import guarded
+    from onecycle.training.engine import train_step
 
     results = {}
     for name in ("straight", "interrupted"):
@@ -222,7 +222,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workdir, caplog):
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     tiny_params(workdir, train={"epochs": 1})
     assert main(["--params", "params.yaml"]) == 0
@@ -244,10 +244,11 @@ def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workd
 
 @pytest.mark.slow
 def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpoint(workdir, capsys):
-    from onecycle import engine, train
-    from onecycle.cli import guarded
     from onecycle.config import load_params
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import train
+    from onecycle.stages.command import guarded
+    from onecycle.training import engine
 
     tiny_params(workdir, train={"epochs": 3})
     real_step = engine.train_step
@@ -272,7 +273,7 @@ def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_the_best_checkpo
 
 
 def test_max_lr_auto_without_lr_find_report_is_a_clear_error(workdir, capsys):
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     tiny_params(workdir, schedule={"max_lr": "auto"})
     assert main(["--params", "params.yaml"]) == 1
@@ -280,7 +281,7 @@ def test_max_lr_auto_without_lr_find_report_is_a_clear_error(workdir, capsys):
 
 
 def test_a_corrupt_checkpoint_is_reported_not_replaced(workdir, capsys):
-    from onecycle.train import main
+    from onecycle.stages.train import main
 
     tiny_params(workdir)
     (workdir / "checkpoints").mkdir()

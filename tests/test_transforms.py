@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from onecycle.config import AugmentConfig
-from onecycle.transforms import (
+from onecycle.data import catalog
+from onecycle.data.transforms import (
     apply,
     build_eval_transforms,
     build_train_transforms,
     check_spec,
-    default_eval_spec,
-    default_train_spec,
 )
 
 RNG = np.random.default_rng(0)
@@ -131,10 +130,11 @@ def test_user_spec_replaces_the_default():
 
 def test_default_specs_are_valid_and_only_train_is_random():
     for dataset, size in (("fashion_mnist", 28), ("cifar10", 32), ("cifar100", 32), ("imagefolder", 224)):
-        check_spec(default_train_spec(dataset, size), "augment.train")
-        check_spec(default_eval_spec(dataset), "augment.eval", deterministic=True)
+        kind = catalog.kind(dataset)
+        check_spec(kind.train_spec(size), "augment.train")
+        check_spec(kind.eval_spec(), "augment.eval", deterministic=True)
         with pytest.raises(ValueError, match=r"augment.eval\[\d\] \w+ is random"):
-            check_spec(default_train_spec(dataset, size), "augment.eval", deterministic=True)
+            check_spec(kind.train_spec(size), "augment.eval", deterministic=True)
 
 
 def _name(item) -> str:

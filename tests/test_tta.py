@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from onecycle.engine import evaluate
+from onecycle.training.engine import evaluate
 
 
 class Asymmetric(nn.Module):

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from conftest import fresh_database
-from onecycle import search_space as space_mod
-from onecycle import tune as tune_mod
 from onecycle.config import ScheduleConfig, load_params, parse_params
-from onecycle.errors import ConfigError
+from onecycle.core.errors import ConfigError
+from onecycle.stages import tune as tune_mod
+from onecycle.tuning import space as space_mod
 from tiny import tiny_params, write_fetched
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -29,20 +29,18 @@ MAX_LR, PCT, DIV = "schedule.max_lr", "schedule.pct_start", "schedule.div_factor
 
 # ------------------------------------------------------------------------------------------ the space
 
-def test_default_space_is_a_decade_either_side_of_the_lr_finder_suggestion(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports/lr_find.json").write_text('{"suggested_lr": 0.02}')
-    space = space_mod.search_space(parse_params({}))
+def test_default_space_is_a_decade_either_side_of_the_lr_finder_suggestion(tmp_path):
+    report = tmp_path / "workspace/reports/lr_find.json"  # the workspace's, wherever the cwd is
+    report.parent.mkdir(parents=True)
+    report.write_text('{"suggested_lr": 0.02}')
+    space = space_mod.search_space(parse_params({}), report)
     assert list(space) == [MAX_LR, PCT, DIV]
     assert (space[MAX_LR].low, space[MAX_LR].high, space[MAX_LR].log) == (pytest.approx(0.002), pytest.approx(0.2), True)
     assert (space[PCT].low, space[PCT].high, space[PCT].log) == (0.1, 0.5, False)
     assert (space[DIV].low, space[DIV].high, space[DIV].log) == (5.0, 100.0, True)
 
-    def no_report():
-        raise AssertionError("a numeric schedule.max_lr must not read the LR finder's report")
-
-    space = space_mod.search_space(parse_params({"schedule": {"max_lr": 0.4}}), suggestion=no_report)
+    # a numeric schedule.max_lr does not read the LR finder's report (reading a missing one would raise)
+    space = space_mod.search_space(parse_params({"schedule": {"max_lr": 0.4}}), tmp_path / "no/lr_find.json")
     assert (space[MAX_LR].low, space[MAX_LR].high) == (pytest.approx(0.04), pytest.approx(4.0))
     # peak_epoch overrides pct_start, so it is not searched
     space = space_mod.search_space(parse_params({"schedule": {"max_lr": 0.4, "peak_epoch": 1}}))
@@ -146,7 +144,7 @@ def _runs(workdir, experiment: str = "test"):
 
 @pytest.mark.slow
 def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs(workdir, monkeypatch):
-    from onecycle import engine
+    from onecycle.training import engine
 
     splits = []
     real_build_split = engine.build_split
@@ -244,10 +242,10 @@ def test_a_pruned_trial_is_recorded_as_pruned(workdir, monkeypatch):
 
 @pytest.mark.slow
 def test_a_diverging_trial_is_pruned_and_the_study_goes_on(workdir):
-    from onecycle.cli import guarded
     from onecycle.config import load_params
-    from onecycle.engine import train_step as real_step
-    from onecycle.paths import Workspace
+    from onecycle.core.paths import Workspace
+    from onecycle.stages.command import guarded
+    from onecycle.training.engine import train_step as real_step
 
     first_optimizer = []
 
@@ -398,7 +396,7 @@ def test_optuna_storage_overrides_tune_storage(workdir, monkeypatch, capsys):
 def test_workers_opening_a_fresh_postgresql_database_at_once_all_succeed(tmp_path, postgres_url):
     """N workers started together on a new database: one creates Optuna's schema, the others wait and use it."""
     go = tmp_path / "go"
-    script = ("import sys, time; from pathlib import Path; from onecycle.studies import open_storage\n"
+    script = ("import sys, time; from pathlib import Path; from onecycle.tuning.studies import open_storage\n"
               "Path(sys.argv[3]).touch()\n"
               "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
               "open_storage(sys.argv[1], Path('unused.journal'))\n")

@@ -1,6 +1,6 @@
 """params.yaml, loaded once into typed, validated objects.
 
-Every section of DESIGN.md's params.yaml is a frozen pydantic model that forbids unknown keys. A
+Every section of params.yaml is a frozen pydantic model that forbids unknown keys. A
 wrong key, type or value raises :class:`ConfigError` whose message is one line naming the dotted key
 and what is allowed, for example ``schedule.pct_start must be in (0, 1), got 1.5``. The CLI turns it
 into exit code 2 before anything is written.
@@ -9,8 +9,6 @@ into exit code 2 before anything is written.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 import types
 import typing
@@ -20,10 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import ConfigError
-
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
-MODELS = ("resnet9", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from onecycle.core.errors import ConfigError
+from onecycle.data import catalog
 
 
 class _Section(BaseModel):
@@ -31,7 +27,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    dataset: Literal[catalog.DATASETS] = "fashion_mnist"  # one record each in onecycle.data.catalog
     # Where the raw dataset is read from: a folder (Debian package, a download, an image folder).
     # null = the dataset's default (Debian's package directory for fashion_mnist, else a download).
     source: str | None = None
@@ -48,14 +44,16 @@ class DataConfig(_Section):
     root: str = "data"
 
     @model_validator(mode="after")
-    def _imagefolder_needs_source(self) -> DataConfig:
-        if self.dataset == "imagefolder" and not self.source:
-            raise ValueError("data.source: must name a folder with train/ and val/ when data.dataset is imagefolder")
+    def _image_folder_needs_source(self) -> DataConfig:
+        if not catalog.kind(self.dataset).image_folder:
+            return self
+        if not self.source:
+            raise ValueError(f"data.source: must name a folder with train/ and val/ when data.dataset is {self.dataset}")
         # A relative folder is the workspace's (images/<name>): fetch checks it there, where it runs.
-        source = Path(self.source).expanduser() if self.source else None
-        if self.dataset == "imagefolder" and source.is_absolute() and not source.is_dir():
+        source = Path(self.source).expanduser()
+        if source.is_absolute() and not source.is_dir():
             raise ValueError(f"data.source must be an existing folder with train/ and val/ when data.dataset is "
-                             f"imagefolder; {self.source!r} is not a folder")
+                             f"{self.dataset}; {self.source!r} is not a folder")
         return self
 
 
@@ -78,7 +76,7 @@ class AugmentConfig(_Section):
     def _transforms_exist(self) -> AugmentConfig:
         if not self.train and not self.eval:
             return self  # the standard recipes: nothing to check, and no torch/albumentations import for it
-        from .transforms import check_spec
+        from onecycle.data.transforms import check_spec
 
         check_spec(self.train, "augment.train")
         check_spec(self.eval, "augment.eval", deterministic=True)
@@ -93,7 +91,7 @@ class ModelConfig(_Section):
     stem: Literal["cifar", "imagenet"] = "cifar"
     zero_init_residual: bool = False
     # resnet9 with the cifar stem: airbench's frozen whitening convolution (from training patches) as the prep
-    # layer (+0.24 points of val top-1 with flip TTA on the default, README: Performance). False for other models.
+    # layer (its gain is measured in README: Performance). Read as false for models without that layer.
     whiten: bool = True
 
     @model_validator(mode="after")
@@ -130,9 +128,8 @@ class OptimizerConfig(_Section):
 
 
 class LRFindConfig(_Section):
-    # 30 steps from 1e-3: the default ResNet9's loss is flat below 1e-3, and the steepest suggestion of this sweep
-    # (0.221) is that of 100 steps from 1e-7 (0.201) within 10% for a third of the cost (README: Performance).
-    # Adam's range lies lower: start it at 1e-7 (README: The LR range test).
+    # 30 steps from 1e-3: the default ResNet9's loss is flat below 1e-3, and this short sweep suggests what a long
+    # one from 1e-7 does at a third of the cost (README: Performance). Adam's range lies lower: start it at 1e-7.
     start_lr: float = Field(1e-3, gt=0)
     end_lr: float = Field(10.0, gt=0)
     num_iter: int = Field(30, ge=10)
@@ -299,12 +296,6 @@ class Params(_Section):
 
         walk("", self.model_dump(mode="json"))
         return out
-
-    def digest(self, *sections: str) -> str:
-        """A short hash of the named sections (all when none), to tell configurations apart."""
-        dump = self.model_dump(mode="json")
-        chosen = {k: dump[k] for k in (sections or dump.keys())}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **sections: dict[str, Any]) -> Params:
         """A copy with some keys of some sections replaced, validated like a loaded file."""

@@ -1,0 +1,74 @@
+"""Decoding an image file or its bytes, behind one guard that decides which images are read at all.
+
+A file that is too large, declares more pixels than ``MAX_PIXELS`` (a decompression bomb), is truncated or is
+not an image is refused *before* it is decoded, with one line naming it (:class:`ImageError`). Training on an
+image folder, predict, the demo and the served model all read images here.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from onecycle.core.errors import OneCycleError
+
+MAX_PIXELS = 50_000_000        # width x height; a 20000 x 20000 PNG (400 MP) is refused before decoding
+MAX_BYTES = 64 * 1024 * 1024   # encoded file size
+
+
+class ImageError(OneCycleError):
+    """One image that cannot be answered (unreadable, truncated, too large); the others still are."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker re-raises it in the main process as ImageError("Caught ImageError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\nonecycle.data.images.ImageError: <message>"): keep the message.
+        if message.startswith("Caught ImageError") and "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split("ImageError: ", 1)[-1]
+        super().__init__(message)
+
+
+def open_image(source: Path | str | bytes, name: str | None = None, mode: str = "RGB") -> np.ndarray:
+    """Decode ``source`` (a path or encoded bytes) to a uint8 HxWxC array in ``mode`` ("L" or "RGB").
+
+    Raises :class:`ImageError` naming the file for anything it cannot or will not decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = name or (str(source) if not isinstance(source, bytes) else "image")
+    try:
+        if isinstance(source, bytes):
+            size = len(source)
+            fp = io.BytesIO(source)
+        else:
+            size = Path(source).stat().st_size
+            fp = open(source, "rb")  # noqa: SIM115  (closed below)
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    try:
+        if size > MAX_BYTES:
+            raise ImageError(f"{name}: refused, {size / 2**20:.0f} MiB is larger than {MAX_BYTES // 2**20} MiB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:  # reads the header only
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{name}: refused, {w}x{h} pixels is more than {MAX_PIXELS // 10**6} megapixels")
+                im = im.convert(mode)  # decodes
+                arr = np.asarray(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own check, at open()
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"{pixels[1]} pixels" if pixels else "its declared size"
+        raise ImageError(f"{name}: refused, {what} is more than {MAX_PIXELS // 10**6} megapixels") from None
+    except (UnidentifiedImageError, OSError, EOFError, SyntaxError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ImageError(f"{name}: not a readable image ({detail})") from None
+    finally:
+        fp.close()
+    return arr[:, :, None] if arr.ndim == 2 else arr

@@ -1,0 +1,54 @@
+"""``models/model.pt``: the trained network's file format, written by train and read by evaluate, predict and demo.
+
+The file holds the best weights plus what rebuilds the network and its eval preprocessing: the model
+section of params, the dataset's classes, image shape and normalization, and the eval transforms. It is
+read with a weights-only load, so no code from the file ever runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from onecycle.core.errors import OneCycleError
+from onecycle.training import checkpoint as ckpt
+
+FORMAT = "onecycle-model/1"
+
+
+def model_bundle(params, info, state_dict: dict) -> dict[str, Any]:
+    """What models/model.pt holds: best weights plus what rebuilds the model and its eval transforms."""
+    return {
+        "format": FORMAT, "state_dict": state_dict,
+        "model": params.model.model_dump(mode="json"),
+        "dataset": {"name": info.name, "classes": info.classes, "image_shape": list(info.image_shape),
+                    "mean": info.mean, "std": info.std},
+        "augment_eval": params.augment.model_dump(mode="json")["eval"],
+    }
+
+
+def save_model(params, info, state_dict: dict, path: Path) -> None:
+    """Write the bundle atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save(model_bundle(params, info, state_dict), path)
+
+
+def load_model_bundle(path: Path, device: torch.device | str = "cpu"):
+    """``(model, dataset description, bundle)``: the network in eval mode on ``device``."""
+    from onecycle.config import ModelConfig
+    from onecycle.training.models import build_model
+
+    if not Path(path).is_file():
+        raise OneCycleError(f"{path} does not exist: run `onecycle train` (or `dvc repro train`) first")
+    bundle = ckpt.load(path)
+    if bundle.get("format") != FORMAT:
+        raise OneCycleError(f"{path} is not a onecycle model file (no {FORMAT} format marker)")
+    ds = bundle["dataset"]
+    # bundles written before model.whiten existed hold plain-prep networks
+    model = build_model(ModelConfig(**{"whiten": False, **bundle["model"]}), len(ds["classes"]), ds["image_shape"][2])
+    model.load_state_dict(bundle["state_dict"])
+    model.to(device).eval()
+    return model, SimpleNamespace(**ds), bundle

@@ -1,0 +1,71 @@
+"""How every stage command runs: its arguments, its params file, and its errors as one line and an exit code.
+
+Each stage's ``main(argv)`` calls :func:`run_command` with the function that does its work; a user error
+(:class:`~onecycle.core.errors.OneCycleError`), an interrupt or an OS error becomes one line on stderr, never a
+traceback, with the credentials in it masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from onecycle.core.errors import OneCycleError
+from onecycle.core.redact import install_log_filter, one_line, redact
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # MLflow, alembic and DVC are chatty at INFO; their warnings still show.
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "optuna", "git", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_filter()  # no credential (a storage URL's password) in any log line
+
+
+def run_command(name: str, description: str | None, argv: Sequence[str] | None,
+                body: Callable[[object, argparse.Namespace], int | None],
+                add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                params_optional: bool = False) -> int:
+    """Parse a stage's arguments, load params, run ``body(params, args)``; user errors become one line + exit code.
+
+    With ``params_optional`` a missing params file means the defaults (for commands usable outside the repo).
+    """
+    from pathlib import Path
+
+    from onecycle.config import load_params, parse_params
+
+    parser = argparse.ArgumentParser(prog=f"onecycle {name}", description=description)
+    parser.add_argument("--params", default="params.yaml", metavar="PATH", help="params file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body_with_params() -> int | None:
+        if params_optional and args.params == "params.yaml" and not Path(args.params).exists():
+            params = parse_params({})
+        else:
+            params = load_params(args.params)
+        return body(params, args)
+
+    return guarded(name, body_with_params)
+
+
+def guarded(name: str, fn: Callable[[], int | None]) -> int:
+    """Run ``fn``; user errors, interrupts and OS errors become one line on stderr and an exit code."""
+    try:
+        return int(fn() or 0)
+    except OneCycleError as exc:
+        print(f"onecycle {name}: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"onecycle {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"onecycle {name}: error: {redact(where)}{exc.strerror or one_line(exc)}", file=sys.stderr)
+        return 1

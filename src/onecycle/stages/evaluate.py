@@ -1,0 +1,235 @@
+"""evaluate stage: test-split metrics of ``models/model.pt``, per class, with a confusion matrix and mistakes.
+
+Writes ``reports/metrics.json`` (DVC metrics: the headline numbers only, see :func:`headline_class_metrics`),
+``reports/per_class.csv``, ``reports/predictions.csv``
+(actual/predicted pairs, DVC's confusion-matrix plot), ``reports/confusion_matrix.png`` and
+``reports/misclassified.png``, and logs all of it into the training's MLflow run (``test_*``).
+The test split is touched here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onecycle.core.errors import OneCycleError
+from onecycle.core.files import atomic_write_text, save_figure
+from onecycle.core.paths import Workspace
+from onecycle.data import catalog
+from onecycle.data.store import load_info
+from onecycle.serving.modelfile import load_model_bundle
+from onecycle.stages.command import run_command
+from onecycle.tracking import runs, store
+from onecycle.tracking.registry import mark_candidate, test_digest
+
+log = logging.getLogger(__name__)
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    return np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+
+
+def per_class_table(cm: np.ndarray, classes: list[str]) -> list[dict]:
+    """Accuracy (= recall), precision, recall and support of each class from a confusion matrix."""
+    rows = []
+    for i, name in enumerate(classes):
+        tp = int(cm[i, i])
+        support = int(cm[i].sum())
+        predicted = int(cm[:, i].sum())
+        recall = tp / support if support else 0.0
+        precision = tp / predicted if predicted else 0.0
+        rows.append({"class": name, "support": support, "accuracy": recall, "precision": precision,
+                     "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0})
+    return rows
+
+
+def headline_class_metrics(table: list[dict]) -> dict:
+    """The per-class table in three numbers for ``dvc exp show``: macro F1, and the worst class's top-1 and name.
+
+    A dataset with 1,000 classes would make one column per class; the detail stays in reports/per_class.csv.
+    Ties for the worst class go to the first in class order.
+    """
+    worst = min(table, key=lambda r: r["accuracy"])
+    return {"macro_f1": sum(r["f1"] for r in table) / len(table), "worst_class_top1": worst["accuracy"],
+            "worst_class": worst["class"]}
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """Row-normalized confusion matrix (each true class sums to 1), with class names; saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(classes)
+    size = max(5.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if norm[i, j] >= 0.005:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (normalized over true class)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_misclassified(images: list[np.ndarray], titles: list[str], path: Path, cols: int = 6) -> None:
+    """A grid of misclassified test images titled 'true -> predicted (p)'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(images), 1)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        ax.set_title(title, fontsize=7)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center")
+    fig.suptitle("misclassified test images: true -> predicted (probability)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _raw_test_image(params, dataset, i: int) -> np.ndarray:
+    """The i-th test image as stored (uint8 HWC), for display."""
+    if catalog.kind(params.data.dataset).image_folder:
+        arr = dataset.load(i)
+        from PIL import Image
+
+        im = Image.fromarray(arr.squeeze()) if arr.shape[-1] == 1 else Image.fromarray(arr)
+        im.thumbnail((128, 128))
+        out = np.asarray(im)
+        return out[:, :, None] if out.ndim == 2 else out
+    return dataset.images[i]
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def run(params, ws: Workspace) -> dict:
+    """The evaluate stage in ``ws``: test metrics of ``ws.model``, reports, MLflow; returns metrics.json's dict."""
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.training.engine import amp_dtype, configure_threads, evaluate, resolve_device
+
+    configure_threads(params.train.threads)
+    device = resolve_device(params.train.device)
+    model, ds_meta, _ = load_model_bundle(ws.model, device)
+    info = load_info(params.data, ws.root)
+    if list(info.classes) != list(ds_meta.classes):
+        raise OneCycleError(f"{ws.model} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
+                            "retrain or point data.dataset at the model's dataset")
+    test_ds = build_split(params, info, "test", train_augment=False)
+    loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device, params.train.amp_on_cpu),
+                   params.train.channels_last, collect=True, tta=params.evaluate.tta)
+    logits, labels = out["logits"], out["labels"].numpy()
+    probs = torch.softmax(logits, 1)
+    preds = probs.argmax(1).numpy()
+    k = len(info.classes)
+    cm = confusion_matrix(labels, preds, k)
+    table = per_class_table(cm, info.classes)
+    metrics = {"test": {"loss": out["loss"], "top1": out["top1"], "top5": out["top5"], "n": out["n"],
+                        **headline_class_metrics(table)}}
+    atomic_write_text(ws.metrics_json, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(ws.per_class_csv, _csv([{**r, "accuracy": round(r["accuracy"], 5),
+                                               "precision": round(r["precision"], 5), "recall": round(r["recall"], 5),
+                                               "f1": round(r["f1"], 5)} for r in table]))
+    atomic_write_text(ws.predictions_csv, _csv([{"actual": info.classes[a], "predicted": info.classes[p]}
+                                                for a, p in zip(labels, preds, strict=True)]))
+    plot_confusion(cm, info.classes, ws.confusion_png)
+    wrong = np.flatnonzero(preds != labels)[:36]
+    plot_misclassified([_raw_test_image(params, test_ds, int(i)) for i in wrong],
+                       [f"{info.classes[labels[i]]} -> {info.classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
+                        for i in wrong], ws.misclassified_png)
+    _log_to_training_run(params, ws, metrics, table)
+    print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
+          f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
+    return metrics
+
+
+def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
+    """Add the test metrics and images to the training's MLflow run (its id is in reports/runs.json); mark its
+    registered model version @candidate (not when the training failed)."""
+    try:
+        run_id = json.loads(ws.runs_json.read_text()).get("train")
+    except (OSError, ValueError):
+        run_id = None
+    if not run_id:
+        log.warning("%s names no training MLflow run; test metrics are not logged to MLflow", ws.runs_json)
+        return
+    mlflow = store.mlflow()
+    store.configure(params.mlflow.experiment, ws.root)
+    client = mlflow.MlflowClient()
+    status = client.get_run(run_id).info.status
+    test_set = runs.datasets(params.data, ws.root, ["test"])
+    with mlflow.start_run(run_id=run_id):
+        runs.log_datasets(test_set)
+        # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
+        # unprefixed like mlflow.evaluate's, so the run page shows them after the learning curves (loop.METRIC_KEYS)
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
+                           model_id=runs.model_of_run(run_id), dataset=test_set["test"])
+        mlflow.set_tag("test/worst_class", metrics["test"]["worst_class"])
+        _log_per_class_table(run_id, table)
+        for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
+            mlflow.log_artifact(str(path), artifact_path="evaluate")
+    if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
+        client.update_run(run_id, status=status)
+        return
+    marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
+    if marked:
+        print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
+              "(`onecycle promote` makes it @champion if it beats the current one)")
+
+
+PER_CLASS_TABLE = "evaluate/per_class.json"
+
+
+def _log_per_class_table(run_id: str, table: list[dict]) -> None:
+    """The per-class results as one MLflow table (not a metric per class: ImageNet would make 1,000 charts)."""
+    import tempfile
+
+    client = store.mlflow().MlflowClient()
+    columns = {key: [r[key] for r in table] for key in table[0]}
+    if PER_CLASS_TABLE not in {f.path for f in client.list_artifacts(run_id, "evaluate")}:
+        client.log_table(run_id, data=columns, artifact_file=PER_CLASS_TABLE)
+        return
+    # evaluated again: log_table would append the rows to the old table, so replace the file (same format)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(PER_CLASS_TABLE).name
+        path.write_text(json.dumps({"columns": list(columns), "data": [list(r.values()) for r in table]}))
+        client.log_artifact(run_id, str(path), artifact_path=str(Path(PER_CLASS_TABLE).parent))
+
+
+def main(argv=None) -> int:
+    return run_command("evaluate", __doc__.splitlines()[0], argv, lambda params, args: run(params, Workspace()) and 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""lr_find stage: run the LR range test (:mod:`onecycle.training.rangetest`) as ``train`` would train, and report it.
+
+Writes ``reports/lr_find.json`` (LRs, raw and smoothed losses, every suggestion, the chosen one, the MLflow
+run id), ``reports/lr_find.csv`` (the curve and the chosen suggestion, for ``dvc plots``) and ``reports/lr_find.png`` (log-x, the
+suggestions marked), and logs all of it to an MLflow run of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from onecycle.core.files import atomic_write_text, save_figure
+from onecycle.core.paths import Workspace
+from onecycle.stages.command import run_command
+from onecycle.tracking import runs, store
+from onecycle.training.lr_report import NoDescentError
+from onecycle.training.rangetest import RangeTestResult, run_range_test
+
+log = logging.getLogger(__name__)
+
+
+def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
+    """Log-x plot of raw and smoothed loss with every suggestion marked and labelled; saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
+    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3"}
+    sm = np.asarray(result.smoothed)
+    for name, lr in result.suggestions.items():
+        if lr is None:
+            continue
+        y = float(np.interp(np.log(lr), np.log(result.lrs), np.nan_to_num(sm, nan=np.nanmax(sm))))
+        style = "-" if name == chosen else "--"
+        ax.axvline(lr, color=colors[name], ls=style, lw=1.5 if name == chosen else 1)
+        ax.plot([lr], [y], "o", color=colors[name],
+                label=f"{name}: {lr:.2e}" + (" (used)" if name == chosen else ""))
+    ax.set_xscale("log")
+    finite = sm[np.isfinite(sm)]
+    if len(finite):
+        lo, hi = float(finite.min()), float(finite[0])
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), max(hi, lo) + 0.6 * (hi - lo + 1e-9))
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    title = "LR range test" + ("" if result.descended else " (loss never descended)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
+    """The lr_find stage in ``ws``: sweep, write the reports, log the MLflow run; returns the result."""
+    from onecycle.training.engine import build_setup, device_name
+
+    setup = build_setup(params, with_val=False, root=ws.root)
+    cfg = params.lr_find
+    log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s", cfg.mode, cfg.start_lr,
+             cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name)
+    result = run_range_test(params, setup, progress=progress)
+    chosen = cfg.suggestion
+    suggested = result.suggestions.get(chosen)
+
+    mlflow = store.mlflow()
+    store.configure(params.mlflow.experiment, ws.root)
+    with mlflow.start_run(run_name="lr_find") as active:
+        mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
+                         "stage": "lr_find"})
+        runs.log_params_flat({k: v for k, v in params.flat().items()
+                                  if k.split(".")[0] in ("data", "augment", "model", "optimizer", "lr_find", "train")})
+        report = {
+            **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": active.info.run_id,
+            "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
+        }
+        # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
+        curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,
+                                                                          strict=True)]
+        # suggested_lr/suggestion (the same on every row): the LR schedule.max_lr auto uses, which the
+        # `dvc plots` template .dvc/plots/lr_range_log.json marks on its log x axis
+        mark = f",{'' if suggested is None else repr(suggested)},{chosen}"
+        atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
+            f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}{mark}\n" for lr, loss, sm in curve))
+        report["losses"] = [_finite(v) for v in result.losses]
+        report["smoothed"] = [_finite(v) for v in result.smoothed]
+        atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")
+        plot(result, chosen, ws.lr_find_png)
+        logger = runs.RunLogger(active.info.run_id)
+        logger.log_series({"lr_find/lr": result.lrs, "lr_find/loss": result.losses,
+                           "lr_find/smoothed_loss": result.smoothed})
+        logger.log({f"lr_find/suggested_{name}": lr for name, lr in result.suggestions.items() if lr is not None}, 0)
+        logger.flush()
+        mlflow.log_artifact(str(ws.lr_find_json))
+        mlflow.log_artifact(str(ws.lr_find_png))
+    sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
+    print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
+          f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")
+    if not result.descended:
+        msg = (f"the loss never descended between lr {cfg.start_lr:g} and {result.lrs[-1]:g}; "
+               "widen lr_find.start_lr/end_lr or set schedule.max_lr to a number")
+        if params.schedule.max_lr == "auto":
+            raise NoDescentError(msg)
+        log.warning("%s (schedule.max_lr = %s is used)", msg, params.schedule.max_lr)
+    return result
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def main(argv=None) -> int:
+    return run_command("lr-find", __doc__.splitlines()[0], argv, lambda params, args: run(params, Workspace()) and 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

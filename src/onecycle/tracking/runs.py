@@ -1,0 +1,198 @@
+"""What every MLflow run carries and how it is logged: run names, provenance tags, params, datasets, the
+logged model of a run, and metrics, buffered (:class:`RunLogger`) and sent in batches; if the store is locked or
+unreachable they are kept and retried at the next flush. :func:`log_epoch` is the one way an epoch is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from onecycle.tracking.store import mlflow
+from onecycle.training.records import Step, row_metrics
+
+log = logging.getLogger(__name__)
+
+SYSTEM_METRICS_INTERVAL = 2.0  # seconds between system-metric samples (MLflow's 10 s misses short runs)
+# MLflow's context names for a run's datasets (the mlflow.data.context input tag), per split
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def run_name(default: str) -> str:
+    """A new run's name: the DVC experiment's (``dvc exp run -n NAME``) when DVC runs us, else ``default``."""
+    return os.environ.get("DVC_EXP_NAME") or default
+
+
+def start_run(run_id: str | None, name: str | None, system_metrics: bool):
+    """``mlflow.start_run``, with MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)."""
+    mlf = mlflow()
+    if system_metrics:
+        mlf.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)  # MLFLOW_SYSTEM_METRICS_* env vars win
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+    return mlf.start_run(run_id=run_id, run_name=name, log_system_metrics=system_metrics)
+
+
+def split_digest(files: dict[str, str], split: str, val_size: int | None = None, train_subset: int | None = None,
+                 split_seed: int | None = None) -> str:
+    """A digest of one split: fetch's file checksums plus what picks the split's examples out of them.
+
+    Machine-independent: the same fetched files and split settings give the same digest anywhere.
+    """
+    spec: dict[str, Any] = {"files": dict(sorted(files.items())), "split": split}
+    if split != "test":
+        spec.update(val_size=val_size, train_subset=train_subset, split_seed=split_seed)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def datasets(data_cfg, root: Path, splits: list[str], split_seed: int | None = None) -> dict[str, Any]:
+    """MLflow datasets (``mlflow.data``) of the fetched ``splits``: name, digest, source = the DVC-tracked folder."""
+    mlflow()
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from onecycle.data.store import dataset_dir, workspace_relative
+
+    folder = dataset_dir(data_cfg, root)
+    files = json.loads((folder / "meta.json").read_text()).get("files") or {}
+    return {split: MetaDataset(LocalArtifactDatasetSource(workspace_relative(folder, root)), name=f"{data_cfg.dataset}-{split}",
+                               digest=split_digest(files, split, data_cfg.val_size, data_cfg.train_subset,
+                                                   split_seed))
+            for split in splits}
+
+
+def log_datasets(found: dict[str, Any]) -> None:
+    """Log datasets (split -> mlflow dataset) to the active run as its inputs, with MLflow's context names."""
+    mlf = mlflow()
+    splits = list(found)
+    mlf.log_inputs([found[s] for s in splits], contexts=[DATASET_CONTEXTS[s] for s in splits],
+                   tags_list=[None] * len(splits))
+
+
+def model_of_run(run_id: str, name: str = "model") -> str | None:
+    """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
+    none has that name, the one it logged last), or None."""
+    client = mlflow().MlflowClient()
+    outputs = client.get_run(run_id).outputs
+    ids = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    for model_id in reversed(ids):
+        try:
+            if client.get_logged_model(model_id).name == name:
+                return model_id
+        except Exception:  # a model the store cannot return: fall back to the last one
+            break
+    return ids[-1] if ids else None
+
+
+def git_info(root: Path | None = None) -> dict[str, str]:
+    root = root or Path.cwd()
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower()}
+
+
+def provenance_tags(dataset: str, device_name: str, root: Path | None = None) -> dict[str, str]:
+    """Tags every run carries: git commit and dirty flag, DVC experiment, device, torch, dataset."""
+    import torch
+
+    tags = {**git_info(root), "device": device_name, "torch_version": torch.__version__, "dataset": dataset,
+            "cuda_version": str(torch.version.cuda)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+def log_params_flat(flat: dict[str, Any]) -> None:
+    """Log dotted params to the active run, batched (MLflow limits a batch to 100); credentials are masked."""
+    from onecycle.core.redact import redact
+
+    mlf = mlflow()
+    items = {k: ("null" if v is None else json.dumps(v) if isinstance(v, list | dict) else v)
+             for k, v in redact(flat).items()}
+    keys = sorted(items)
+    for i in range(0, len(keys), 100):
+        mlf.log_params({k: items[k] for k in keys[i:i + 100]})
+
+
+class RunLogger:
+    """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
+
+    With ``run_id`` None (a DDP rank other than 0, a bare ``fit``) it logs nothing.
+    """
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+        self.pending: list = []
+        self.warned = False
+
+    def existing_steps(self, key: str) -> set[int]:
+        if self.run_id is None:
+            return set()
+        try:
+            return {m.step for m in mlflow().MlflowClient().get_metric_history(self.run_id, key)}
+        except Exception:  # a store we cannot read now: assume nothing was logged (duplicates beat gaps)
+            return set()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if v is not None and math.isfinite(float(v))]
+
+    def log_series(self, series: dict[str, list[float]]) -> None:
+        """Per-step curves (step = index in the list)."""
+        for key, values in series.items():
+            for i, v in enumerate(values):
+                self.log({key: v}, step=i)
+
+    def flush(self) -> bool:
+        if self.run_id is None or not self.pending:
+            self.pending.clear()
+            return True
+        client = mlflow().MlflowClient()
+        try:
+            while self.pending:
+                chunk = self.pending[:1000]
+                client.log_batch(self.run_id, metrics=chunk)
+                del self.pending[:len(chunk)]
+        except Exception as exc:
+            log.warning("MLflow is not reachable (%s); %d metric values kept and retried after the next epoch",
+                        " ".join(str(exc).split())[:160], len(self.pending))
+            self.warned = True
+            return False
+        if self.warned:
+            log.warning("MLflow is reachable again; the kept metrics were logged")
+            self.warned = False
+        return True
+
+
+def log_epoch(logger: RunLogger, row: dict, steps: list[Step], *, skip_epochs: Collection[int] = (),
+              skip_steps: Collection[int] = ()) -> None:
+    """Log one epoch's record (at step = the epoch number) and its optimizer steps' LR and momentum (at step =
+    the optimizer step) to the logger's run, then flush. Train and tune log their epochs through this alone;
+    ``skip_epochs`` / ``skip_steps`` are what a resumed run already holds."""
+    if row["epoch"] not in skip_epochs:
+        logger.log(row_metrics(row), step=row["epoch"])
+    for s in steps:
+        if s.step not in skip_steps:
+            logger.log({"lr": s.lr, "momentum": s.momentum}, step=s.step)
+    logger.flush()

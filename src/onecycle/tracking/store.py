@@ -1,0 +1,177 @@
+"""Where MLflow's store is, and the one import of ``mlflow``: the workspace's default store, a user's
+``MLFLOW_TRACKING_URI``, the experiment a stage logs to, and the UI's link to it.
+
+The store is MLflow's own default, so that a bare ``mlflow ui``, ``mlflow models serve`` and notebooks see
+the runs with no flags: ``mlflow.db`` (SQLite metadata) at the workspace root, artifacts under the
+top-level ``mlruns/`` (``mlruns/artifacts``). ``MLFLOW_TRACKING_URI`` overrides (a team server). A store in the older layout
+at ``mlruns/mlflow.db`` is moved to ``mlflow.db`` the first time it is opened (same SQLite file, same
+artifact locations). Experiments that DVC runs in a temporary copy of the repo (``dvc exp run --temp`` /
+``--queue``) still log to the workspace's store: DVC passes the workspace as ``DVC_ROOT``.
+
+No module imports ``mlflow`` at load time: :func:`mlflow` imports it on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STORE = "mlflow.db"          # MLflow 3's default store, relative to the workspace root
+ARTIFACTS = Path("mlruns") / "artifacts"  # under the top-level mlruns/ folder MLflow's users know
+LEGACY_STORE = Path("mlruns") / "mlflow.db"  # an older layout kept the store inside mlruns/: moved on first open
+# The experiment tag MLflow 3 reads for the experiment's kind: "Model training", not "GenAI apps & agents".
+# MLflow 3.17's UI follows its GenAI / Model-training switch instead (a new browser starts on GenAI), so
+# the link to the runs page (runs_page_url) also carries ?workflowType=machine_learning.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The project's workspace: DVC_ROOT when DVC runs us, else the nearest folder with .dvc or .git."""
+    here = (start or Path.cwd()).resolve()
+    env = os.environ.get("DVC_ROOT")
+    if env and here == Path.cwd().resolve():
+        return Path(env).resolve()
+    for folder in (here, *here.parents):
+        if folder.name == ".dvc":  # inside .dvc/tmp/exps/...: the workspace is the folder holding .dvc
+            return folder.parent
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    root = (root or workspace_root()).resolve()
+    return f"sqlite:///{root / STORE}"
+
+
+# URIs this process chose itself. mlflow.set_tracking_uri() copies its argument into the
+# MLFLOW_TRACKING_URI environment variable, which must not then pass for the user's choice.
+_SET_BY_US: set[str] = set()
+
+
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI when the user set it (a team server), else None."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri not in _SET_BY_US else None
+
+
+def _holds_no_runs(db: Path) -> bool:
+    """Whether a SQLite file is an MLflow store with no runs (what a bare ``mlflow ui`` leaves), or empty."""
+    import sqlite3
+
+    if db.stat().st_size == 0:
+        return True
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    except sqlite3.Error:  # not an MLflow store: leave it alone
+        return False
+
+
+def _migrate_legacy_store(root: Path) -> None:
+    old, new = root / LEGACY_STORE, root / STORE
+    if old.is_file() and new.is_file() and _holds_no_runs(new):
+        # a bare `mlflow ui` created an empty ./mlflow.db before the store moved: the store with runs replaces it
+        os.replace(new, new.with_name(STORE + ".empty"))
+    if old.is_file() and new.exists():
+        log.warning("%s (the older layout's store) is not read: %s holds runs too", old, new)
+    elif old.is_file():
+        os.replace(old, new)
+        log.warning("moved the MLflow store %s to %s (MLflow's default location; artifacts stay in %s/)",
+                    old, new, ARTIFACTS)
+
+
+def mlflow():
+    """The ``mlflow`` module, imported on first use (2 s) and quietened."""
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow as _mlflow
+
+    warnings.filterwarnings("ignore", module="mlflow")
+    return _mlflow
+
+
+def configure(experiment: str | None, root: Path | None = None) -> str | None:
+    """Point MLflow at the project's store and select ``experiment`` (None: only the store); return its id.
+
+    For a SQLite store this holds a file lock: MLflow creates a fresh store's tables without one, and
+    two processes starting together (tune workers, queued DVC experiments) would both try.
+    """
+    from filelock import FileLock
+
+    uri = user_tracking_uri()
+    root = workspace_root(Path(root) if root is not None else None)
+    if not uri:
+        root.mkdir(parents=True, exist_ok=True)
+        _migrate_legacy_store(root)
+        uri = default_tracking_uri(root)
+        _SET_BY_US.add(uri)
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return _configure(uri, experiment, root)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=600):
+        return _configure(uri, experiment, root)
+
+
+def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
+    mlf = mlflow()
+    mlf.set_tracking_uri(uri)
+    if experiment is None:
+        return None
+    client = mlf.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = (root / ARTIFACTS).as_uri() if uri in _SET_BY_US else None
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        except Exception:  # another process created it between our look-up and create
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":  # deleted in the UI: a run needs it, and its name is still taken
+            client.restore_experiment(exp_id)
+            log.warning("the MLflow experiment %r had been deleted: restored it to log this run", experiment)
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    mlf.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def runs_page_url(experiment_id: str, port: int = 5000, host: str = "127.0.0.1") -> str:
+    """The experiment's runs table in ``mlflow ui``, in MLflow's Model-training view."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_link(port: int = 5000, params_path: str | Path = "params.yaml") -> str:
+    """What ``make ui`` prints: the runs page of ``mlflow.experiment`` in the workspace's store."""
+    from onecycle.config import load_params
+
+    experiment = load_params(params_path).mlflow.experiment if Path(params_path).is_file() else "onecycle"
+    return f"MLflow UI: {runs_page_url(_stored_experiment_id(experiment) or configure(experiment), port)}"
+
+
+def _stored_experiment_id(experiment: str) -> str | None:
+    """The experiment's id read straight from the workspace's SQLite store (no 2-40 s MLflow import), or None."""
+    import sqlite3
+
+    root = workspace_root()
+    _migrate_legacy_store(root)
+    db = root / STORE
+    if user_tracking_uri() or not db.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                              (experiment,)).fetchone()
+            tagged = row and con.execute("SELECT 1 FROM experiment_tags WHERE experiment_id = ? AND key = ?",
+                                         (row[0], EXPERIMENT_KIND_TAG)).fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if tagged else None  # not there or not tagged yet: configure() does both

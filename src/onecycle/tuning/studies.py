@@ -1,0 +1,252 @@
+"""Optuna plumbing for tune: the storage (journal file or RDB URL, or ``$OPTUNA_STORAGE``), the sampler, the
+pruner (and whether it can prune at all), the study (its metric named, for the optuna CLI and dashboard).
+
+The default storage is a journal file, safe for several worker processes on one machine; any RDB URL
+(``sqlite:///...``, ``postgresql://...``) serves many machines. A password in a URL never appears in a
+message (:func:`mask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from onecycle.core.errors import ConfigError
+from onecycle.core.redact import redact
+from onecycle.training.schedule import peak_fraction
+from onecycle.tuning.space import Dimension
+
+# Study user attrs.
+METRIC_ATTR = "metric"
+# RDB storages: seconds between a running trial's heartbeats
+HEARTBEAT_S = 60
+
+
+def mask(url: str) -> str:
+    """``url`` with its password hidden (:func:`onecycle.redact.redact` decides how, everywhere)."""
+    return redact(url)
+
+
+STORAGE_ENV = "OPTUNA_STORAGE"  # the optuna CLI's variable: set, it overrides tune.storage here too
+
+
+def storage_url(params) -> tuple[str | None, str]:
+    """``(url, where it came from)``: ``$OPTUNA_STORAGE`` when set (so ``onecycle tune``, ``optuna trials`` and
+    ``optuna-dashboard`` scripts can share one setting), else ``tune.storage`` (None = the default journal)."""
+    env = os.environ.get(STORAGE_ENV, "").strip()
+    if env:
+        return env, STORAGE_ENV
+    return params.tune.storage, "tune.storage"
+
+
+def open_storage(url: str | None, default_journal: Path, key: str = "tune.storage"):
+    """``(storage, description)``: the journal file (default, or a path) or an RDB URL.
+
+    A storage that cannot be opened raises ConfigError naming ``key`` (a password in the URL is masked).
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if url is None or "://" not in url:
+        path = default_journal if url is None else Path(url).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The open(O_EXCL) lock: works on Linux, macOS and Windows (the symlink lock needs a privilege there)
+            # and on NFSv3+; it shares the lock file with optuna-dashboard's.
+            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+            return optuna.storages.JournalStorage(backend), str(path)
+        except Exception as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"{key}: cannot open the journal file {path}: {reason}") from None
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        db = url[len("sqlite:///"):]
+        if db and db != ":memory:" and not os.path.isabs(db):
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        # several workers on one SQLite file wait for each other's writes rather than fail at once
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        with _schema_lock(url, engine_kwargs), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # A worker that dies without a word (kill -9, a lost machine) stops beating: its trial is marked
+            # FAIL after the grace period and run again once by another worker.
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=2 * HEARTBEAT_S,
+                                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"{key}: cannot open {mask(url)}: {reason}") from None
+    return storage, mask(url)
+
+
+# any fixed 64-bit key: all onecycle workers on one PostgreSQL server agree on it
+_PG_LOCK_KEY = 0x6F6E656379636C65  # "onecycle"
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
+    """Serialize Optuna's schema creation between workers that open one fresh database at once.
+
+    ``RDBStorage()`` runs ``CREATE TYPE``/``CREATE TABLE`` and stamps the schema version; two processes
+    doing that together on PostgreSQL or MySQL fail with "already exists" (DDL is not checked-and-created
+    atomically). A server-side lock held around it (released when its connection closes, even if this
+    process dies) lets one worker create the schema while the others wait, then find it. SQLite
+    serializes writers by itself (the connect timeout above).
+    """
+    import sqlalchemy
+
+    backend = url.split(":", 1)[0].split("+", 1)[0].lower()
+    if backend not in ("postgresql", "postgres", "mysql", "mariadb"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    if backend.startswith("postgres"):
+        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
+    else:
+        lock, unlock = "SELECT GET_LOCK('onecycle_optuna_schema', 600)", "SELECT RELEASE_LOCK('onecycle_optuna_schema')"
+    args = {"k": _PG_LOCK_KEY} if backend.startswith("postgres") else {}
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(lock), args)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text(unlock), args)
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
+
+    Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
+    killed by SIGTERM's default action instead, the trial would stay RUNNING forever in a journal file
+    (which has no heartbeat) and its runs open.
+    """
+    import signal
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build_sampler(params, seed: int):
+    """TPE (multivariate, constant liar for parallel workers) or random, seeded."""
+    import optuna
+
+    if params.tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Random trials before TPE models the space: a third of the study, 3 to 10.
+        startup = max(3, min(10, params.tune.n_trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+
+
+def trial_epochs(params, space: dict[str, Dimension]) -> int:
+    """How many epochs the longest trial trains (the pruners' horizon)."""
+    if "train.epochs" in space:
+        return int(space["train.epochs"].upper)
+    return params.tune.epochs
+
+
+def build_pruner(params, space: dict[str, Dimension]):
+    """``tune.pruner``. Steps are epochs (0-based). The median rule waits until the LR has peaked:
+    ``n_warmup_steps = ceil(pct_start * epochs)`` with the largest pct_start the space allows, so the
+    first epoch a trial can be pruned at is the first one wholly past the peak of its cycle."""
+    import optuna
+
+    kind = params.tune.pruner
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    epochs = trial_epochs(params, space)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=median_warmup(params, space))
+
+
+def median_warmup(params, space: dict[str, Dimension]) -> int:
+    """The median pruner's ``n_warmup_steps``: the epochs until the LR has peaked, at the largest pct_start."""
+    epochs = trial_epochs(params, space)
+    searched = space["schedule.pct_start"].upper if "schedule.pct_start" in space else None
+    return math.ceil(peak_fraction(params.schedule, epochs, searched) * epochs)
+
+
+def pruner_cannot_prune(params, space: dict[str, Dimension]) -> str | None:
+    """Why ``tune.pruner`` can never stop a trial with these epochs (None when it can).
+
+    A trial is only pruned after an epoch that is not its last (the last one completes it). The median rule
+    also waits ``n_warmup_steps`` epochs (see :func:`build_pruner`); hyperband needs 2 epochs or more.
+    """
+    kind = params.tune.pruner
+    if kind == "none":
+        return None
+    epochs = trial_epochs(params, space)
+    if kind == "hyperband":
+        if epochs >= 2:
+            return None
+        return (f"tune.pruner hyperband cannot stop any trial: trials train {epochs} epoch, and a trial is only "
+                "stopped after an epoch that is not its last. Use tune.epochs >= 2, or tune.pruner: none")
+    warmup = median_warmup(params, space)  # 0-based epochs the median rule waits
+    if warmup <= epochs - 2:
+        return None
+    return (f"tune.pruner median cannot stop any trial: trials train {epochs} epoch{'s' if epochs != 1 else ''} and "
+            f"the median rule judges a trial only after {warmup} epoch{'s' if warmup != 1 else ''} (when the LR has "
+            "peaked, at the largest pct_start searched) and never after the last one, which always completes. "
+            f"Use tune.epochs >= {warmup + 2} for pruning, or tune.pruner: none to say so")
+
+
+def open_study(storage, params):
+    """``(study, created)``: the study ``tune.study_name`` in ``storage``, created if absent.
+
+    The sampler is seeded with ``tune.seed`` in the process that creates the study (a fresh single-worker
+    study is reproducible); a process that joins or resumes it mixes in the trial count and its pid, so that
+    workers and resumed runs never replay the same random trials.
+    """
+    import numpy as np
+    import optuna
+
+    tune = params.tune
+    try:
+        optuna.create_study(storage=storage, study_name=tune.study_name, direction=tune.direction)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=tune.study_name, storage=storage)
+    if len(study.directions) != 1:
+        raise ConfigError(f"tune.study_name: study {tune.study_name} has several objectives; use another name")
+    stored = study.direction.name.lower()
+    if stored != tune.direction:
+        raise ConfigError(f"tune.direction is {tune.direction} but study {tune.study_name} was created to {stored}; "
+                          "use another tune.study_name")
+    metric = study.user_attrs.get(METRIC_ATTR)
+    if metric is None:
+        study.set_user_attr(METRIC_ATTR, tune.metric)
+    elif metric != tune.metric:
+        raise ConfigError(f"tune.metric is {tune.metric} but study {tune.study_name} optimizes {metric}; "
+                          "use another tune.study_name")
+    if study.metric_names is None:  # `optuna trials`, the dashboard and trials.csv name the value, not "value"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([tune.metric])
+    n_before = len(study.get_trials(deepcopy=False))
+    seed = tune.seed
+    if not created:
+        seed = int(np.random.SeedSequence([tune.seed, n_before, os.getpid()]).generate_state(1)[0])
+    study.sampler = build_sampler(params, seed)
+    return study, created
