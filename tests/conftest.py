@@ -13,12 +13,18 @@
 from __future__ import annotations
 
 import copy
+import glob
 import gzip
 import hashlib
 import io
+import os
 import pickle
+import shutil
+import socket
+import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,3 +237,55 @@ def workdir(tmp_path, monkeypatch):
     tiny.write_fetched(tmp_path / "data", n_train=600, n_test=100)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# ----------------------------------------------------------------------------------------------- services on loopback
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throw-away PostgreSQL cluster on loopback (Debian's server binaries), with an empty database.
+
+    Skipped only when no server is installed (``make setup`` installs Debian's ``postgresql`` as root);
+    a server that is installed but does not start fails the test. As root, the server runs as ``postgres``.
+    """
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    if found[-1] is None:
+        pytest.skip("no PostgreSQL server installed: `make setup` as root installs Debian's postgresql")
+    bindir = Path(found[-1]).parent
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="onecycle-pg-"))  # not under pytest's tmp: that is private to root
+    if as_user:
+        shutil.chown(home, "postgres", "postgres")
+    port, db = free_port(), home / "db"
+
+    def run(*cmd):
+        subprocess.run(as_user + [str(c) for c in cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    run(bindir / "initdb", "-D", db, "-A", "trust", "-U", "onecycle", "-E", "UTF8", "--no-sync")
+    run(bindir / "pg_ctl", "-D", db, "-l", home / "server.log", "-w", "-t", "60",
+        "-o", f"-h 127.0.0.1 -p {port} -k {home} -c fsync=off", "start")
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "onecycle", "optuna")
+        yield f"postgresql://onecycle@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def fresh_database(url: str, name: str) -> str:
+    """A new empty database on the server of ``url``; its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"

@@ -85,6 +85,12 @@ def test_the_pins_satisfy_pyproject_toml():
         versions = dev.get(canonicalize_name(req.name), set())
         assert versions and all(req.specifier.contains(v) for v in versions), \
             f"{line}: requirements-dev.txt has {versions or 'nothing'} (run `make lock`)"
+    for extra, lines in PYPROJECT["project"].get("optional-dependencies", {}).items():  # `make setup` installs them
+        for line in lines:
+            req = Requirement(line)
+            versions = runtime.get(canonicalize_name(req.name), set())
+            assert versions and all(req.specifier.contains(v) for v in versions), \
+                f"[{extra}] {line}: requirements.txt has {versions or 'nothing'} (run `make lock`)"
     both = set(runtime) & set(dev)
     assert {name: runtime[name] for name in both} == {name: dev[name] for name in both}
 

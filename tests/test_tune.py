@@ -4,15 +4,11 @@ PostgreSQL database, pruning, resume and --apply."""
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import optuna
 import pytest
 import yaml
 
+from conftest import fresh_database
 from onecycle.config import ScheduleConfig, load_params, parse_params
 from onecycle.core.errors import ConfigError
 from onecycle.stages import tune as tune_mod
@@ -132,44 +129,6 @@ def _study(workdir, name: str = "onecycle", url: str | None = None) -> optuna.St
 
     storage = url or JournalStorage(JournalFileBackend(str(workdir / "reports/tune/study.journal")))
     return optuna.load_study(study_name=name, storage=storage)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A throw-away PostgreSQL cluster on loopback (Debian's server binaries), with an empty database.
-
-    Skipped only when no server is installed (``make setup`` installs Debian's ``postgresql`` as root);
-    a server that is installed but does not start fails the test. As root, the server runs as ``postgres``.
-    """
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
-    if found[-1] is None:
-        pytest.skip("no PostgreSQL server installed: `make setup` as root installs Debian's postgresql")
-    bindir = Path(found[-1]).parent
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    home = Path(tempfile.mkdtemp(prefix="onecycle-pg-"))  # not under pytest's tmp: that is private to root
-    if as_user:
-        shutil.chown(home, "postgres", "postgres")
-    port, db = _free_port(), home / "db"
-
-    def run(*cmd):
-        subprocess.run(as_user + [str(c) for c in cmd], check=True, capture_output=True, text=True, timeout=120)
-
-    run(bindir / "initdb", "-D", db, "-A", "trust", "-U", "onecycle", "-E", "UTF8", "--no-sync")
-    run(bindir / "pg_ctl", "-D", db, "-l", home / "server.log", "-w", "-t", "60",
-        "-o", f"-h 127.0.0.1 -p {port} -k {home} -c fsync=off", "start")
-    try:
-        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "onecycle", "optuna")
-        yield f"postgresql://onecycle@127.0.0.1:{port}/optuna"
-    finally:
-        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _runs(workdir, experiment: str = "test"):
@@ -433,17 +392,6 @@ def test_optuna_storage_overrides_tune_storage(workdir, monkeypatch, capsys):
     assert "OPTUNA_STORAGE: cannot open" in err and "s3cret" not in err
 
 
-def _fresh_database(url: str, name: str) -> str:
-    """A new empty database on the server of ``url``; its URL."""
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return url.rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.mark.slow
 def test_workers_opening_a_fresh_postgresql_database_at_once_all_succeed(tmp_path, postgres_url):
     """N workers started together on a new database: one creates Optuna's schema, the others wait and use it."""
@@ -453,7 +401,7 @@ def test_workers_opening_a_fresh_postgresql_database_at_once_all_succeed(tmp_pat
               "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
               "open_storage(sys.argv[1], Path('unused.journal'))\n")
     for attempt in range(3):  # the race is narrow: several fresh databases, four workers each
-        url = _fresh_database(postgres_url, f"fresh{attempt}")
+        url = fresh_database(postgres_url, f"fresh{attempt}")
         ready = [tmp_path / f"ready{attempt}-{i}" for i in range(4)]
         workers = [subprocess.Popen([sys.executable, "-c", script, url, str(go), str(r)], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for r in ready]

@@ -126,8 +126,10 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
     setup = build_setup(params.data, params.augment, params.model, params.train, root=ws.root)
     check_fits(params.schedule, params.train.epochs, len(setup.train_loader))
     identity = resume_identity(setup)
-    resume_state = find_resume_state(params.train, config_id, ws.checkpoints,
-                                     _run_finished(params.mlflow.experiment, ws.root), move_aside=main, identity=identity)
+    # rank 0 decides and sends its checkpoint to the other ranks (on other machines they have none)
+    resume_state = dist.from_main(find_resume_state(params.train, config_id, ws.checkpoints,
+                                                    _run_finished(params.mlflow.experiment, ws.root), identity=identity)
+                                  if main else None)
     if not main:  # other DDP ranks: train in step with rank 0, which alone logs, checkpoints and reports
         try:
             with StopSignals() as stop:
@@ -310,7 +312,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
                "epochs": len(result.history), "total_seconds": round(result.seconds, 1)}
 
     def metrics() -> None:
-        if not logger.flush():
+        if not logger.flush(patient=True):  # waits out a server restart (MLflow's own retries)
             raise OneCycleError("MLflow is not reachable: the epochs' metrics could not be logged")
         mlflow.log_metrics({"val_best/top1": max(result.best_top1, 0.0), "val_best/epoch": result.best_epoch,
                             "total_seconds": result.seconds})

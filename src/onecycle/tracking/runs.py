@@ -5,6 +5,7 @@ unreachable they are kept and retried at the next flush. :func:`log_epoch` is th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -130,6 +131,25 @@ def log_params_flat(flat: dict[str, Any]) -> None:
         mlf.log_params({k: items[k] for k in keys[i:i + 100]})
 
 
+# A flush between epochs: one retry, no backoff, 10 s to answer (MLflow reads these at every request).
+BRIEF_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _brief_http_retries():
+    saved = {k: os.environ.get(k) for k in BRIEF_RETRIES}
+    os.environ.update(BRIEF_RETRIES)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class RunLogger:
     """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
 
@@ -164,23 +184,31 @@ class RunLogger:
             for i, v in enumerate(values):
                 self.log({key: v}, step=i)
 
-    def flush(self) -> bool:
+    def flush(self, patient: bool = False) -> bool:
+        """Send the kept values; on failure keep them (False). Only a ``patient`` flush (the end of a training)
+        waits out MLflow's own HTTP retries (7 with backoff, ~4 minutes against a server that is down, or
+        what ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` say); the others try briefly (:data:`BRIEF_RETRIES`)
+        so that training goes on while a tracking server restarts."""
         if self.run_id is None or not self.pending:
             self.pending.clear()
             return True
         client = mlflow().MlflowClient()
+        sent = 0
         try:
-            while self.pending:
-                chunk = self.pending[:1000]
-                client.log_batch(self.run_id, metrics=chunk)
-                del self.pending[:len(chunk)]
-        except Exception as exc:
-            log.warning("MLflow is not reachable (%s); %d metric values kept and retried after the next epoch",
-                        " ".join(str(exc).split())[:160], len(self.pending))
+            with contextlib.nullcontext() if patient else _brief_http_retries():
+                while self.pending:
+                    chunk = self.pending[:1000]
+                    client.log_batch(self.run_id, metrics=chunk)
+                    del self.pending[:len(chunk)]
+                    sent += len(chunk)
+        except Exception as exc:  # said once per outage; the count grows in the debug log
+            (log.debug if self.warned else log.warning)(
+                "MLflow is not reachable (%s); %d metric values kept and retried after the next epoch",
+                " ".join(str(exc).split())[:160], len(self.pending))
             self.warned = True
             return False
         if self.warned:
-            log.warning("MLflow is reachable again; the kept metrics were logged")
+            log.warning("MLflow is reachable again; the kept metrics were logged (%d values)", sent)
             self.warned = False
         return True
 

@@ -4,7 +4,8 @@
 everything here is a no-op and training is single-process. ``data.batch_size`` is the *global*
 batch: each of the N processes takes ``batch_size / N`` examples a step, so the schedule, ``max_lr``
 and the number of steps per epoch are those of a single process with the same batch size. Rank 0
-alone logs to MLflow, writes checkpoints and reports; every rank resumes from the same checkpoint.
+alone logs to MLflow, writes checkpoints and reports; every rank resumes from the checkpoint rank 0 reads
+(sent to the others: on several machines only rank 0's has it).
 """
 
 from __future__ import annotations
@@ -86,6 +87,18 @@ def any_each(*flags: bool) -> list[bool]:
     if not active():
         return [bool(f) for f in flags]
     return [v > 0 for v in sum_(*(1.0 if f else 0.0 for f in flags))]
+
+
+def from_main(value):
+    """Rank 0's ``value`` on every rank (pickled over the process group; the value itself in one process).
+
+    What rank 0 alone can know: on several machines only rank 0's has ``checkpoints/`` (the resume state).
+    """
+    if not active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -58,7 +58,7 @@ def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoi
 
 
 def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
-                      run_finished: Callable[[str | None], bool] = lambda run_id: True, move_aside: bool = True,
+                      run_finished: Callable[[str | None], bool] = lambda run_id: True,
                       identity: dict | None = None) -> dict | None:
     """The checkpoint to continue from, or None to start fresh (moving a foreign one aside, with a warning).
 
@@ -66,26 +66,25 @@ def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
     that has no finalization record.
 
     A finished ``last.pt`` whose finalization is incomplete is returned too: the caller finalizes without
-    training. Under DDP every rank reads the same checkpoint; only rank 0 (``move_aside``) moves files.
+    training. Under DDP only rank 0 calls this (on other machines the other ranks have no checkpoints) and sends
+    the result to the others (``distributed.from_main``).
     """
     last = checkpoint_dir / "last.pt"
     if not last.exists():
         return None
     if not train.resume:
         log.warning("train.resume is false: starting fresh; the old checkpoints move to %s", checkpoint_dir / "previous")
-        if move_aside:
-            _move_aside(checkpoint_dir)
+        _move_aside(checkpoint_dir)
         return None
     state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
     reason = _why_not_resume(state, config_id, identity, checkpoint_dir)
     if reason:
         log.warning("%s: starting fresh; the old checkpoints move to %s", reason,
-                    _move_aside(checkpoint_dir, state.get("config_hash")) if move_aside else checkpoint_dir / "previous")
+                    _move_aside(checkpoint_dir, state.get("config_hash")))
         return None
     if state.get("finished") and _finalized(state, checkpoint_dir, run_finished):
         log.info("the run in %s finished; training again from scratch", last)
-        if move_aside:
-            _move_aside(checkpoint_dir, state.get("config_hash"))
+        _move_aside(checkpoint_dir, state.get("config_hash"))
         return None
     if state.get("finished"):
         log.warning("the training in %s finished but its finalization did not: completing it in MLflow run %s, "
