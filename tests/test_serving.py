@@ -64,9 +64,10 @@ def _client(work: Path):
     return mlflow.MlflowClient()
 
 
-def _promote(trained, capsys, force=False) -> tuple[int, str]:
+def _promote(trained, capsys, force=False, version=None) -> tuple[int, str]:
     capsys.readouterr()
-    code = guarded("promote", lambda: promote.run(trained["params"], Workspace(trained["path"]), force=force) and 0)
+    code = guarded("promote", lambda: promote.run(trained["params"], Workspace(trained["path"]), force=force,
+                                                  version=version) and 0)
     out = capsys.readouterr()
     return code, (out.out + out.err).strip()
 
@@ -77,6 +78,20 @@ def _new_candidate(client, run_id: str, top1: float, digest: str) -> str:
     mv = client.create_model_version(NAME, v1.source, run_id=run_id, model_id=v1.model_id)
     assert mark_candidate(run_id, {"top1": top1, "top5": 1.0}, digest) == [f"{NAME}/{mv.version}"]
     return str(mv.version)
+
+
+def _toy_run(client, run_id: str) -> str:
+    """A training run like ``run_id`` but on a subset of the training data and one epoch (a queued toy experiment)."""
+    run = client.get_run(run_id)
+    toy = client.create_run(run.info.experiment_id, tags={"dvc_exp_name": "toy-exp"})
+    for key, value in run.data.params.items():
+        client.log_param(toy.info.run_id, key, {"data.train_subset": "64", "train.epochs": "1"}.get(key, value))
+    client.set_terminated(toy.info.run_id)
+    return toy.info.run_id
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, CHAMPION).version)
 
 
 def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accuracy(trained, capsys):
@@ -92,35 +107,61 @@ def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accur
     assert cand.tags[DIGEST] == digest and len(digest) == 16
     assert cand.tags["git_commit"] == client.get_run(run_id).data.tags["git_commit"]
     assert all(getattr(mv, "current_stage", None) in (None, "None") for mv in client.search_model_versions(f"name='{NAME}'"))
-
-    code, out = _promote(trained, capsys)
-    assert code == 0 and f"{NAME} version 1 is now @{CHAMPION} (the first champion)" in out
-    code, out = _promote(trained, capsys)
-    assert code == 0 and "already @champion" in out
     top1 = metrics["top1"]
+
+    # a queued toy experiment (subset, 1 epoch) evaluated after the real one: @candidate, higher score, not crowned
+    toy = _new_candidate(client, _toy_run(client, run_id), top1 + 0.02, digest)
+    code, out = _promote(trained, capsys)
+    assert code == 0 and f"{NAME} @{CHAMPION}: no champion -> version 1 (test top-1 {top1:.4f})" in out, out
+    table = out.splitlines()[1:4]
+    assert table[0].split() == ["version", "test", "top-1", "test", "split", "epochs", "train", "subset",
+                                "experiment", "aliases"], out
+    assert table[1].split()[:6] == [toy, f"{top1 + 0.02:.4f}", digest, "1", "64", "toy-exp"], out
+    assert table[2].split()[:5] == ["1", f"{top1:.4f}", digest, "1", "all"], out
+    assert _champion(client) == "1"
+    code, out = _promote(trained, capsys)
+    assert code == 0 and "version 1" in out and f"stays @{CHAMPION}" in out
+    assert f"@{CANDIDATE} version {toy}" in out and "not eligible: version " + toy + " was trained on a subset" in out
+    code, out = _promote(trained, capsys, version=int(toy))
+    assert code == 1 and out.splitlines()[-1] == (
+        f"onecycle promote: error: refused: version {toy} was trained on a subset of the training data "
+        "(data.train_subset=64) (--force promotes it anyway)")
+    assert _champion(client) == "1"
 
     worse = _new_candidate(client, run_id, top1 - 0.01, digest)
     code, out = _promote(trained, capsys)
-    assert code == 1 and len(out.splitlines()) == 1
-    assert out.startswith(f"onecycle promote: error: refused: {NAME} version {worse} (test top-1")
-    assert "does not beat the champion, version 1" in out
-    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == "1"
+    assert code == 0 and f"@{CANDIDATE} version {worse} (test top-1 {top1 - 0.01:.4f}) does not beat it" in out
+    assert _champion(client) == "1"
 
     elsewhere = _new_candidate(client, run_id, top1 + 0.01, "0123456789abcdef")
     code, out = _promote(trained, capsys)
-    assert code == 1 and len(out.splitlines()) == 1 and "not comparable" in out
-    assert f"version {elsewhere} was tested on data 0123456789abcdef, the champion (version 1) on {digest}" in out
-    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == "1"
+    assert code == 0 and f"stays @{CHAMPION}" in out and "not comparable" in out
+    assert f"version {elsewhere} was tested on data 0123456789abcdef, the champion's (version 1) on {digest}" in out
+    code, out = _promote(trained, capsys, version=int(elsewhere))
+    assert code == 1 and "not comparable (--force promotes it anyway)" in out.splitlines()[-1]
+    assert _champion(client) == "1"
 
     better = _new_candidate(client, run_id, top1 + 0.01, digest)
     code, out = _promote(trained, capsys)
-    assert code == 0 and f"{NAME} version {better} is now @{CHAMPION}" in out and "beats version 1" in out
-    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == better
+    assert code == 0 and (f"{NAME} @{CHAMPION}: version 1 (test top-1 {top1:.4f}) -> version {better} "
+                          f"(test top-1 {top1 + 0.01:.4f})") in out
+    assert _champion(client) == better
+
+    code, out = _promote(trained, capsys, version=1)  # a roll-back to an eligible version: the user's choice
+    assert code == 0 and f"version {better} (test top-1 {top1 + 0.01:.4f}) -> version 1" in out
+    assert _champion(client) == "1"
+    code, out = _promote(trained, capsys)  # the default picks the best again
+    assert code == 0 and _champion(client) == better
+
+    code, out = _promote(trained, capsys, version=99)
+    assert code == 1 and out.splitlines()[-1].startswith(f"onecycle promote: error: {NAME} has no version 99")
 
     forced = _new_candidate(client, run_id, top1 - 0.5, digest)
     code, out = _promote(trained, capsys, force=True)
-    assert code == 0 and f"version {forced} is now @{CHAMPION} (forced, replacing version {better}" in out
-    assert str(client.get_model_version_by_alias(NAME, CHAMPION).version) == forced
+    assert code == 0 and f"-> version {forced} (test top-1 {top1 - 0.5:.4f}) (forced)" in out
+    assert _champion(client) == forced
+    code, out = _promote(trained, capsys, version=int(toy), force=True)
+    assert code == 0 and f"-> version {toy}" in out and _champion(client) == toy
 
 
 def test_promote_says_what_is_missing(tmp_path, capsys):

@@ -1,15 +1,20 @@
-"""promote: make the evaluated ``candidate`` the registered model's ``champion``, if it beats the current one.
+"""promote: choose the registered model's ``champion`` among the evaluated versions, and show the choice.
 
 ``onecycle evaluate`` tags the version that training registered with its test top-1/top-5 and the test
-split's digest, and gives it the alias ``@candidate``. ``onecycle promote`` moves ``@champion`` to that
-version when its test top-1 is higher than the champion's on the same test data (same digest); it refuses
-otherwise, in one line, and ``--force`` promotes anyway. Serving and ``onecycle predict --model-uri``
-then use ``models:/<mlflow.registered_model>@champion``. No deprecated model-registry stages are used.
+split's digest, and gives it the alias ``@candidate`` (the latest evaluated version: a marker, not a verdict).
+``onecycle promote`` lists every evaluated version (test top-1, test split, DVC experiment, epochs, training
+subset) and moves ``@champion`` to the best one *trained on all the training data* and *tested on the
+champion's test split* (the candidate's, before the first champion); the champion keeps the alias unless
+another is strictly better. ``--version N`` promotes that version; one trained on a subset, tested on another
+split or never evaluated is refused in one line unless ``--force`` (``--force`` alone promotes ``@candidate``).
+It prints the change (old -> new, with scores). Serving and ``onecycle predict --model-uri`` use
+``models:/<mlflow.registered_model>@champion``. No deprecated model-registry stages are used.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from onecycle.core.errors import OneCycleError
@@ -29,12 +34,72 @@ def _version_by_alias(client, name: str, alias: str):
 def _top1(version) -> float | None:
     try:
         return float(version.tags[TOP1])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, AttributeError):
         return None
 
 
-def run(params, ws: Workspace, force: bool = False) -> dict:
-    """Move ``@champion`` to ``@candidate`` if it is better on the same test data (or ``force``); return what was done."""
+@dataclass
+class Version:
+    """A registered version as promotion judges it."""
+
+    number: int
+    top1: float | None  # test top-1 from evaluate; None: never evaluated
+    digest: str | None  # the test split it was evaluated on
+    subset: str | None  # data.train_subset of its training run; None: all the training data; "?": run not found
+    epochs: str
+    experiment: str
+    aliases: list[str]
+
+    def describe(self) -> str:
+        score = "not evaluated" if self.top1 is None else f"test top-1 {self.top1:.4f}"
+        return f"version {self.number} ({score})"
+
+
+def _versions(client, name: str) -> list[Version]:
+    aliases: dict[int, list[str]] = {}  # from the registered model: search results do not always carry them
+    for alias, number in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(int(number), []).append(alias)
+    out = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        try:
+            run_params = client.get_run(mv.run_id).data.params if mv.run_id else {}
+            subset = run_params.get("data.train_subset", "null")
+            subset = None if subset in ("null", "None", "") else subset
+        except Exception:  # the training run was deleted from the store: nothing says what it trained on
+            run_params, subset = {}, "?"
+        out.append(Version(int(mv.version), _top1(mv), mv.tags.get(DIGEST), subset, run_params.get("train.epochs", "?"),
+                           mv.tags.get("dvc_experiment", "-"), sorted(aliases.get(int(mv.version), []))))
+    return sorted(out, key=lambda v: -v.number)
+
+
+def _table(name: str, versions: list[Version]) -> str:
+    rows = [("version", "test top-1", "test split", "epochs", "train subset", "experiment", "aliases")]
+    rows += [(str(v.number), "-" if v.top1 is None else f"{v.top1:.4f}", v.digest or "-", v.epochs,
+              "all" if v.subset is None else v.subset, v.experiment, ", ".join(f"@{a}" for a in v.aliases))
+             for v in versions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    return f"promote: {name}, {len(versions)} registered version(s):\n" + "\n".join("  " + ln.rstrip() for ln in lines)
+
+
+def _why_not(v: Version, digest: str | None, champ: Version | None) -> str | None:
+    """Why ``v`` cannot be champion without --force (None: it can)."""
+    if v.top1 is None:
+        return f"version {v.number} was never evaluated (no {TOP1} tag): run `onecycle evaluate` on it first"
+    if v.subset == "?":
+        return f"version {v.number}'s training run is not in the store, so nothing says what data it trained on"
+    if v.subset is not None:
+        return f"version {v.number} was trained on a subset of the training data (data.train_subset={v.subset})"
+    if digest is not None and v.digest != digest:
+        whose = f"the champion's (version {champ.number})" if champ else "the candidate's"
+        return (f"version {v.number} was tested on data {v.digest}, {whose} on {digest}; "
+                "the accuracies are not comparable")
+    return None
+
+
+def run(params, ws: Workspace, force: bool = False, version: int | None = None) -> dict:
+    """Move ``@champion`` to the best eligible evaluated version (or ``version``); return what was done."""
     name = params.mlflow.registered_model
     if not name:
         raise OneCycleError("mlflow.registered_model is not set, so there is no registered model to promote")
@@ -50,49 +115,63 @@ def run(params, ws: Workspace, force: bool = False) -> dict:
     except Exception:
         raise OneCycleError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}: run `onecycle train` "
                             "and `onecycle evaluate` (or `dvc repro`) first") from None
-    cand = _version_by_alias(client, name, CANDIDATE)
-    if cand is None:
+    versions = _versions(client, name)
+    by_number = {v.number: v for v in versions}
+    champ = next((v for v in versions if CHAMPION in v.aliases), None)
+    cand = next((v for v in versions if CANDIDATE in v.aliases), None)
+    if version is None and cand is None:
         raise OneCycleError(f"{name} has no @{CANDIDATE} version: run `onecycle evaluate` (or `dvc repro`) first")
-    cand_top1 = _top1(cand)
-    if cand_top1 is None and not force:
-        raise OneCycleError(f"{name} version {cand.version} has no {TOP1} tag: run `onecycle evaluate` first")
-    champ = _version_by_alias(client, name, CHAMPION)
-    result = {"model": name, "candidate": cand.version, "previous_champion": champ.version if champ else None,
-              "candidate_top1": cand_top1, "champion_top1": _top1(champ) if champ else None}
-    if champ is not None and champ.version == cand.version:
-        print(f"promote: {name} version {cand.version} is already @{CHAMPION} (test top-1 {cand_top1}); nothing to do")
-        return {**result, "promoted": False}
-    if champ is not None and not force:
-        champ_top1 = _top1(champ)
-        if cand.tags.get(DIGEST) != champ.tags.get(DIGEST):
-            raise OneCycleError(
-                f"refused: {name} version {cand.version} was tested on data {cand.tags.get(DIGEST)}, the champion "
-                f"(version {champ.version}) on {champ.tags.get(DIGEST)}; the accuracies are not comparable "
-                "(--force promotes anyway)")
-        if champ_top1 is not None and cand_top1 <= champ_top1:
-            raise OneCycleError(
-                f"refused: {name} version {cand.version} (test top-1 {cand_top1:.4f}) does not beat the champion, "
-                f"version {champ.version} ({champ_top1:.4f}), on the same test data (--force promotes anyway)")
-    client.set_registered_model_alias(name, CHAMPION, cand.version)
-    if champ is None:
-        why = "the first champion"
-    elif force:
-        why = f"forced, replacing version {champ.version} (test top-1 {_top1(champ)})"
+    print(_table(name, versions), flush=True)
+    digest = champ.digest if champ is not None else (cand.digest if cand is not None else None)
+    result = {"model": name, "previous_champion": champ.number if champ else None,
+              "champion_top1": champ.top1 if champ else None}
+    if version is not None:
+        if version not in by_number:
+            raise OneCycleError(f"{name} has no version {version} (versions: "
+                                f"{', '.join(str(v.number) for v in reversed(versions)) or 'none'})")
+        chosen = by_number[version]
+        why = _why_not(chosen, digest, champ)
+        if why and not force:
+            raise OneCycleError(f"refused: {why} (--force promotes it anyway)")
+    elif force:  # as before --version existed: the candidate, whatever it is
+        chosen = cand
     else:
-        why = f"test top-1 {cand_top1:.4f} beats version {champ.version}'s {_top1(champ):.4f} on the same test data"
-    print(f"promote: {name} version {cand.version} is now @{CHAMPION} ({why}); serve it with "
+        eligible = [v for v in versions if _why_not(v, digest, champ) is None]
+        if not eligible:
+            raise OneCycleError(f"refused: no version of {name} is evaluated, trained on all the training data and "
+                                f"tested on {digest}: {_why_not(cand, digest, champ) if cand else ''} "
+                                "(`--version N --force` promotes one anyway)")
+        best = max(v.top1 for v in eligible)
+        chosen = champ if champ in eligible and champ.top1 == best else \
+            max((v for v in eligible if v.top1 == best), key=lambda v: v.number)
+    result.update(candidate=chosen.number, candidate_top1=chosen.top1)
+    if champ is not None and champ.number == chosen.number:
+        note = ""
+        if version is None and cand is not None and cand.number != champ.number:
+            why = _why_not(cand, digest, champ)
+            note = (f"; @{CANDIDATE} {cand.describe()} " + (f"is not eligible: {why}" if why else
+                                                              "does not beat it"))
+        print(f"promote: {name} {chosen.describe()} stays @{CHAMPION}, the best eligible version{note}")
+        return {**result, "promoted": False}
+    client.set_registered_model_alias(name, CHAMPION, str(chosen.number))
+    old = "no champion" if champ is None else f"{champ.describe()}"
+    how = " (forced)" if force else ""
+    print(f"promote: {name} @{CHAMPION}: {old} -> {chosen.describe()}{how}; serve it with "
           f"`mlflow models serve -m models:/{name}@{CHAMPION} --env-manager local`")
     return {**result, "promoted": True}
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", type=int, metavar="N", help="promote version N (default: the best eligible one)")
     p.add_argument("--force", action="store_true",
-                   help="promote the candidate even if it is not better or was tested on other data")
+                   help="promote --version N (or the @candidate) even if trained on a subset, tested on other data "
+                        "or never evaluated")
 
 
 def main(argv=None) -> int:
     return run_command("promote", __doc__.splitlines()[0], argv,
-                       lambda params, args: run(params, Workspace(Path(".")), force=args.force) and 0,
+                       lambda params, args: run(params, Workspace(Path(".")), force=args.force,
+                                                version=args.version) and 0,
                        _add_args, params_optional=True)
 
 
