@@ -69,12 +69,16 @@ def datasets(data_cfg, root: Path, splits: list[str], split_seed: int | None = N
             for split in splits}
 
 
-def log_datasets(found: dict[str, Any]) -> None:
-    """Log datasets (split -> mlflow dataset) to the active run as its inputs, with MLflow's context names."""
+def log_datasets(found: dict[str, Any], run_id: str | None = None) -> None:
+    """Log datasets (split -> mlflow dataset) as a run's inputs, with MLflow's context names; to the active run
+    unless ``run_id`` names one (logged by id: the run's status is left alone)."""
     mlf = mlflow()
-    splits = list(found)
-    mlf.log_inputs([found[s] for s in splits], contexts=[DATASET_CONTEXTS[s] for s in splits],
-                   tags_list=[None] * len(splits))
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXTS[split])])
+              for split, dataset in found.items()]
+    mlf.MlflowClient().log_inputs(run_id or mlf.active_run().info.run_id, datasets=inputs)
 
 
 def model_of_run(run_id: str, name: str = "model") -> str | None:

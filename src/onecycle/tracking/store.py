@@ -144,6 +144,13 @@ def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
     return exp_id
 
 
+def tracking_uri() -> str:
+    """The store MLflow logs to now (what :func:`configure` chose), credentials masked: for messages."""
+    from onecycle.core.redact import redact
+
+    return redact(mlflow().get_tracking_uri())
+
+
 def runs_page_url(experiment_id: str, port: int = 5000, host: str = "127.0.0.1") -> str:
     """The experiment's runs table in ``mlflow ui``, in MLflow's Model-training view."""
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
