@@ -80,3 +80,121 @@ def test_evaluate_repairs_a_finished_training_run_an_older_interrupted_evaluate_
     client = _client(tmp_path)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert str(client.get_registered_model(MODEL).aliases.get("candidate")) == "1"
+
+
+# ------------------------------------------------------------------ item 3: the store busy, down or broken
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def _store_with_a_model(tmp_path, monkeypatch):
+    """An MLflow store (tmp_path/mlflow.db) whose registry holds MODEL; params naming it; tmp_path is the cwd."""
+    from onecycle.tracking import store
+
+    monkeypatch.chdir(tmp_path)
+    write_fetched(tmp_path / "data", n_train=300, n_test=60)
+    tiny_params(tmp_path, mlflow={"registered_model": MODEL})
+    store.configure("test", tmp_path)
+    _client(tmp_path).create_registered_model(MODEL)
+    return tmp_path / "mlflow.db"
+
+
+@pytest.fixture()
+def locked_store(tmp_path, monkeypatch):
+    """The store, held under an exclusive SQLite lock by another process for the whole test."""
+    import subprocess
+    import sys
+
+    db = _store_with_a_model(tmp_path, monkeypatch)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "con.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", str(db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield db
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_a_store_locked_by_another_process_is_one_line_in_train_and_promote(locked_store, monkeypatch, capsys):
+    from onecycle.stages import promote, train
+
+    monkeypatch.setattr("onecycle.tracking.store.SQLITE_BUSY_SECONDS", 1)  # the lock is held for good here
+    uri = f"sqlite:///{locked_store}"
+    for stage in (promote, train):
+        assert stage.main(["--params", "params.yaml"]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.endswith(f"the MLflow store {uri} is locked by another process (retry when it is free)")
+    assert not (locked_store.parent / "checkpoints/last.pt").exists()  # refused before training
+
+
+def test_a_corrupt_store_is_one_line_in_train_and_promote(tmp_path, monkeypatch, capsys):
+    from onecycle.stages import promote, train
+
+    db = _store_with_a_model(tmp_path, monkeypatch)
+    db.write_bytes(b"\x13\x37 not an sqlite file " * 200)
+    for stage in (promote, train):
+        assert stage.main(["--params", "params.yaml"]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"is not an MLflow database or is corrupt: {db}" in line
+
+
+class _SilentServer:
+    """A loopback TCP port that accepts connections and closes them at once, counting them: a server that
+    is up but does not answer (a closed port answers 'connection refused', which is the same to MLflow)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
+@pytest.mark.parametrize("server", ["closed port", "silent"])
+def test_a_tracking_server_that_does_not_answer_is_refused_in_one_line_after_few_attempts(
+        server, tmp_path, monkeypatch, capsys):
+    from conftest import free_port
+    from onecycle.stages import promote
+
+    silent = _SilentServer() if server == "silent" else None
+    uri = f"http://127.0.0.1:{silent.port if silent else free_port()}"
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path, mlflow={"registered_model": MODEL})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert promote.main(["--params", "params.yaml"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"the MLflow tracking server {uri} does not answer" in line
+    if silent:
+        assert 1 <= silent.connections <= 2  # one try and one retry, not MLflow's 7 retries with backoff
+        silent.sock.close()
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_deleted_training_run_in_one_line_before_its_reports(tmp_path, monkeypatch, capsys):
+    from onecycle.stages import evaluate
+
+    params, ws, run_id = _trained(tmp_path, monkeypatch)
+    _client(tmp_path).delete_run(run_id)
+    capsys.readouterr()
+    assert evaluate.main(["--params", "params.yaml"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"the training's MLflow run {run_id}" in line and "was deleted" in line
+    assert not ws.metrics_json.exists()

@@ -199,7 +199,7 @@ def _training_run(params, ws: Workspace) -> str | None:
     if run is None or run.info.lifecycle_stage == "deleted":
         raise OneCycleError(f"the training's MLflow run {run_id} (named in {ws.runs_json}) "
                             f"{'was deleted' if run else 'is not'} in the store {store.tracking_uri()}: restore it "
-                            "in the MLflow UI (or `mlflow runs restore`), or train again")
+                            f"in the MLflow UI (or `mlflow runs restore --run-id {run_id}`), or train again")
     return run_id
 
 

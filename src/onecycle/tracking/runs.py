@@ -17,7 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from onecycle.tracking.store import mlflow
+from onecycle.tracking.store import brief_http_retries, mlflow
 from onecycle.training.records import Step, row_metrics
 
 log = logging.getLogger(__name__)
@@ -135,25 +135,6 @@ def log_params_flat(flat: dict[str, Any]) -> None:
         mlf.log_params({k: items[k] for k in keys[i:i + 100]})
 
 
-# A flush between epochs: one retry, no backoff, 10 s to answer (MLflow reads these at every request).
-BRIEF_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-@contextlib.contextmanager
-def _brief_http_retries():
-    saved = {k: os.environ.get(k) for k in BRIEF_RETRIES}
-    os.environ.update(BRIEF_RETRIES)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class RunLogger:
     """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
 
@@ -191,7 +172,8 @@ class RunLogger:
     def flush(self, patient: bool = False) -> bool:
         """Send the kept values; on failure keep them (False). Only a ``patient`` flush (the end of a training)
         waits out MLflow's own HTTP retries (7 with backoff, ~4 minutes against a server that is down, or
-        what ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` say); the others try briefly (:data:`BRIEF_RETRIES`)
+        what ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` say); the others try briefly
+        (:data:`~onecycle.tracking.store.BRIEF_RETRIES`)
         so that training goes on while a tracking server restarts."""
         if self.run_id is None or not self.pending:
             self.pending.clear()
@@ -199,7 +181,7 @@ class RunLogger:
         client = mlflow().MlflowClient()
         sent = 0
         try:
-            with contextlib.nullcontext() if patient else _brief_http_retries():
+            with contextlib.nullcontext() if patient else brief_http_retries():
                 while self.pending:
                     chunk = self.pending[:1000]
                     client.log_batch(self.run_id, metrics=chunk)
