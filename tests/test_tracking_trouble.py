@@ -198,3 +198,93 @@ def test_evaluate_refuses_a_deleted_training_run_in_one_line_before_its_reports(
     line = _one_error_line(capsys.readouterr().err)
     assert f"the training's MLflow run {run_id}" in line and "was deleted" in line
     assert not ws.metrics_json.exists()
+
+
+# ------------------------------------------------------------------ item 4: a full disk (a file size limit)
+
+LIMIT = 256 * 1024  # bytes a process may write to one file (RLIMIT_FSIZE)
+WRITER = """
+import sys
+from pathlib import Path
+
+import torch
+
+from onecycle.core.files import atomic_write_text, save_figure
+from onecycle.stages.command import guarded
+from onecycle.training import checkpoint as ckpt
+
+what, path = sys.argv[1], Path(sys.argv[2])
+size = int(sys.argv[3])
+
+
+def write():
+    if what == "checkpoint":
+        ckpt.save({"epoch": 2, "w": torch.zeros(size // 4)}, path)
+    elif what == "report":
+        atomic_write_text(path, "x" * size)
+    elif what == "figure":
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        fig, ax = plt.subplots()
+        ax.imshow(np.random.default_rng(0).random((600, 600)))
+        save_figure(fig, path, dpi=300)
+    else:
+        from onecycle.tracking import store
+        store.configure(None, path.parent)
+        from onecycle.tracking import runs
+        runs.log_artifact(path, "evaluate", run_id=sys.argv[4])
+
+
+sys.exit(guarded("train", write))
+"""
+
+
+def _write_limited(work: Path, *args: str, limit: int | None = LIMIT):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def file_size_limit():  # write() past the limit fails with EFBIG (SIGXFSZ ignored, or it kills the process)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", WRITER, *args], cwd=work, capture_output=True, text=True,
+                          timeout=300, preexec_fn=file_size_limit if limit else None)
+
+
+def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_the_previous_one_is_intact(tmp_path):
+    from onecycle.training import checkpoint as ckpt
+
+    path = tmp_path / "checkpoints/last.pt"
+    ckpt.save({"epoch": 1}, path)
+    done = _write_limited(tmp_path, "checkpoint", str(path), str(4 * LIMIT))
+    assert done.returncode == 1
+    assert _one_error_line(done.stderr) == (f"onecycle train: error: could not write {path}: the file size limit is "
+                                            "reached (File too large; see `ulimit -f`); the previous checkpoint is intact")
+    assert ckpt.load(path)["epoch"] == 1 and [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    assert _write_limited(tmp_path, "checkpoint", str(path), str(4 * LIMIT), limit=None).returncode == 0  # rerun
+    assert ckpt.load(path)["epoch"] == 2
+
+
+@pytest.mark.parametrize("what", ["report", "figure", "artifact"])
+def test_a_report_figure_or_mlflow_artifact_past_the_file_size_limit_is_one_line_naming_it(what, tmp_path):
+    source = tmp_path / "big.bin"
+    args = []
+    if what == "artifact":
+        source.write_bytes(b"\\x01" * 4 * LIMIT)
+        from onecycle.tracking import store
+
+        store.configure("test", tmp_path)
+        client = store.mlflow().MlflowClient()
+        run = client.create_run(client.get_experiment_by_name("test").experiment_id)
+        args = [run.info.run_id]
+        target = Path(run.info.artifact_uri.removeprefix("file://")) / "evaluate" / source.name
+    else:
+        target = tmp_path / ("reports/metrics.json" if what == "report" else "reports/confusion_matrix.png")
+    done = _write_limited(tmp_path, what, str(source if what == "artifact" else target), str(4 * LIMIT), *args)
+    assert done.returncode == 1
+    assert _one_error_line(done.stderr) == (f"onecycle train: error: file size limit reached writing {target} "
+                                            "(File too large; see `ulimit -f`)")

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from onecycle.core.errors import OneCycleError
+from onecycle.core.errors import NO_SPACE_ERRNOS, OneCycleError, no_space_message
 from onecycle.core.redact import install_log_filter, one_line, redact
 
 
@@ -67,6 +67,10 @@ def guarded(name: str, fn: Callable[[], int | None]) -> int:
         print(f"onecycle {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
+        if exc.errno in NO_SPACE_ERRNOS:  # a copy (MLflow's artifacts) names its source first, its target second
+            print(f"onecycle {name}: error: {redact(no_space_message(exc.filename2 or exc.filename, exc))}",
+                  file=sys.stderr)
+            return 1
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"onecycle {name}: error: {redact(where)}{exc.strerror or one_line(exc)}", file=sys.stderr)
         return 1

@@ -223,7 +223,7 @@ def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, tabl
     client.set_tag(run_id, "test/worst_class", metrics["test"]["worst_class"])
     _log_per_class_table(run_id, table)
     for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
-        client.log_artifact(run_id, str(path), artifact_path="evaluate")
+        runs.log_artifact(path, "evaluate", run_id=run_id)
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
         return
     marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
@@ -264,7 +264,7 @@ def _log_per_class_table(run_id: str, table: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(PER_CLASS_TABLE).name
         path.write_text(json.dumps({"columns": list(columns), "data": [list(r.values()) for r in table]}))
-        client.log_artifact(run_id, str(path), artifact_path=str(Path(PER_CLASS_TABLE).parent))
+        runs.log_artifact(path, str(Path(PER_CLASS_TABLE).parent), run_id=run_id)
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,29 @@ def log_datasets(found: dict[str, Any], run_id: str | None = None) -> None:
     mlf.MlflowClient().log_inputs(run_id or mlf.active_run().info.run_id, datasets=inputs)
 
 
+def log_artifact(local_path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    """Log a file as an artifact of the active run, or of ``run_id`` by id (its status left alone).
+
+    A copy refused for space (a full disk, ``ulimit -f``) names its target in the artifact store, which the
+    copy's own error does not always do.
+    """
+    from onecycle.core.errors import NO_SPACE_ERRNOS
+
+    mlf = mlflow()
+    try:
+        if run_id:
+            mlf.MlflowClient().log_artifact(run_id, str(local_path), artifact_path)
+        else:
+            mlf.log_artifact(str(local_path), artifact_path)
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
+            base = mlf.MlflowClient().get_run(run_id).info.artifact_uri if run_id else mlf.get_artifact_uri()
+            exc.filename = str(local_path)
+            exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
+                                      Path(local_path).name])
+        raise
+
+
 def model_of_run(run_id: str, name: str = "model") -> str | None:
     """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
     none has that name, the one it logged last), or None."""
