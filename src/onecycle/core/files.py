@@ -20,6 +20,12 @@ def _replace(tmp: str, path: Path, mode: int | None) -> None:
     os.replace(tmp, path)
 
 
+def _name_the_target(exc: BaseException, path: Path, tmp: str) -> None:
+    """A write error (a full disk...) names the file being written, not its temporary name or nothing."""
+    if isinstance(exc, OSError) and exc.filename in (None, tmp):
+        exc.filename = str(path)
+
+
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     """Write ``text`` to ``path`` atomically (fsynced); ``mode`` = permissions, default as a new file."""
     path = Path(path)
@@ -31,8 +37,9 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         _replace(tmp, path, mode)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_target(exc, path, tmp)
         raise
 
 
@@ -47,8 +54,9 @@ def save_figure(fig, path: Path, **savefig_kwargs) -> None:
     try:
         fig.savefig(tmp, **savefig_kwargs)
         _replace(tmp, path, None)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_target(exc, path, tmp)
         raise
     finally:
         plt.close(fig)

@@ -1,18 +1,19 @@
 """How every stage command runs: its arguments, its params file, and its errors as one line and an exit code.
 
 Each stage's ``main(argv)`` calls :func:`run_command` with the function that does its work; a user error
-(:class:`~onecycle.core.errors.OneCycleError`), an interrupt or an OS error becomes one line on stderr, never a
-traceback, with the credentials in it masked.
+(:class:`~onecycle.core.errors.OneCycleError`), an interrupt, an OS error or an error of the MLflow store
+becomes one line on stderr, never a traceback, with the credentials in it masked.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from onecycle.core.errors import OneCycleError
+from onecycle.core.errors import NO_SPACE_ERRNOS, OneCycleError, no_space_message
 from onecycle.core.redact import install_log_filter, one_line, redact
 
 
@@ -56,7 +57,7 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
 
 
 def guarded(name: str, fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; user errors, interrupts and OS errors become one line on stderr and an exit code."""
+    """Run ``fn``; user errors, interrupts, OS errors and MLflow store errors become one line and an exit code."""
     try:
         return int(fn() or 0)
     except OneCycleError as exc:
@@ -66,6 +67,30 @@ def guarded(name: str, fn: Callable[[], int | None]) -> int:
         print(f"onecycle {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
+        if exc.errno in NO_SPACE_ERRNOS:  # a copy (MLflow's artifacts) names its source first, its target second
+            print(f"onecycle {name}: error: {redact(no_space_message(exc.filename2 or exc.filename, exc))}",
+                  file=sys.stderr)
+            return 1
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"onecycle {name}: error: {redact(where)}{exc.strerror or one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not _from_the_store(exc):
+            raise
+        print(f"onecycle {name}: error: the MLflow store {redact(_tracking_uri())} failed: {one_line(exc)[:300]}",
+              file=sys.stderr)
+        return 1
+
+
+def _from_the_store(exc: BaseException) -> bool:
+    """Whether an exception was raised by MLflow or the database library under it (a locked, broken or vanished
+    store met after the stage's store check): it is reported in one line with the store's URI."""
+    return any(cls.__module__.split(".")[0] in ("mlflow", "sqlalchemy") for cls in type(exc).__mro__)
+
+
+def _tracking_uri() -> str:
+    mlflow = sys.modules.get("mlflow")  # an MLflow error means MLflow is imported; never import it here
+    try:
+        return mlflow.get_tracking_uri() if mlflow else os.environ.get("MLFLOW_TRACKING_URI", "?")
+    except Exception:
+        return os.environ.get("MLFLOW_TRACKING_URI", "?")

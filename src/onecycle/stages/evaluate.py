@@ -143,6 +143,7 @@ def run(params, ws: Workspace) -> dict:
     if list(info.classes) != list(ds_meta.classes):
         raise OneCycleError(f"{ws.model} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
                             "retrain or point data.dataset at the model's dataset")
+    run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
     test_ds = build_split(params.data, params.augment, info, "test", train_augment=False, seed=params.train.seed)
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
@@ -168,44 +169,83 @@ def run(params, ws: Workspace) -> dict:
     plot_misclassified([_raw_test_image(params, test_ds, int(i)) for i in wrong],
                        [f"{info.classes[labels[i]]} -> {info.classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
                         for i in wrong], ws.misclassified_png)
-    _log_to_training_run(params, ws, metrics, table)
+    if run_id:
+        _log_to_training_run(params, ws, run_id, metrics, table)
     print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
           f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
     return metrics
 
 
-def _log_to_training_run(params, ws: Workspace, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run (its id is in reports/runs.json); mark its
-    registered model version @candidate (not when the training failed)."""
+def _training_run(params, ws: Workspace) -> str | None:
+    """The training's MLflow run id from reports/runs.json, checked before any work (None: nothing to log to).
+
+    A run deleted from the store (the UI's delete) is refused in one line: its test results have nowhere to go.
+    """
     try:
         run_id = json.loads(ws.runs_json.read_text()).get("train")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         run_id = None
     if not run_id:
         log.warning("%s names no training MLflow run; test metrics are not logged to MLflow", ws.runs_json)
-        return
-    mlflow = store.mlflow()
+        return None
     store.configure(params.mlflow.experiment, ws.root)
+    mlflow = store.mlflow()
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        raise OneCycleError(f"the training's MLflow run {run_id} (named in {ws.runs_json}) "
+                            f"{'was deleted' if run else 'is not'} in the store {store.tracking_uri()}: restore it "
+                            f"in the MLflow UI (or `mlflow runs restore --run-id {run_id}`), or train again")
+    return run_id
+
+
+def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, table: list[dict]) -> None:
+    """Add the test metrics and images to the training's MLflow run; mark its registered model version
+    @candidate (not when the training failed).
+
+    Logged by run id (MlflowClient), never by re-opening the run with ``mlflow.start_run(run_id=...)``, which
+    sets it RUNNING and ends it FINISHED/FAILED/KILLED: an evaluate interrupted here must not change how the
+    training ended. Everything is safe to log again, so running evaluate again completes an interrupted one.
+    """
+    mlflow = store.mlflow()
     client = mlflow.MlflowClient()
-    status = client.get_run(run_id).info.status
+    status = _repaired_status(client, ws, run_id)
     test_set = runs.datasets(params.data, ws.root, ["test"])
-    with mlflow.start_run(run_id=run_id):
-        runs.log_datasets(test_set)
-        # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
-        # unprefixed like mlflow.evaluate's, so the run page shows them after the learning curves (loop.METRIC_KEYS)
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
-                           model_id=runs.model_of_run(run_id), dataset=test_set["test"])
-        mlflow.set_tag("test/worst_class", metrics["test"]["worst_class"])
-        _log_per_class_table(run_id, table)
-        for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
-            mlflow.log_artifact(str(path), artifact_path="evaluate")
+    runs.log_datasets(test_set, run_id=run_id)
+    # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
+    # unprefixed like mlflow.evaluate's, so the run page shows them after the learning curves (loop.METRIC_KEYS)
+    mlflow.log_metrics({f"test_{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
+                       run_id=run_id, model_id=runs.model_of_run(run_id), dataset=test_set["test"])
+    client.set_tag(run_id, "test/worst_class", metrics["test"]["worst_class"])
+    _log_per_class_table(run_id, table)
+    for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
+        runs.log_artifact(path, "evaluate", run_id=run_id)
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
-        client.update_run(run_id, status=status)
         return
     marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
     if marked:
         print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
               "(`onecycle promote` makes it @champion if it beats the current one)")
+
+
+def _repaired_status(client, ws: Workspace, run_id: str) -> str:
+    """How the training run ended. An older evaluate interrupted while logging left a finished training's run
+    FAILED or KILLED (Ctrl-C) or RUNNING (kill -9); the checkpoint folder's finalization record says it had
+    ended FINISHED (its last step, ``end_run``, done), so it is set FINISHED again."""
+    from onecycle.training.resume import read_finalize
+
+    status = client.get_run(run_id).info.status
+    record = read_finalize(ws.checkpoints)
+    if status != "FINISHED" and record.get("run_id") == run_id and "end_run" in record["done"]:
+        client.set_terminated(run_id, "FINISHED")
+        log.warning("the training's MLflow run %s had ended FINISHED but was left %s (an interrupted evaluate): "
+                    "set FINISHED again", run_id, status)
+        return "FINISHED"
+    return status
 
 
 PER_CLASS_TABLE = "evaluate/per_class.json"
@@ -224,7 +264,7 @@ def _log_per_class_table(run_id: str, table: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(PER_CLASS_TABLE).name
         path.write_text(json.dumps({"columns": list(columns), "data": [list(r.values()) for r in table]}))
-        client.log_artifact(run_id, str(path), artifact_path=str(Path(PER_CLASS_TABLE).parent))
+        runs.log_artifact(path, str(Path(PER_CLASS_TABLE).parent), run_id=run_id)
 
 
 def main(argv=None) -> int:

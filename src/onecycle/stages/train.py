@@ -283,7 +283,7 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     if lr_run:
         mlflow.set_tag("lr_find_run_id", lr_run)
     if ws.lr_find_png.is_file():
-        mlflow.log_artifact(str(ws.lr_find_png), artifact_path="lr_find")
+        runs.log_artifact(ws.lr_find_png, "lr_find")
     runs.log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
     splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
     runs.log_datasets(runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
@@ -322,12 +322,12 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
             names = ["best.pt"] if params.mlflow.log_checkpoints == "best" else ["best.pt", "last.pt"]
             for name in names:
                 if (ws.checkpoints / name).is_file():
-                    mlflow.log_artifact(str(ws.checkpoints / name), artifact_path="checkpoints")
+                    runs.log_artifact(ws.checkpoints / name, "checkpoints")
 
     def reports() -> None:
-        mlflow.log_artifact(str(ws.history_csv))
-        mlflow.log_artifact(str(ws.schedule_csv))
-        mlflow.log_artifact(str(ws.train_json))
+        runs.log_artifact(ws.history_csv)
+        runs.log_artifact(ws.schedule_csv)
+        runs.log_artifact(ws.train_json)
 
     def end_run() -> None:
         mlflow.end_run()

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from onecycle.tracking.store import mlflow
+from onecycle.tracking.store import brief_http_retries, mlflow
 from onecycle.training.records import Step, row_metrics
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,39 @@ def datasets(data_cfg, root: Path, splits: list[str], split_seed: int | None = N
             for split in splits}
 
 
-def log_datasets(found: dict[str, Any]) -> None:
-    """Log datasets (split -> mlflow dataset) to the active run as its inputs, with MLflow's context names."""
+def log_datasets(found: dict[str, Any], run_id: str | None = None) -> None:
+    """Log datasets (split -> mlflow dataset) as a run's inputs, with MLflow's context names; to the active run
+    unless ``run_id`` names one (logged by id: the run's status is left alone)."""
     mlf = mlflow()
-    splits = list(found)
-    mlf.log_inputs([found[s] for s in splits], contexts=[DATASET_CONTEXTS[s] for s in splits],
-                   tags_list=[None] * len(splits))
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXTS[split])])
+              for split, dataset in found.items()]
+    mlf.MlflowClient().log_inputs(run_id or mlf.active_run().info.run_id, datasets=inputs)
+
+
+def log_artifact(local_path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    """Log a file as an artifact of the active run, or of ``run_id`` by id (its status left alone).
+
+    A copy refused for space (a full disk, ``ulimit -f``) names its target in the artifact store, which the
+    copy's own error does not always do.
+    """
+    from onecycle.core.errors import NO_SPACE_ERRNOS
+
+    mlf = mlflow()
+    try:
+        if run_id:
+            mlf.MlflowClient().log_artifact(run_id, str(local_path), artifact_path)
+        else:
+            mlf.log_artifact(str(local_path), artifact_path)
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
+            base = mlf.MlflowClient().get_run(run_id).info.artifact_uri if run_id else mlf.get_artifact_uri()
+            exc.filename = str(local_path)
+            exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
+                                      Path(local_path).name])
+        raise
 
 
 def model_of_run(run_id: str, name: str = "model") -> str | None:
@@ -131,25 +158,6 @@ def log_params_flat(flat: dict[str, Any]) -> None:
         mlf.log_params({k: items[k] for k in keys[i:i + 100]})
 
 
-# A flush between epochs: one retry, no backoff, 10 s to answer (MLflow reads these at every request).
-BRIEF_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-@contextlib.contextmanager
-def _brief_http_retries():
-    saved = {k: os.environ.get(k) for k in BRIEF_RETRIES}
-    os.environ.update(BRIEF_RETRIES)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class RunLogger:
     """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
 
@@ -187,7 +195,8 @@ class RunLogger:
     def flush(self, patient: bool = False) -> bool:
         """Send the kept values; on failure keep them (False). Only a ``patient`` flush (the end of a training)
         waits out MLflow's own HTTP retries (7 with backoff, ~4 minutes against a server that is down, or
-        what ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` say); the others try briefly (:data:`BRIEF_RETRIES`)
+        what ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` say); the others try briefly
+        (:data:`~onecycle.tracking.store.BRIEF_RETRIES`)
         so that training goes on while a tracking server restarts."""
         if self.run_id is None or not self.pending:
             self.pending.clear()
@@ -195,7 +204,7 @@ class RunLogger:
         client = mlflow().MlflowClient()
         sent = 0
         try:
-            with contextlib.nullcontext() if patient else _brief_http_retries():
+            with contextlib.nullcontext() if patient else brief_http_retries():
                 while self.pending:
                     chunk = self.pending[:1000]
                     client.log_batch(self.run_id, metrics=chunk)

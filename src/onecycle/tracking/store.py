@@ -13,10 +13,14 @@ No module imports ``mlflow`` at load time: :func:`mlflow` imports it on first us
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 import warnings
 from pathlib import Path
+
+from onecycle.core.errors import OneCycleError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,30 @@ LEGACY_STORE = Path("mlruns") / "mlflow.db"  # an older layout kept the store in
 # the link to the runs page (runs_page_url) also carries ?workflowType=machine_learning.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# A quick request: one retry, no backoff, 10 s to answer (MLflow reads these at every request). Without them a
+# server that is down costs MLflow's 7 retries with backoff, about 4 minutes, before any error.
+BRIEF_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+SQLITE_BUSY_SECONDS = 10  # how long the store check waits for another process's write lock on mlflow.db
+
+
+class StoreError(OneCycleError):
+    """The MLflow store is locked, down, or not an MLflow store; the message names it (credentials masked)."""
+
+
+@contextlib.contextmanager
+def brief_http_retries():
+    """MLflow's HTTP requests in this block try briefly (:data:`BRIEF_RETRIES`)."""
+    saved = {k: os.environ.get(k) for k in BRIEF_RETRIES}
+    os.environ.update(BRIEF_RETRIES)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def workspace_root(start: Path | None = None) -> Path:
@@ -113,11 +141,61 @@ def configure(experiment: str | None, root: Path | None = None) -> str | None:
         uri = default_tracking_uri(root)
         _SET_BY_US.add(uri)
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        check_server(uri)
         return _configure(uri, experiment, root)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
+    check_sqlite(db, uri)
     with FileLock(str(db) + ".lock", timeout=600):
         return _configure(uri, experiment, root)
+
+
+def check_server(uri: str) -> None:
+    """Refuse in one line, within seconds, a tracking server (http/https URI) that does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from onecycle.core.redact import one_line, redact
+
+    mlf = mlflow()
+    try:
+        with brief_http_retries():
+            mlf.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, a timeout, a 5xx: MLflow wraps them all
+        raise StoreError(f"the MLflow tracking server {redact(uri)} does not answer ({one_line(exc)[:200]}); "
+                         "start it, or unset MLFLOW_TRACKING_URI to use the workspace's mlflow.db") from None
+
+
+def check_sqlite(db: Path, uri: str) -> None:
+    """Refuse in one line a SQLite store that another process holds locked (after :data:`SQLITE_BUSY_SECONDS`),
+    a file that is not an SQLite database (corrupt), or an SQLite database that is not an MLflow store.
+
+    Reads only the schema, and takes the write lock for an instant when the file is writable (no write), so a
+    lock that would stop MLflow's first write is found here. A missing or empty file is a new store.
+    """
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    writable = os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)
+    try:
+        con = sqlite3.connect(f"file:{db}?mode={'rw' if writable else 'ro'}", uri=True,
+                              timeout=SQLITE_BUSY_SECONDS, isolation_level=None)
+        try:
+            if writable:
+                con.execute("BEGIN IMMEDIATE")
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if writable:
+                con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StoreError(f"the MLflow store {uri} is locked by another process (retry when it is free)") from None
+        raise StoreError(f"the MLflow store {uri} cannot be opened ({exc})") from None
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        raise StoreError(f"the MLflow store {uri} is not an MLflow database or is corrupt: {db} ({exc}); "
+                         "move it away to start a new store, or restore it from a backup") from None
+    if tables and "experiments" not in tables:
+        raise StoreError(f"the MLflow store {uri} is not an MLflow database or is corrupt: {db} (an SQLite "
+                         "database without MLflow's tables); move it away, or set MLFLOW_TRACKING_URI")
 
 
 def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
@@ -142,6 +220,13 @@ def _configure(uri: str, experiment: str | None, root: Path) -> str | None:
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlf.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def tracking_uri() -> str:
+    """The store MLflow logs to now (what :func:`configure` chose), credentials masked: for messages."""
+    from onecycle.core.redact import redact
+
+    return redact(mlflow().get_tracking_uri())
 
 
 def runs_page_url(experiment_id: str, port: int = 5000, host: str = "127.0.0.1") -> str:

@@ -26,20 +26,46 @@ class CheckpointError(OneCycleError):
     """A checkpoint that cannot be written or read."""
 
 
+class _KeptErrors:
+    """A file that keeps its write errors: torch.save reports a failed write (a full disk) as a RuntimeError
+    from its zip writer ("enforce fail at inline_container.cc"), without the errno that says why."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically; on failure (disk full...) the old file stays and the temp is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    out = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            out = _KeptErrors(f)
+            torch.save(state, out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        what = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        error = exc if isinstance(exc, OSError) else out.error if out is not None else None
+        if error is None:  # a RuntimeError that is not a failed write: not ours to explain
+            raise
+        what = ("the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+                f"the file size limit is reached ({error.strerror}; see `ulimit -f`)" if error.errno == errno.EFBIG
+                else error.strerror or str(error))
         raise CheckpointError(f"could not write {path}: {what}; the previous checkpoint is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
