@@ -1,0 +1,76 @@
+"""Issue #28's trust findings: secrets in odd URLs, tampered or inconsistent data, a stale LR report, 16-bit
+images and params files that say nothing."""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.parse
+
+
+# ------------------------------------------------------------------------------------------ secrets
+
+# every character a URL's userinfo may hold (escaped or not, as people write them), and some that are not ASCII
+ALPHABET = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+            "/@?#:%+=&-._~!$'()*,;[]\"<>\\^`{|}" + "éßøΩ密码🙂")
+
+
+def _passwords(n: int = 300, seed: int = 28) -> list[str]:
+    rng = random.Random(seed)
+    found = ["Xy/9kP+q2w", "p@ss@word", "a?b#c:d/e", "%2F%40%3F", "==&&::@@", "密码/@?#x"]
+    while len(found) < n:
+        found.append("".join(rng.choice(ALPHABET) for _ in range(rng.randint(6, 24))))
+    return found
+
+
+def _contexts(pw: str) -> list[tuple[str, str]]:
+    """(text as it reaches redact, what must stay readable in it) for one password."""
+    raw = f"postgresql+psycopg://optuna:{pw}@db-host:5432/optuna"
+    quoted = f"postgresql://optuna:{urllib.parse.quote(pw, safe='')}@db-host/optuna?sslmode=require"
+    query = f"postgresql://db-host/optuna?user=optuna&sslpassword={urllib.parse.quote(pw, safe='')}&sslmode=require"
+    return [
+        (raw, "@db-host:5432/optuna"),
+        (f"tune.storage: cannot open {raw}: connection refused", "@db-host:5432/optuna: connection refused"),
+        (quoted, "@db-host/optuna?sslmode=require"),
+        (query, "postgresql://db-host/optuna?user=optuna&sslpassword=***&sslmode=require"),
+        (json.dumps({"password": pw, "host": "db-host"}), '"host": "db-host"'),
+        (repr({"password": pw, "host": "db-host"}), "'host': 'db-host'"),
+        (f"PGPASSWORD={urllib.parse.quote(pw, safe='')} psql -h db-host", " psql -h db-host"),
+    ]
+
+
+def test_no_password_survives_redact_whatever_its_characters():
+    from onecycle.core.redact import redact
+
+    for pw in _passwords():
+        variants = {pw, urllib.parse.quote(pw, safe=""), json.dumps(pw)[1:-1], repr(pw)[1:-1]}
+        for text, readable in _contexts(pw):
+            masked = redact(text)
+            assert readable in masked, (pw, text, masked)
+            assert not [v for v in variants if v in masked], (pw, text, masked)
+        # a mapping (MLflow params, a parsed config): the value under a secret's name, the URL in any other
+        out = redact({"tune.storage": f"postgresql://optuna:{pw}@db-host/optuna", "db": {"password": pw},
+                      "sslpassword": pw, "n": 3})
+        assert out == {"tune.storage": "postgresql://optuna:***@db-host/optuna", "db": {"password": "***"},
+                       "sslpassword": "***", "n": 3}, pw
+
+
+def test_a_storage_url_from_the_environment_is_masked_in_the_one_line_error(tmp_path, monkeypatch, capsys):
+    """$OPTUNA_STORAGE with a "/" in its password, a database that does not answer: the error line hides it."""
+    from onecycle.config import parse_params
+    from onecycle.core.redact import redact
+    from onecycle.stages.command import guarded
+    from onecycle.tuning import studies
+
+    url = "postgresql://optuna:Xy/9kP+q2w@127.0.0.1:1/optuna?connect_timeout=2"
+    monkeypatch.setenv(studies.STORAGE_ENV, url)
+    params = parse_params({})
+    got, source = studies.storage_url(params)
+    assert (got, source) == (url, "OPTUNA_STORAGE")
+    assert guarded("tune", lambda: studies.open_storage(got, tmp_path / "journal.log", key=source)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onecycle tune: error: OPTUNA_STORAGE: cannot open postgresql://optuna:***@127.0.0.1:1/")
+    assert "Xy/9kP+q2w" not in err and "9kP" not in err and len(err.strip().splitlines()) == 1
+    # what train and tune log as MLflow params
+    flat = redact(parse_params({"tune": {"storage": url.replace("127.0.0.1:1", "db-host")}}).flat())
+    assert flat["tune.storage"] == "postgresql://optuna:***@db-host/optuna?connect_timeout=2"
