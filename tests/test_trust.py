@@ -7,7 +7,6 @@ import json
 import random
 import urllib.parse
 
-
 # ------------------------------------------------------------------------------------------ secrets
 
 # every character a URL's userinfo may hold (escaped or not, as people write them), and some that are not ASCII
