@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import random
 import urllib.parse
+from pathlib import Path
+
+import numpy as np
 
 # ------------------------------------------------------------------------------------------ secrets
 
@@ -73,3 +76,47 @@ def test_a_storage_url_from_the_environment_is_masked_in_the_one_line_error(tmp_
     # what train and tune log as MLflow params
     flat = redact(parse_params({"tune": {"storage": url.replace("127.0.0.1:1", "db-host")}}).flat())
     assert flat["tune.storage"] == "postgresql://optuna:***@db-host/optuna?connect_timeout=2"
+
+
+# ------------------------------------------------------------------------------------------ image modes
+
+def _gradient16() -> np.ndarray:
+    """A 16-bit grayscale gradient over the whole 0-65535 range (0 and 65535 included)."""
+    return np.linspace(0, 65535, 32 * 48).round().astype(np.uint16).reshape(32, 48)
+
+
+def _write(path: Path, im) -> Path:
+    im.save(path)
+    return path
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    from onecycle.data.images import open_image
+    from onecycle.data.loaders import ImageFileDataset
+
+    g = _gradient16()
+    want = np.rint(g / 257.0).astype(np.uint8)
+    files = {
+        "I;16": _write(tmp_path / "png16.png", Image.fromarray(g)),  # a real 16-bit PNG
+        "I;16B": _write(tmp_path / "big.tif", Image.frombytes("I;16B", (48, 32), g.astype(">u2").tobytes())),
+        "I": _write(tmp_path / "int32.tif", Image.fromarray(g.astype(np.int32))),
+        "F": _write(tmp_path / "float.tif", Image.fromarray((g / 65535.0).astype(np.float32))),
+    }
+    for mode, path in files.items():
+        with Image.open(path) as im:
+            assert im.mode == mode, path
+        gray = open_image(path, mode="L")
+        assert gray.shape == (32, 48, 1) and gray.dtype == np.uint8
+        assert np.abs(gray[..., 0].astype(int) - want).max() <= 1, mode  # old: every non-zero pixel 255
+        rgb = open_image(path.read_bytes(), name=path.name, mode="RGB")
+        assert (rgb == gray).all(), mode
+    # image-folder training reads through the same guard
+    ds = ImageFileDataset(tmp_path, ["png16.png"], np.zeros(1, dtype=np.int64), transform=None, channels=1)
+    assert np.abs(ds.load(0)[..., 0].astype(int) - want).max() <= 1
+    # a 32-bit image beyond 16 bits is stretched from its min to its max; 8-bit images are untouched
+    wide = _write(tmp_path / "wide.tif", Image.fromarray(np.linspace(-1e6, 3e6, 32 * 48).reshape(32, 48).astype(np.int32)))
+    assert open_image(wide, mode="L").min() == 0 and open_image(wide, mode="L").max() == 255
+    eight = (g // 257).astype(np.uint8)
+    assert (open_image(_write(tmp_path / "l8.png", Image.fromarray(eight)), mode="L")[..., 0] == eight).all()
