@@ -9,6 +9,9 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from tiny import tiny_params, write_fetched
 
 # ------------------------------------------------------------------------------------------ secrets
 
@@ -120,3 +123,48 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert open_image(wide, mode="L").min() == 0 and open_image(wide, mode="L").max() == 255
     eight = (g // 257).astype(np.uint8)
     assert (open_image(_write(tmp_path / "l8.png", Image.fromarray(eight)), mode="L")[..., 0] == eight).all()
+
+
+# ------------------------------------------------------------------------------------------ what a message says
+
+def _err_lines(capsys, stage: str) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"onecycle {stage}")]
+
+
+def test_a_model_whose_classes_differ_from_the_same_datasets_is_refused_naming_the_class(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from onecycle.config import parse_params
+    from onecycle.serving.modelfile import save_model
+    from onecycle.stages import evaluate
+    from onecycle.training.models import build_model
+
+    write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path)
+    classes = [f"class{i}" for i in range(10)]
+    classes[3] = "cat"
+    info = SimpleNamespace(name="fashion_mnist", classes=classes, image_shape=(28, 28, 1), mean=[0.3], std=[0.3])
+    save_model(parse_params({"model": {"width": 0.125}}), info,
+               build_model(parse_params({"model": {"width": 0.125}}).model, 10, 1).state_dict(), tmp_path / "models/model.pt")
+    assert evaluate.main(["--params", "params.yaml"]) == 1
+    err = _err_lines(capsys, "evaluate")
+    assert len(err) == 1, err
+    assert "class 3 is 'cat' in the model, 'class3' in the data" in err[0], err  # old: "trained on X, but ... is X"
+
+
+@pytest.mark.parametrize("text", ["", "# all defaults?\n\n# nothing else\n", "{}\n"])
+def test_an_empty_params_file_is_refused_and_nothing_is_overwritten(tmp_path, monkeypatch, capsys, text):
+    from onecycle.config import load_params
+    from onecycle.stages import lr_find
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/lr_find.json").write_text('{"suggested_lr": 0.05}')
+    (tmp_path / "params.yaml").write_text(text)
+    assert lr_find.main(["--params", "params.yaml"]) == 2
+    assert _err_lines(capsys, "lr-find") == ["onecycle lr-find: error: params.yaml is empty (or only comments): put the "
+                                             "sections to use in it (the repository's: `git checkout params.yaml`)"]
+    assert (tmp_path / "reports/lr_find.json").read_text() == '{"suggested_lr": 0.05}'
+    (tmp_path / "params.yaml").write_text("# a few keys: the rest are defaults\ntrain:\n  epochs: 3\n")
+    assert load_params("params.yaml").train.epochs == 3

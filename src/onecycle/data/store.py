@@ -98,6 +98,20 @@ def load_info(data_cfg, root: Path | None = None) -> DatasetInfo:
                        mean=list(meta["mean"]), std=list(meta["std"]), source=source, folder=out)
 
 
+def class_difference(trained_name: str, trained: list[str], info: DatasetInfo) -> str | None:
+    """How a model's classes (trained on ``trained_name``) differ from the fetched dataset's, or None if they do not."""
+    trained, fetched = list(trained), list(info.classes)
+    if trained == fetched:
+        return None
+    if trained_name != info.name:
+        return f"it was trained on {trained_name} but data.dataset is {info.name}"
+    if len(trained) != len(fetched):
+        return f"it was trained on {len(trained)} {trained_name} classes, {info.folder / 'meta.json'} lists {len(fetched)}"
+    i = next(i for i, (a, b) in enumerate(zip(trained, fetched, strict=True)) if a != b)
+    return (f"its {trained_name} classes differ from {info.folder / 'meta.json'}'s: class {i} is {trained[i]!r} in "
+            f"the model, {fetched[i]!r} in the data")
+
+
 def load_arrays(info: DatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images N x H x W x C uint8, labels int64) of the ``train`` or ``test`` split of an array dataset."""
     return np.load(info.folder / f"{split}_x.npy"), np.load(info.folder / f"{split}_y.npy")
