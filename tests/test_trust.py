@@ -3,7 +3,9 @@ images and params files that say nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import urllib.parse
 from pathlib import Path
@@ -168,3 +170,118 @@ def test_an_empty_params_file_is_refused_and_nothing_is_overwritten(tmp_path, mo
     assert (tmp_path / "reports/lr_find.json").read_text() == '{"suggested_lr": 0.05}'
     (tmp_path / "params.yaml").write_text("# a few keys: the rest are defaults\ntrain:\n  epochs: 3\n")
     assert load_params("params.yaml").train.epochs == 3
+
+
+# ------------------------------------------------------------------------------------------ tampered data
+
+def _age(folder: Path, seconds: float = 3600) -> None:
+    """Every file of ``folder`` as if written an hour ago (settled: its stamp may be trusted)."""
+    for p in folder.iterdir():
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_fetch_fetches_a_changed_array_again_instead_of_saying_up_to_date(tmp_path, fashion_checksums, write_params,
+                                                                          capsys, caplog):
+    from onecycle.cli import main
+
+    params = write_params(tmp_path, data={"source": str(fashion_checksums.folder)})
+    assert main(["fetch", "--params", str(params)]) == 0
+    out = tmp_path / "data" / "fashion_mnist"
+    original = (out / "train_x.npy").read_bytes()
+    assert capsys.readouterr().out.startswith("fetched fashion_mnist")
+    assert main(["fetch", "--params", str(params)]) == 0
+    assert capsys.readouterr().out.startswith("up to date: fashion_mnist")
+    _age(out)
+    assert main(["fetch", "--params", str(params)]) == 0  # the stamps say intact: no hashing needed to say so
+    assert capsys.readouterr().out.startswith("up to date: fashion_mnist")
+    x = np.load(out / "train_x.npy")
+    x[0, 0, 0, 0] ^= 0xFF  # same size; a newer mtime
+    np.save(out / "train_x.npy", x)
+    assert main(["fetch", "--params", str(params)]) == 0
+    assert capsys.readouterr().out.startswith("fetched fashion_mnist")  # old: "up to date"
+    assert f"{out / 'train_x.npy'} has changed since it was fetched" in caplog.text
+    assert (out / "train_x.npy").read_bytes() == original
+
+
+def _lr_find_error(tmp_path, monkeypatch, capsys) -> str:
+    from onecycle.stages import lr_find
+
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path)
+    rc = lr_find.main(["--params", "params.yaml"])
+    err = _err_lines(capsys, "lr-find")
+    assert rc == 1 and len(err) == 1, (rc, err)
+    assert not (tmp_path / "reports/lr_find.json").exists()
+    return err[0]
+
+
+def _rewrite(out: Path, name: str, arr: np.ndarray, meta_changes: dict | None = None) -> None:
+    """Change ``name`` *and* record its new md5, as a bad source (not a tampered copy) would arrive."""
+    np.save(out / name, arr)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["files"][name] = hashlib.md5((out / name).read_bytes()).hexdigest()
+    meta.update(meta_changes or {})
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_changed_or_truncated_array_stops_a_stage_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    out = write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    blob = (out / "test_x.npy").read_bytes()
+    (out / "test_x.npy").write_bytes(blob[: len(blob) // 2])
+    assert _lr_find_error(tmp_path, monkeypatch, capsys) == (
+        f"onecycle lr-find: error: {out / 'test_x.npy'} has changed since it was fetched (its md5 is not the one "
+        f"{out / 'meta.json'} records): run `onecycle fetch` (or `dvc repro fetch`) to fetch it again")
+
+
+def test_labels_beyond_the_classes_and_a_meta_json_that_disagrees_are_named(tmp_path, monkeypatch, capsys):
+    out = write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    meta = json.loads((out / "meta.json").read_text())
+
+    def error(**changes) -> str:
+        (out / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, **changes}.items() if v is not None}))
+        return _lr_find_error(tmp_path, monkeypatch, capsys).removeprefix("onecycle lr-find: error: ")
+
+    assert error(std=None).startswith(f"{out / 'meta.json'} has no `std`: run `onecycle fetch`")
+    assert error(classes=meta["classes"][:9]).startswith(
+        f"{out / 'meta.json'}: `num_classes` is 10 but `classes` lists 9: ")
+    assert error(classes=meta["classes"][:9], num_classes=9).startswith(
+        f"{out / 'train_y.npy'} has label 9, out of range for the 9 `classes` of {out / 'meta.json'}: delete {out}")
+    (out / "meta.json").write_text(json.dumps(meta))
+    y = np.load(out / "train_y.npy")
+    y[5] = 12
+    _rewrite(out, "train_y.npy", y)
+    assert _lr_find_error(tmp_path, monkeypatch, capsys).startswith(
+        f"onecycle lr-find: error: {out / 'train_y.npy'} has label 12, out of range for the 10 `classes`")
+    _rewrite(out, "train_y.npy", y[:-3])
+    assert _lr_find_error(tmp_path, monkeypatch, capsys).startswith(
+        f"onecycle lr-find: error: {out / 'train_y.npy'} holds 297 labels for 300 images: delete {out}")
+
+
+def test_an_intact_dataset_is_hashed_once_then_known_by_its_stamps(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from onecycle.core.errors import DatasetError
+    from onecycle.data import store
+
+    out = write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    cfg = SimpleNamespace(root=str(tmp_path / "data"), dataset="fashion_mnist")
+    hashed = []
+    real = store.md5sum
+    monkeypatch.setattr(store, "md5sum", lambda p: hashed.append(Path(p).name) or real(p))
+    store.load_info(cfg)
+    assert sorted(hashed) == ["meta.json", "test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy"]
+    hashed.clear()
+    store.load_info(cfg)  # files written just now: not trusted by their stamps yet (a change could hide in them)
+    assert len(hashed) == 5
+    _age(out)
+    store.load_info(cfg)
+    hashed.clear()
+    store.load_info(cfg)
+    assert hashed == ["meta.json"]  # stat calls only
+    x = np.load(out / "train_x.npy")
+    x[1, 2, 3, 0] ^= 1
+    np.save(out / "train_x.npy", x)
+    _age(out, 1800)  # a different, old mtime
+    with pytest.raises(DatasetError, match="train_x.npy has changed since it was fetched"):
+        store.load_info(cfg)
