@@ -285,3 +285,86 @@ def test_an_intact_dataset_is_hashed_once_then_known_by_its_stamps(tmp_path, mon
     _age(out, 1800)  # a different, old mtime
     with pytest.raises(DatasetError, match="train_x.npy has changed since it was fetched"):
         store.load_info(cfg)
+
+
+# ------------------------------------------------------------------------------------------ a stale LR report
+
+def _two_datasets(tmp_path: Path) -> None:
+    write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    write_fetched(tmp_path / "data", dataset="cifar10", n_train=300, n_test=40, size=32, channels=3)
+
+
+def _report(tmp_path: Path, params, **record_changes) -> Path:
+    """reports/lr_find.json as lr_find writes it for ``params`` (the record changed by ``record_changes``)."""
+    from onecycle.data.store import load_info
+    from onecycle.training.lr_report import measured_on
+
+    record = {**measured_on(params, load_info(params.data, tmp_path)), **record_changes}
+    path = tmp_path / "reports/lr_find.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"suggested_lr": 0.336, "suggestion": "valley", "measured_on": record}))
+    return path
+
+
+def test_train_refuses_an_lr_report_measured_on_another_dataset(tmp_path, monkeypatch, capsys):
+    from onecycle.stages import train
+
+    _two_datasets(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/lr_find.json").write_text(json.dumps({  # the old dataset's (its loss: 310361 in epoch 1)
+        "suggested_lr": 0.336, "suggestion": "valley", "measured_on": {"data.dataset": "cifar10", "model.width": 0.125}}))
+    tiny_params(tmp_path, schedule={"max_lr": "auto"})  # data.dataset switched back to fashion_mnist
+    assert train.main(["--params", "params.yaml"]) == 1
+    assert _err_lines(capsys, "train") == [
+        'onecycle train: error: reports/lr_find.json was measured with data.dataset = "cifar10", but the params say '
+        '"fashion_mnist"; run `onecycle lr-find` (or `dvc repro lr_find`) to measure it again, or set schedule.max_lr '
+        'to a number']
+    assert not (tmp_path / "checkpoints/last.pt").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_what_an_lr_report_was_measured_on_decides_whether_train_uses_it(tmp_path, caplog):
+    from onecycle.config import load_params
+    from onecycle.core.errors import OneCycleError
+    from onecycle.training.lr_report import resolve_max_lr
+
+    _two_datasets(tmp_path)
+    params = load_params(tiny_params(tmp_path, schedule={"max_lr": "auto"}))
+    path = _report(tmp_path, params)
+
+    def used(p=params) -> float:
+        return resolve_max_lr(p, path, check=True, root=tmp_path)
+
+    assert used() == 0.336
+    # what does not change the suggestion: the seed, the device, the number of epochs, where the data lies
+    assert used(params.replace(train={"seed": 7, "device": "cpu", "epochs": 9, "threads": 2})) == 0.336
+    with pytest.raises(OneCycleError, match=r"^.*lr_find.json was measured with data.batch_size = 64, but the params "
+                                            r"say 128; run `onecycle lr-find`"):
+        used(params.replace(data={"batch_size": 128}))
+    with pytest.raises(OneCycleError, match=r"measured with model.width = 0.125, but the params say 0.25"):
+        used(params.replace(model={"width": 0.25}))
+    with pytest.raises(OneCycleError, match=r"measured with train.amp = false, but the params say true"):
+        used(params.replace(train={"amp": True}))
+    _report(tmp_path, params, **{"data.digest": "0123456789abcdef"})  # the same dataset fetched again, other files
+    with pytest.raises(OneCycleError, match=r"measured on other fashion_mnist data, but .*fashion_mnist has been "
+                                            r"fetched again with other content since"):
+        used()
+    path.write_text(json.dumps({"suggested_lr": 0.05}))  # written before reports recorded anything: used, warned
+    assert used() == 0.05
+    assert "does not record what it was measured on" in caplog.text
+
+
+@pytest.mark.slow
+def test_lr_find_records_what_it_measured_on(tmp_path, monkeypatch):
+    from onecycle.config import load_params
+    from onecycle.data.store import load_info
+    from onecycle.stages import lr_find
+    from onecycle.training.lr_report import measured_on
+
+    write_fetched(tmp_path / "data", n_train=300, n_test=40)
+    monkeypatch.chdir(tmp_path)
+    params = load_params(tiny_params(tmp_path, schedule={"max_lr": "auto"}))
+    assert lr_find.main(["--params", "params.yaml"]) == 0
+    report = json.loads((tmp_path / "reports/lr_find.json").read_text())
+    assert report["measured_on"] == json.loads(json.dumps(measured_on(params, load_info(params.data))))
+    assert report["measured_on"]["data.dataset"] == "fashion_mnist" and report["measured_on"]["data.batch_size"] == 64

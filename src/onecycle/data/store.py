@@ -163,6 +163,7 @@ class DatasetInfo:
     std: list[float]
     source: str
     folder: Path = Path(".")  # where it was loaded from
+    digest: str = ""  # of the fetched files' md5s: the same content, the same digest (wherever it lies)
 
     @property
     def num_classes(self) -> int:
@@ -192,7 +193,8 @@ def load_info(data_cfg, root: Path | None = None) -> DatasetInfo:
         source = str(in_workspace(source, root))
     return DatasetInfo(name=data_cfg.dataset, classes=list(meta["classes"]), num_train=int(meta["num_train"]),
                        num_test=int(meta["num_test"]), image_shape=tuple(meta["image_shape"]),
-                       mean=list(meta["mean"]), std=list(meta["std"]), source=source, folder=out)
+                       mean=list(meta["mean"]), std=list(meta["std"]), source=source, folder=out,
+                       digest=hashlib.md5(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()[:16])
 
 
 def class_difference(trained_name: str, trained: list[str], info: DatasetInfo) -> str | None:

@@ -114,7 +114,7 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) and ``finalize_hook`` (called with each
     finalization step's name before it runs) are the seams tests inject faults through.
     """
-    max_lr = resolve_max_lr(params, ws.lr_find_json)
+    max_lr = resolve_max_lr(params, ws.lr_find_json, check=True, root=ws.root)
     config_id = config_hash(params, max_lr)
     main = dist.is_main()
     with workspace_lock(ws) if main else contextlib.nullcontext():
