@@ -24,6 +24,7 @@ MASK = "***"
 
 # scheme://user:  -- the userinfo's password starts after it; the user may be empty and holds no ":/@?#"
 _URL_USER = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s?#]*:")
+_TOKEN_END = re.compile(r"\S*")  # a URL runs to the next whitespace
 # the words that make a key a secret's name, at the end of the key: password=, sslpassword=, PGPASSWORD=,
 # AWS_SESSION_TOKEN=, X-Amz-Signature= / X-Amz-Credential= of a presigned URL, aws_secret_access_key = ...
 _SECRET_WORDS = (r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key"
@@ -41,9 +42,7 @@ def _mask_url_passwords(text: str) -> str:
     out, pos = [], 0
     while (m := _URL_USER.search(text, pos)) is not None:
         start = m.end()  # the password's first character
-        end = start
-        while end < len(text) and not text[end].isspace():
-            end += 1
+        end = _TOKEN_END.match(text, start).end()
         at = text.rfind("@", start, end)  # the last @ of the token ends the userinfo
         if at < 0:  # no userinfo (http://host:8080/path): nothing to hide here
             out.append(text[pos:start])
