@@ -460,4 +460,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None or raw == {}:  # an empty (or comments-only) file would silently mean every default
+        raise ConfigError(f"{path} is empty (or only comments): put the sections to use in it "
+                          f"(the repository's: `git checkout {path.name}`)")
     return parse_params(raw)

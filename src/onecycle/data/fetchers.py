@@ -31,7 +31,15 @@ import numpy as np
 
 from onecycle.core.errors import DatasetError
 from onecycle.data import catalog
-from onecycle.data.store import FORMAT_VERSION, dataset_dir, in_workspace, outputs_intact, workspace_relative
+from onecycle.data.store import (
+    FORMAT_VERSION,
+    dataset_dir,
+    fetched_problem,
+    in_workspace,
+    md5sum,
+    outputs_intact,
+    workspace_relative,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +76,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 # ----------------------------------------------------------------------------------------------- utils
-
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary folder into place, replacing any previous output."""
@@ -381,9 +381,12 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
         except ValueError:
             old = {}
         # An image folder is read in place: images added or removed since the last fetch change the index.
-        if (all(old.get(k) == v for k, v in wanted.items()) and outputs_intact(out, old)
+        if (isinstance(old, dict) and all(old.get(k) == v for k, v in wanted.items()) and outputs_intact(out, old)
                 and (not kind.image_folder or _imagefolder_unchanged(data_cfg, old, workspace))):
-            return out, False
+            problem = fetched_problem(out, old)  # changed or inconsistent since fetch: fetch it again
+            if problem is None:
+                return out, False
+            log.warning("%s; fetching %s again", problem, data_cfg.dataset)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_cfg.dataset}.", dir=root))
     try:
         meta = kind.fetch_function()(data_cfg, tmp, cache, workspace)

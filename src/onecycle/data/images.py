@@ -1,6 +1,7 @@
 """Decoding an image file or its bytes, behind one guard that decides which images are read at all.
 
-A file that is too large, declares more pixels than ``MAX_PIXELS`` (a decompression bomb), is truncated or is
+Every image becomes 8 bits a channel here (:func:`to_8bit`): a 16-bit grayscale PNG or TIFF is scaled, not
+clipped as PIL's ``convert`` would (it turns every value above 255 white). A file that is too large, declares more pixels than ``MAX_PIXELS`` (a decompression bomb), is truncated or is
 not an image is refused *before* it is decoded, with one line naming it (:class:`ImageError`). Training on an
 image folder, predict, the demo and the served model all read images here.
 """
@@ -58,8 +59,7 @@ def open_image(source: Path | str | bytes, name: str | None = None, mode: str = 
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{name}: refused, {w}x{h} pixels is more than {MAX_PIXELS // 10**6} megapixels")
-                im = im.convert(mode)  # decodes
-                arr = np.asarray(im)
+                arr = np.asarray(to_8bit(im).convert(mode))  # decodes
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own check, at open()
@@ -72,3 +72,26 @@ def open_image(source: Path | str | bytes, name: str | None = None, mode: str = 
     finally:
         fp.close()
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_8bit(im):
+    """``im`` with 8 bits a channel: 16-bit and 32-bit grayscale scaled to 0-255, other modes unchanged.
+
+    PIL's ``convert("L")`` clips ``I;16``/``I``/``F`` values to 255. Here a 16-bit image ("I;16", "I;16B",
+    "I;16L", "I;16N") is divided by 257 (0-65535 onto 0-255 exactly); a 32-bit integer image ("I", PIL's mode
+    for 16-bit PNGs too) the same when its values lie in 0-65535, else stretched from its min to its max; a
+    float image ("F") times 255 when it lies in 0-1, else stretched likewise.
+    """
+    from PIL import Image
+
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:  # a range of its own: stretch it (a constant image is black)
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")

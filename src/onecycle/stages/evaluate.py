@@ -22,7 +22,7 @@ from onecycle.core.errors import OneCycleError
 from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
 from onecycle.data import catalog
-from onecycle.data.store import load_info
+from onecycle.data.store import class_difference, load_info
 from onecycle.serving.modelfile import load_model_bundle
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
@@ -140,8 +140,8 @@ def run(params, ws: Workspace) -> dict:
     device = resolve_device(params.train.device)
     model, ds_meta, _ = load_model_bundle(ws.model, device)
     info = load_info(params.data, ws.root)
-    if list(info.classes) != list(ds_meta.classes):
-        raise OneCycleError(f"{ws.model} was trained on {ds_meta.name} classes, but data.dataset is {info.name}; "
+    if (difference := class_difference(ds_meta.name, ds_meta.classes, info)) is not None:
+        raise OneCycleError(f"{ws.model} does not fit the data: {difference}; "
                             "retrain or point data.dataset at the model's dataset")
     run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
     test_ds = build_split(params.data, params.augment, info, "test", train_augment=False, seed=params.train.seed)

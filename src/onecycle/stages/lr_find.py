@@ -19,7 +19,7 @@ from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
-from onecycle.training.lr_report import NoDescentError
+from onecycle.training.lr_report import NoDescentError, measured_on
 from onecycle.training.rangetest import RangeTestResult, run_range_test
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
         report = {
             **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": active.info.run_id,
             "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
+            # train refuses this report for other data or params (lr_report.check_measured_on)
+            "measured_on": measured_on(params.flat(), setup.info.digest),
         }
         # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
         curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,

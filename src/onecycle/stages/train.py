@@ -34,6 +34,7 @@ from onecycle.core.files import atomic_write_text
 from onecycle.core.paths import Workspace
 from onecycle.core.redact import one_line
 from onecycle.data.loaders import SPLIT_SEED
+from onecycle.data.store import load_info
 from onecycle.serving.modelfile import save_model
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
@@ -41,7 +42,7 @@ from onecycle.training import checkpoint as ckpt
 from onecycle.training import distributed as dist
 from onecycle.training.engine import DivergenceError, Setup, build_setup, device_name, train_step
 from onecycle.training.loop import FitHooks, FitResult, Interrupted, StopSignals, config_hash, fit
-from onecycle.training.lr_report import lr_find_run_id, resolve_max_lr
+from onecycle.training.lr_report import lr_find_run_id, measured_on, resolve_max_lr
 from onecycle.training.records import Step, history_csv, row_metrics, schedule_csv
 from onecycle.training.resume import FINALIZE_STATE, find_resume_state, read_finalize, resume_identity, workspace_lock
 from onecycle.training.schedule import check_fits, lr_and_momentum_at
@@ -114,7 +115,10 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) and ``finalize_hook`` (called with each
     finalization step's name before it runs) are the seams tests inject faults through.
     """
-    max_lr = resolve_max_lr(params.schedule.max_lr, ws.lr_find_json)
+    measured_now = None  # what an LR report must have been measured on, to be used for max_lr: auto
+    if params.schedule.max_lr == "auto":
+        measured_now = measured_on(params.flat(), load_info(params.data, ws.root).digest)
+    max_lr = resolve_max_lr(params.schedule.max_lr, ws.lr_find_json, measured_now=measured_now)
     config_id = config_hash(params.flat(), max_lr)
     main = dist.is_main()
     with workspace_lock(ws) if main else contextlib.nullcontext():
