@@ -140,7 +140,8 @@ def test_an_error_on_one_rank_ends_the_whole_job_promptly_with_that_error(tmp_pa
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
-    assert "onecycle train: error: checkpoints/last.pt: No space left on device (injected)" in out, out[-3000:]
+    assert ("onecycle train: error: no space left on the disk writing checkpoints/last.pt (No space left on device "
+            "(injected)); free some space and run again") in out, out[-3000:]
     assert "Timeout" not in out and "timed out" not in out, out[-3000:]
 
 
