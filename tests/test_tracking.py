@@ -136,3 +136,51 @@ def test_a_training_run_samples_system_metrics_and_can_switch_them_off(tmp_path)
     with runs.start_run(None, "without", system_metrics=False) as quiet:
         time.sleep(runs.SYSTEM_METRICS_INTERVAL * 2)
     assert not client.get_run(quiet.info.run_id).data.metrics
+
+
+def _git(repo: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_git_dirty_ignores_what_the_pipeline_writes_but_not_a_changed_source(tmp_path):
+    (tmp_path / "reports").mkdir()
+    for rel in ("dvc.lock", "reports/lr_find.json", "reports/metrics.json", "params.yaml", "src.py"):
+        (tmp_path / rel).write_text("committed\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "x")
+    assert runs.git_info(tmp_path)["git_dirty"] == "false"
+    for rel in ("dvc.lock", "reports/lr_find.json", "reports/metrics.json"):  # what `dvc repro` rewrites
+        (tmp_path / rel).write_text("rewritten by a stage\n")
+    assert runs.git_info(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "src.py").write_text("edited\n")
+    assert runs.git_info(tmp_path) == {"git_commit": runs.git_info(tmp_path)["git_commit"], "git_dirty": "true"}
+    _git(tmp_path, "checkout", "--", "src.py")
+    (tmp_path / "params.yaml").write_text("edited\n")  # `dvc exp run -S` edits params: the run says so
+    assert runs.git_info(tmp_path)["git_dirty"] == "true"
+
+
+def test_the_lr_report_is_linked_by_its_run_only_when_that_run_is_in_this_store(tmp_path):
+    import mlflow
+
+    store.configure("lr", tmp_path)
+    report = tmp_path / "reports/lr_find.json"
+    report.parent.mkdir()
+    report.write_text('{"mlflow_run_id": "0123456789abcdef0123456789abcdef"}\n')  # a run of another machine's store
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "reports")
+    _git(tmp_path, "commit", "-qm", "the committed report")
+    commit = runs.git_info(tmp_path)["git_commit"]
+    assert runs.lr_report_provenance(report, "0123456789abcdef0123456789abcdef") == {
+        "lr_find_report": f"lr_find.json from git commit {commit}"}
+    report.write_text('{"mlflow_run_id": "0123456789abcdef0123456789abcdef", "edited": 1}\n')
+    assert runs.lr_report_provenance(report, "0123456789abcdef0123456789abcdef") == {
+        "lr_find_report": "lr_find.json, not committed, from an LR finder run that is not in this store"}
+    with mlflow.start_run() as here:
+        pass
+    assert runs.lr_report_provenance(report, here.info.run_id) == {"lr_find_run_id": here.info.run_id}
+    mlflow.MlflowClient().delete_run(here.info.run_id)
+    assert "lr_find_run_id" not in runs.lr_report_provenance(report, here.info.run_id)

@@ -177,7 +177,7 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
     client, parents, nested = _runs(workdir)
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "onecycle" and parent.data.tags["stage"] == "tune"
+    assert parent.info.run_name == "tune:onecycle" and parent.data.tags["stage"] == "tune"
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.data.metrics["best/value"] == pytest.approx(study.best_value)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tune")} >= {
@@ -190,6 +190,9 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         assert float(run.data.params[MAX_LR]) == pytest.approx(trial.params[MAX_LR])
         assert run.data.params["train.epochs"] == "1"  # tune.epochs, not train.epochs
+        assert "schedule.max_lr_used" not in run.data.params  # max_lr is sampled: the used LR is schedule.max_lr
+        inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+        assert inputs == {("fashion_mnist-train", "training"), ("fashion_mnist-val", "validation")}
         history = client.get_metric_history(run.info.run_id, "val/top1")
         assert [(m.step, m.value) for m in history] == [(1, pytest.approx(trial.value))]
 
@@ -448,3 +451,41 @@ def test_sigterm_marks_the_running_trial_failed_and_its_mlflow_run_killed(workdi
     client, parents, nested = _runs(workdir)
     assert [r.info.status for r in nested] == ["KILLED"]
     assert [r.info.status for r in parents] != ["RUNNING"]
+
+
+def test_a_worker_with_other_fixed_params_is_refused_in_one_line_unless_forced(workdir, capsys):
+    tiny_params(workdir, tune={"epochs": 1})
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0
+    fixed = _study(workdir).user_attrs["fixed_params"]
+    assert fixed["data.batch_size"] == 64 and fixed["train.epochs"] == 1  # tune.epochs: what a trial trains
+    assert MAX_LR not in fixed and "train.threads" not in fixed and "tune.n_trials" not in fixed
+    # the same fixed params with other threads and trial counts: joins
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 5}, train={"threads": 1})
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0
+    tiny_params(workdir, tune={"epochs": 1}, data={"batch_size": 32, "train_subset": 200})
+    capsys.readouterr()
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("onecycle tune: error: study onecycle holds other params fixed: data.batch_size (64 in the study, "
+                   "32 here), data.train_subset (null in the study, 200 here); its trials would not be comparable "
+                   "with these: use another tune.study_name (or --force to join anyway)")
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0", "--force"]) == 0
+    assert _study(workdir).user_attrs["fixed_params"] == fixed  # the study keeps what it was started with
+
+
+def test_a_trials_command_sets_every_key_where_the_worker_differs_from_the_repos_params():
+    from onecycle.tuning.reproduce import dvc_command, trial_sets
+
+    repo = parse_params({}).flat()
+    worker = parse_params({"data": {"train_subset": 2048, "batch_size": 128}, "train": {"threads": 1},
+                           "augment": {"train": [{"HorizontalFlip": {"p": 0.5}}]},
+                           "mlflow": {"experiment": "mine"}, "tune": {"n_trials": 3}})
+    trial = space_mod.trial_params(worker, {MAX_LR: 0.123456789, PCT: 0.25}).flat()
+    sets = trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, repo)
+    assert list(sets)[:3] == [MAX_LR, PCT, "train.epochs"]
+    assert set(sets) == {MAX_LR, PCT, "train.epochs", "data.train_subset", "data.batch_size", "augment.train"}
+    command = dvc_command(sets)
+    assert command.startswith("dvc exp run -S schedule.max_lr=0.123456789 -S schedule.pct_start=0.25 -S train.epochs=2")
+    assert "-S data.batch_size=128 -S data.train_subset=2048" in command
+    assert """-S 'augment.train=[{"HorizontalFlip": {"p": 0.5}}]'""" in command
+    assert set(trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, None)) == {MAX_LR, PCT, "train.epochs"}

@@ -20,6 +20,11 @@ class Workspace:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
+    @property
+    def params(self) -> Path:
+        """The repository's params file (what ``dvc repro`` and ``dvc exp run -S`` read and edit)."""
+        return self.root / "params.yaml"
+
     # reports
     @property
     def reports(self) -> Path:

@@ -283,12 +283,10 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     mlflow = store.mlflow()
     mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
                      "stage": "train", "config_hash": config_id, "processes": str(dist.world_size())})
-    lr_run = lr_find_run_id(ws.lr_find_json)
-    if lr_run:
-        mlflow.set_tag("lr_find_run_id", lr_run)
+    mlflow.set_tags(runs.lr_report_provenance(ws.lr_find_json, lr_find_run_id(ws.lr_find_json)))
     if ws.lr_find_png.is_file():
         runs.log_artifact(ws.lr_find_png, "lr_find")
-    runs.log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
+    runs.log_params_flat(runs.params_with_max_lr(params.flat(), max_lr))
     splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
     runs.log_datasets(runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
     sample = setup.train_loader.dataset[0][0]
@@ -300,7 +298,8 @@ def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summar
     of these outputs: the training's, and the LR range test's it used)."""
     save_model(params.model, params.augment, setup.info, state_dict, ws.model)
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
-    run_ids = {"train": run_id, "lr_find": lr_find_run_id(ws.lr_find_json)}
+    lr_run = lr_find_run_id(ws.lr_find_json)
+    run_ids = {"train": run_id, "lr_find": lr_run if runs.run_exists(lr_run) else None}  # ids that resolve here
     atomic_write_text(ws.runs_json, json.dumps(run_ids, indent=2) + "\n")
 
 

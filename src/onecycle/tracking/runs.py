@@ -104,6 +104,28 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None, run_i
         raise
 
 
+def run_exists(run_id: str | None) -> bool:
+    """Whether ``run_id`` is a (not deleted) run of the current store."""
+    if not run_id:
+        return False
+    try:
+        return mlflow().MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
+    except Exception:  # MLflow raises RESOURCE_DOES_NOT_EXIST (another store's run, a committed report)
+        return False
+
+
+def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
+    """Where a training's LR report came from, as tags that resolve: its LR finder run when that run is in this
+    store; otherwise the git commit the report was committed in (as when a fresh clone reuses the repo's)."""
+    if run_exists(run_id):
+        return {"lr_find_run_id": run_id}
+    if not Path(report).is_file():
+        return {}
+    commit = file_commit(report)
+    return {"lr_find_report": f"{Path(report).name} from git commit {commit}" if commit else
+            f"{Path(report).name}, not committed, from an LR finder run that is not in this store"}
+
+
 def model_of_run(run_id: str, name: str = "model") -> str | None:
     """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
     none has that name, the one it logged last), or None."""
@@ -119,18 +141,43 @@ def model_of_run(run_id: str, name: str = "model") -> str | None:
     return ids[-1] if ids else None
 
 
+def _git(root: Path, *args: str) -> str:
+    """git's output (right-stripped: ``status --porcelain`` lines begin with a meaningful space), "" on failure."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pipeline_outputs(root: Path) -> set[Path]:
+    """What ``dvc repro`` itself rewrites in a checkout: dvc.lock and every stage's outputs (absolute paths)."""
+    from onecycle.core.paths import STAGE_OUTPUTS, Workspace
+
+    ws = Workspace(root)
+    return {(root / "dvc.lock").resolve(), *(Path(getattr(ws, attr)).resolve()
+                                            for attrs in STAGE_OUTPUTS.values() for attr in attrs)}
+
+
 def git_info(root: Path | None = None) -> dict[str, str]:
-    root = root or Path.cwd()
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    """``git_commit`` and ``git_dirty``: whether tracked files differ from the commit, not counting what the pipeline
+    writes (dvc.lock, the stages' outputs), so a plain ``dvc repro`` in a clean clone is not dirty."""
+    root = (root or Path.cwd()).resolve()
+    commit = _git(root, "rev-parse", "HEAD")
+    top = _git(root, "rev-parse", "--show-toplevel")
+    ignored = pipeline_outputs(root)
+    changed = [Path(top, line[3:].split(" -> ")[-1].strip('"')).resolve()
+               for line in _git(root, "status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
+    dirty = [p for p in changed if not any(p == o or o in p.parents for o in ignored)]
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower()}
+
+
+def file_commit(path: Path) -> str | None:
+    """The git commit that last changed ``path``, if the file is committed as it is now; None otherwise."""
+    path = Path(path).resolve()
+    root = path.parent
+    if not path.is_file() or _git(root, "status", "--porcelain", "--", path.name):
+        return None
+    return _git(root, "log", "-1", "--format=%H", "--", path.name) or None
 
 
 def provenance_tags(dataset: str, device_name: str, root: Path | None = None) -> dict[str, str]:
@@ -144,6 +191,12 @@ def provenance_tags(dataset: str, device_name: str, root: Path | None = None) ->
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
+
+
+def params_with_max_lr(flat: dict[str, Any], max_lr: float) -> dict[str, Any]:
+    """The params to log for a training to ``max_lr``: with ``schedule.max_lr: auto``, the LR used as
+    ``schedule.max_lr_used`` (a number set in params would only be repeated)."""
+    return {**flat, "schedule.max_lr_used": max_lr} if flat.get("schedule.max_lr") == "auto" else flat
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:
