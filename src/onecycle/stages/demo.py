@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from onecycle.core.errors import OneCycleError
+from onecycle.data import catalog
 from onecycle.data.images import MAX_BYTES, ImageError
 from onecycle.serving.inference import eval_transform, load_predictor, preprocess, top_k
 from onecycle.stages.command import run_command
@@ -46,7 +47,8 @@ DEFAULT_PORT = 7860  # Gradio's, and what Hugging Face Spaces expects
 SPACE_CONFIG = "demo.json"
 # What an exported Space installs besides gradio (its version is the Space's sdk_version): the running
 # environment's versions of these are written into its requirements.txt.
-SPACE_REQUIREMENTS = ("torch", "torchvision", "albumentations", "numpy", "pillow", "pydantic", "pyyaml")
+# albumentations only for a model whose augment.eval lists more than resize/crop (onecycle.serving.preprocessing)
+SPACE_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyyaml")
 # Spaces' free hardware is CPU: the CPU build of torch is a fraction of the CUDA one's size.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CSS = """
@@ -269,7 +271,7 @@ if __name__ == "__main__":
 '''
 
 
-def space_requirements(gradio_version: str) -> list[str]:
+def space_requirements(gradio_version: str, eval_spec: Sequence = ()) -> list[str]:
     """The Space's requirements.txt: the versions running here, each within gradio's own range for it.
 
     A version outside gradio's range (e.g. a newer pillow than it allows) would make the Space's install
@@ -280,13 +282,15 @@ def space_requirements(gradio_version: str) -> list[str]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
+    from onecycle.serving.preprocessing import needs_albumentations
+
     ranges = {}
     for line in requires("gradio") or []:
         req = Requirement(line)
         if req.marker is None:
             ranges[canonicalize_name(req.name)] = req.specifier
     lines = [f"--extra-index-url {TORCH_CPU_INDEX}", f"gradio=={gradio_version}"]
-    for name in SPACE_REQUIREMENTS:
+    for name in SPACE_REQUIREMENTS + (("albumentations",) if needs_albumentations(list(eval_spec)) else ()):
         have = version(name).split("+")[0]
         allowed = ranges.get(canonicalize_name(name))
         if allowed is not None and not allowed.contains(have, prereleases=True):
@@ -319,7 +323,8 @@ def space_readme(ds, gradio_version: str) -> str:
     )
 
 
-def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k: int, source: str) -> Path:
+def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k: int, source: str,
+                 eval_spec: Sequence = ()) -> Path:
     """Write a Hugging Face Space folder (Gradio SDK) that runs this demo without onecycle installed."""
     import gradio
 
@@ -342,7 +347,7 @@ def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k
     cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source}
     (out / SPACE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "app.py").write_text(APP_PY)
-    (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__)) + "\n")
+    (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__, eval_spec)) + "\n")
     (out / "README.md").write_text(space_readme(ds, gradio.__version__))
     # Hugging Face stores binary files with Xet/LFS; `hf upload` does it by itself, git needs this line.
     (out / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n"
@@ -392,7 +397,8 @@ def _serve(params, args) -> int:
     with tempfile.TemporaryDirectory(prefix="onecycle-demo-") as tmp:
         examples = write_examples(data_dir, list(ds.classes), Path(tmp), args.examples)
         if args.export_space:
-            out = export_space(args.export_space, args.model, ds, examples, args.top_k, source)
+            out = export_space(args.export_space, args.model, ds, examples, args.top_k, source,
+                               augment_eval or catalog.kind(ds.name).eval_spec())
             print(f"onecycle demo: wrote a Hugging Face Space into {out}/ ({len(examples)} example images); "
                   f"try it with `cd {out} && python app.py`", flush=True)
             return 0
