@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@echo "setup: installing requirements.txt and requirements-dev.txt into $(VENV)"
 	@$(PIP_INSTALL) --upgrade "pip>=25"
 	@$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
-	@$(PIP_INSTALL) --no-deps --no-build-isolation -e ".[s3]"
+	@$(PIP_INSTALL) --no-deps --no-build-isolation -e ".[demo,postgres,s3]"
 	@touch $@
 	@echo "setup: $$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV), onecycle $$($(PY) -c 'import onecycle; print(onecycle.__version__)')"
 
@@ -93,14 +93,14 @@ bench:  ## the trainer vs a bare loop, lr_find, evaluate; then each stage's star
 lint:
 	$(BIN)/ruff check src tests bench
 
-# Re-pin requirements.txt (runtime with the `s3` extra, every platform: Linux with or without CUDA, macOS,
+# Re-pin requirements.txt (runtime with every extra: demo, postgres, s3; every platform: Linux with or without CUDA, macOS,
 # Windows; Python 3.11-3.13) and requirements-dev.txt (test and lint tools) from pyproject.toml. Keeps the current pins where they still
 # fit; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest releases. Needs PyPI.
 LOCK_FLAGS ?=
 UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --custom-compile-command "make lock" \
 	--no-python-downloads --quiet $(LOCK_FLAGS)
 lock:
-	$(UV_COMPILE) pyproject.toml --extra s3 -o requirements.txt
+	$(UV_COMPILE) pyproject.toml --all-extras -o requirements.txt
 	$(UV_COMPILE) --group pyproject.toml:dev -c requirements.txt -o requirements-dev.txt
 
 clean:

@@ -55,6 +55,11 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
     return guarded(name, body_with_params)
 
 
+# The module a missing optional dependency shows up as -> the extra of pyproject.toml that installs it.
+EXTRAS = {"gradio": "demo", "psycopg": "postgres", "psycopg_binary": "postgres", "boto3": "s3", "botocore": "s3",
+          "s3fs": "s3", "dvc_s3": "s3"}
+
+
 def guarded(name: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; user errors, interrupts and OS errors become one line on stderr and an exit code."""
     try:
@@ -65,6 +70,14 @@ def guarded(name: str, fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"onecycle {name}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # an optional extra (pyproject.toml) this environment lacks
+        module = (exc.name or "").split(".")[0]
+        extra = EXTRAS.get(module)
+        if extra is None:
+            raise
+        print(f"onecycle {name}: error: {module} is not installed: pip install 'onecycle[{extra}]' "
+              f"(`make setup` installs every extra)", file=sys.stderr)
+        return 1
     except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"onecycle {name}: error: {redact(where)}{exc.strerror or one_line(exc)}", file=sys.stderr)

@@ -169,7 +169,7 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
     try:
         import gradio as gr
     except ImportError:
-        raise OneCycleError("the demo needs gradio: `make setup` installs it (requirements.txt)") from None
+        raise OneCycleError("the demo needs gradio: pip install 'onecycle[demo]' (`make setup` installs it)") from None
 
     transform = eval_transform(ds, augment_eval)
     h, w, c = ds.image_shape
