@@ -132,31 +132,30 @@ def write_examples(data_dir: Path, classes: list[str], out: Path, n: int = 10) -
 
 # ----------------------------------------------------------------------------------------------- the page
 
-def _keep_file_unopened(component) -> None:
-    """Let the uploaded image reach :func:`onecycle.data.images.open_image` undecoded: a path, or bytes.
+def upload_source(payload) -> str | bytes | None:
+    """The uploaded image as :func:`onecycle.data.images.open_image` takes it, undecoded: a path, or bytes.
 
-    ``gr.Image(type="filepath")`` opens the upload with PIL before the handler runs (and decodes an image
-    sent inline as a ``data:`` URL), so a corrupt file or a decompression bomb would meet Gradio's code
-    first. Here the file's path (Gradio has already checked it is one of its uploads), or a ``data:``
-    URL's bytes, go straight to the handler, which applies the same guard, and messages, as
-    ``onecycle predict``.
+    The page's ``classify`` event is registered with ``preprocess=False`` (Gradio's public switch), so
+    ``gr.Image`` never opens the upload with PIL before the handler runs, and a corrupt file or a
+    decompression bomb meets the same guard, and messages, as ``onecycle predict`` and nothing before it.
+    The handler gets the image's file data as a dict: the path of the file in Gradio's cache (Gradio has
+    already checked it is one of its uploads, and saved an image sent inline as a ``data:`` URL there), or
+    the ``data:`` URL itself.
     """
     import base64
     import binascii
 
-    def preprocess_upload(payload):
-        if payload is None:
-            return None
-        url = getattr(payload, "url", None) or ""
-        if url.startswith("data:"):
-            try:
-                return base64.b64decode(url.partition(",")[2], validate=False)
-            except (binascii.Error, ValueError):
-                return b""  # answered as "not a readable image"
-        path = getattr(payload, "path", None)
-        return str(path) if path else None
-
-    component.preprocess = preprocess_upload
+    if not payload:
+        return None
+    if not isinstance(payload, dict):  # a path (examples, older clients)
+        return str(payload)
+    url = payload.get("url") or ""
+    if not payload.get("path") and url.startswith("data:"):
+        try:
+            return base64.b64decode(url.partition(",")[2], validate=False)
+        except (binascii.Error, ValueError):
+            return b""  # answered as "not a readable image"
+    return str(payload["path"]) if payload.get("path") else None
 
 
 def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequence[Example] = (),
@@ -175,7 +174,8 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
     h, w, c = ds.image_shape
     k = max(1, min(k, len(ds.classes)))
 
-    def classify(upload: str | bytes | None):
+    def classify(payload: dict | None):
+        upload = upload_source(payload)
         if upload is None or upload == "":
             return None
         # the uploaded file's own name (Gradio keeps it), or "image" for one sent inline
@@ -203,14 +203,15 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
             with gr.Column():
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=320,
                                  elem_id="input-image")
-                _keep_file_unopened(image)
             with gr.Column():
                 label = gr.Label(num_top_classes=k, label=f"Top {k} classes", elem_id="top-classes")
         if examples:
             gr.Examples([str(e.path) for e in examples], inputs=image, cache_examples=False, elem_id="examples",
                         label="Examples from the test split, in order: " + ", ".join(e.label for e in examples),
                         examples_per_page=max(10, len(examples)))
-        image.change(classify, inputs=image, outputs=label, api_name="classify", show_progress="minimal")
+        # preprocess=False: the handler gets the upload's file data, not an image Gradio opened (upload_source)
+        image.change(classify, inputs=image, outputs=label, api_name="classify", show_progress="minimal",
+                     preprocess=False)
     return demo
 
 
