@@ -19,7 +19,21 @@ from onecycle.data.images import open_image
 
 
 def eval_transform(ds, augment_eval: list):
-    """The model's eval transforms (its own list, or the dataset's default) with its normalization."""
+    """The model's eval transforms (its own list, or the dataset's default) with its normalization.
+
+    Resize, crop and normalize run without albumentations (:mod:`onecycle.serving.preprocessing`); only an
+    ``augment.eval`` list with other transforms imports it, and says so in one line where it is not installed.
+    """
+    from onecycle.serving.preprocessing import EvalTransform, needs_albumentations
+
+    spec = augment_eval or catalog.kind(ds.name).eval_spec()
+    if not needs_albumentations(spec):
+        return EvalTransform(spec, ds.mean, ds.std)
+    try:
+        import albumentations  # noqa: F401
+    except ImportError:
+        raise OneCycleError(f"this model's eval transforms ({', '.join(map(str, spec))}) need albumentations, "
+                            "which is not installed: pip install albumentations") from None
     from onecycle.config import AugmentConfig
     from onecycle.data.transforms import build_eval_transforms
 

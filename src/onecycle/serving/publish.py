@@ -22,6 +22,7 @@ import torch
 
 import onecycle
 from onecycle.config import AugmentConfig, ModelConfig
+from onecycle.data import catalog
 from onecycle.serving.classifier import DEFAULT_K, IMAGE_COLUMN
 from onecycle.serving.modelfile import model_bundle
 from onecycle.tracking import store
@@ -72,9 +73,7 @@ def log_final_model(setup, state_dict: dict, *, model: ModelConfig, augment: Aug
                     registered_model: str) -> str | None:
     """Log the image classifier (registered as ``registered_model``) and the raw network to the active run;
     returns the classifier's URI."""
-    import numpy as np
     import pandas as pd
-    import PIL
 
     mlflow = store.mlflow()
     from mlflow.models import ModelSignature
@@ -97,12 +96,23 @@ def log_final_model(setup, state_dict: dict, *, model: ModelConfig, augment: Aug
             registered_model_name=registered_model,
             metadata={"onecycle": {**_onecycle_metadata(model, augment, setup.info),
                                    "network_uri": network.model_uri}},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                              f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}",
-                              f"albumentations=={_version('albumentations')}", f"pydantic=={_version('pydantic')}",
-                              f"mlflow=={mlflow.__version__}"],
+            pip_requirements=served_requirements(augment.eval or catalog.kind(setup.info.name).eval_spec()),
         )
     return info.model_uri
+
+
+def served_requirements(eval_spec: list) -> list[str]:
+    """The served classifier's pip requirements: what its code imports to answer, at this environment's versions.
+
+    Resizing, cropping and normalizing need no albumentations (nor OpenCV, SciPy through it); a model whose
+    ``augment.eval`` lists another transform needs it, and only then is it listed.
+    """
+    from onecycle.serving.preprocessing import needs_albumentations
+
+    names = ["torch", "numpy", "pillow", "pandas", "pydantic", "mlflow"]
+    if needs_albumentations(eval_spec):
+        names.append("albumentations")
+    return [f"{name}=={_version(name).split('+')[0]}" for name in names]
 
 
 def _version(package: str) -> str:
