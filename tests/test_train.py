@@ -128,8 +128,24 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == list(range(16))
     # the synthetic task is easy: two epochs must beat chance (10%) clearly
     assert summary["best_val_top1"] > 0.3
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert artifacts == {"checkpoints/best.pt"}
+    # the best checkpoint is an MLflow 3 logged model of the run at its epoch (the run's Logged models tab), with
+    # that epoch's metrics linked to it and to their datasets; it is no longer a plain artifact of the run
+    assert not client.list_artifacts(run.info.run_id, "checkpoints")
+    found = client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run.info.run_id}' AND model_type = 'checkpoint'"))
+    assert [(m.name, m.tags["epoch"]) for m in found] == [("checkpoint-best", str(summary["best_epoch"]))]
+    checkpoint = found[0]
+    assert (checkpoint.model_id, summary["best_epoch"]) in {(o.model_id, o.step) for o in run.outputs.model_outputs}
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    linked = {m.key: m for m in checkpoint.metrics}
+    assert linked["val/top1"].value == pytest.approx(summary["best_val_top1"])
+    assert (linked["val/top1"].dataset_name, linked["val/top1"].step) == ("fashion_mnist-val", summary["best_epoch"])
+    assert linked["val/top1"].dataset_digest == digests["fashion_mnist-val"]
+    assert linked["train/loss"].dataset_name == "fashion_mnist-train"
+    assert linked["wall_clock/epoch_seconds"].dataset_name is None
+    assert all(m.model_id == checkpoint.model_id for m in checkpoint.metrics)
+    local = mlflow.artifacts.download_artifacts(f"{checkpoint.artifact_location}/best.pt")
+    assert ckpt.load(local)["epoch"] == summary["best_epoch"]
     assert any(a.path == "model_summary.txt" for a in client.list_artifacts(run.info.run_id))
     versions = client.search_model_versions("name='tiny-resnet'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id

@@ -150,10 +150,12 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
                                 system_metrics=params.mlflow.system_metrics)
     new_run = run_id is None
     run_id = active.info.run_id
-    logger = runs.RunLogger(run_id)
+    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
+    found = runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED)
+    logger = runs.RunLogger(run_id, datasets=found)  # train/* and val/* metrics name their dataset
     try:
         if resume_state is None or new_run:
-            _start_run_record(params, setup, ws, config_id, max_lr)
+            _start_run_record(params, setup, ws, config_id, max_lr, found)
         if resume_state is not None:
             mlflow.set_tag("resumed_from_epoch", str(resume_state["epoch"]))
             reconcile_metrics(params, max_lr, len(setup.train_loader), resume_state, logger)
@@ -276,7 +278,8 @@ def reconcile_metrics(params, max_lr: float, steps_per_epoch: int, state: dict, 
     logger.flush()
 
 
-def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_lr: float) -> None:
+def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_lr: float,
+                      found: dict) -> None:
     """What a new training run records once: provenance tags, params, the LR finder's run and plot, the model."""
     from onecycle.training.models import model_summary
 
@@ -287,8 +290,7 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
     if ws.lr_find_png.is_file():
         runs.log_artifact(ws.lr_find_png, "lr_find")
     runs.log_params_flat(runs.params_with_max_lr(params.flat(), max_lr))
-    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
-    runs.log_datasets(runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
+    runs.log_datasets(found)
     sample = setup.train_loader.dataset[0][0]
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 
@@ -320,12 +322,23 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
         mlflow.log_metrics({"val_best/top1": max(result.best_top1, 0.0), "val_best/epoch": result.best_epoch,
                             "total_seconds": result.seconds})
 
-    def checkpoints() -> None:
-        if params.mlflow.log_checkpoints != "none":
-            names = ["best.pt"] if params.mlflow.log_checkpoints == "best" else ["best.pt", "last.pt"]
-            for name in names:
-                if (ws.checkpoints / name).is_file():
-                    runs.log_artifact(ws.checkpoints / name, "checkpoints")
+    def checkpoints() -> str | None:
+        """Each checkpoint kept (``mlflow.log_checkpoints``) as a logged model of the run at its epoch, with that
+        epoch's metrics (the run's Logged models tab); returns their model ids."""
+        if params.mlflow.log_checkpoints == "none":
+            return None
+        rows = {int(row["epoch"]): row for row in result.history}
+        kept = {"best": result.best_epoch}
+        if params.mlflow.log_checkpoints == "all":
+            kept["last"] = int(last["epoch"])
+        ids = []
+        for which, epoch in kept.items():
+            path = ws.checkpoints / f"{which}.pt"
+            if path.is_file() and epoch in rows:
+                ids.append(runs.log_checkpoint_model(path, run_id, f"checkpoint-{which}", epoch,
+                                                     row_metrics(rows[epoch]), logger,
+                                                     tags={"checkpoint": which}))
+        return " ".join(ids) or None
 
     def reports() -> None:
         runs.log_artifact(ws.history_csv)

@@ -1,6 +1,7 @@
 """What every MLflow run carries and how it is logged: run names, provenance tags, params, datasets, the
-logged model of a run, and metrics, buffered (:class:`RunLogger`) and sent in batches; if the store is locked or
-unreachable they are kept and retried at the next flush. :func:`log_epoch` is the one way an epoch is logged.
+logged model of a run, checkpoints as MLflow 3 logged models (:func:`log_checkpoint_model`), and metrics, buffered
+(:class:`RunLogger`) and sent in batches; if the store is locked or unreachable they are kept and retried at the
+next flush. :func:`log_epoch` is the one way an epoch is logged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between system-metric samples (MLflow's 10 s misses short runs)
 # MLflow's context names for a run's datasets (the mlflow.data.context input tag), per split
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+CHECKPOINT_MODEL_TYPE = "checkpoint"  # the model_type of a checkpoint's logged model (not a servable model)
 
 
 def run_name(default: str) -> str:
@@ -128,17 +130,60 @@ def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
 
 def model_of_run(run_id: str, name: str = "model") -> str | None:
     """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
-    none has that name, the one it logged last), or None."""
+    none has that name, the last one it logged that is not a checkpoint), or None."""
     client = mlflow().MlflowClient()
     outputs = client.get_run(run_id).outputs
     ids = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    fallback = None
     for model_id in reversed(ids):
         try:
-            if client.get_logged_model(model_id).name == name:
-                return model_id
+            model = client.get_logged_model(model_id)
         except Exception:  # a model the store cannot return: fall back to the last one
-            break
-    return ids[-1] if ids else None
+            return fallback or ids[-1]
+        if model.name == name:
+            return model_id
+        if fallback is None and model.model_type != CHECKPOINT_MODEL_TYPE:
+            fallback = model_id
+    return fallback
+
+
+def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics: dict[str, float],
+                         logger: RunLogger, tags: dict[str, str] | None = None) -> str:
+    """Log a checkpoint file as an MLflow 3 logged model of the run (``model_type`` "checkpoint", the file as its
+    artifact), an output of the run at ``step`` (its epoch), with ``metrics`` (that epoch's) linked to it and,
+    through ``logger``, to their datasets; return its model id.
+
+    Safe to run again: a READY checkpoint model of this run and name is kept; a PENDING one (an interrupted
+    upload) is completed. The model's tag ``epoch`` repeats ``step`` (searchable: ``tags.epoch``). The metrics reuse the run's own points at ``step`` (their timestamps), so the run's
+    history gains no duplicate.
+    """
+    mlf = mlflow()
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    client = mlf.MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}' AND model_type = '{CHECKPOINT_MODEL_TYPE}'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    if ready:
+        return ready[0].model_id
+    pending = [m for m in found if m.status == LoggedModelStatus.PENDING]
+    model = pending[0] if pending else client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type=CHECKPOINT_MODEL_TYPE,
+        tags={**(tags or {}), "epoch": str(step)})
+    client.log_model_artifact(model.model_id, str(path))
+    timestamps = {}
+    for key in metrics:
+        points = [m for m in client.get_metric_history(run_id, key) if m.step == step]
+        if points:
+            timestamps[key] = points[-1].timestamp
+    logger.log(metrics, step=step, model_id=model.model_id, timestamps=timestamps)
+    if not logger.flush(patient=True):
+        raise RuntimeError(f"MLflow is not reachable: the metrics of the checkpoint model {name} were not logged")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
 
 
 def _git(root: Path, *args: str) -> str:
@@ -214,11 +259,16 @@ def log_params_flat(flat: dict[str, Any]) -> None:
 class RunLogger:
     """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
 
+    ``datasets`` (split -> MLflow dataset, as :func:`datasets` gives) links each metric named ``<split>/...``
+    (``val/top1``, ``train/loss``) to its split's dataset: MLflow 3's ``dataset_name`` and ``dataset_digest``
+    of a metric. MLflow 3.17's stores keep that link, and the model's, for the metrics of a logged model (its
+    page, ``search_logged_models``); a run's own metric history keeps neither.
     With ``run_id`` None (a DDP rank other than 0, a bare ``fit``) it logs nothing.
     """
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, datasets: dict[str, Any] | None = None):
         self.run_id = run_id
+        self.datasets = dict(datasets or {})
         self.pending: list = []
         self.warned = False
 
@@ -230,14 +280,22 @@ class RunLogger:
         except Exception:  # a store we cannot read now: assume nothing was logged (duplicates beat gaps)
             return set()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, model_id: str | None = None,
+            timestamps: dict[str, int] | None = None) -> None:
+        """Keep ``metrics`` at ``step`` for the next flush, linked to ``model_id`` when given and to their split's
+        dataset; ``timestamps`` (key -> ms) reuses a point's time (the same point is then not logged twice)."""
         if self.run_id is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                         if v is not None and math.isfinite(float(v))]
+        for k, v in metrics.items():
+            if v is None or not math.isfinite(float(v)):
+                continue
+            dataset = self.datasets.get(k.split("/", 1)[0]) if "/" in k else None
+            self.pending.append(Metric(k, float(v), (timestamps or {}).get(k, now), step, model_id=model_id,
+                                       dataset_name=dataset.name if dataset else None,
+                                       dataset_digest=dataset.digest if dataset else None))
 
     def log_series(self, series: dict[str, list[float]]) -> None:
         """Per-step curves (step = index in the list)."""
