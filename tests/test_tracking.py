@@ -184,3 +184,38 @@ def test_the_lr_report_is_linked_by_its_run_only_when_that_run_is_in_this_store(
     assert runs.lr_report_provenance(report, here.info.run_id) == {"lr_find_run_id": here.info.run_id}
     mlflow.MlflowClient().delete_run(here.info.run_id)
     assert "lr_find_run_id" not in runs.lr_report_provenance(report, here.info.run_id)
+
+
+def test_a_checkpoint_model_is_logged_once_at_its_epoch_and_an_interrupted_one_is_completed(tmp_path):
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    write_fetched(tmp_path / "data")
+    params = parse_params({"data": {"val_size": 100}})
+    found = runs.datasets(params.data, tmp_path, ["train", "val"], split_seed=0)
+    exp = store.configure("onecycle", tmp_path)
+    client = mlflow.MlflowClient()
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        logger = runs.RunLogger(run_id, datasets=found)
+        logger.log({"val/top1": 0.5, "train/loss": 1.0}, step=2)
+        assert logger.flush()
+        # an upload stopped by a kill leaves a PENDING model: the step run again completes that one
+        pending = client.create_logged_model(exp, name="checkpoint-best", source_run_id=run_id,
+                                             model_type=runs.CHECKPOINT_MODEL_TYPE)
+        metrics = {"val/top1": 0.5, "train/loss": 1.0}
+        first = runs.log_checkpoint_model(checkpoint, run_id, "checkpoint-best", 2, metrics, logger)
+        assert runs.log_checkpoint_model(checkpoint, run_id, "checkpoint-best", 2, metrics, logger) == first
+    assert first == pending.model_id
+    model = client.get_logged_model(first)
+    assert model.status == LoggedModelStatus.READY
+    assert {(m.key, m.step, m.dataset_name, m.dataset_digest) for m in model.metrics} == {
+        ("val/top1", 2, "fashion_mnist-val", found["val"].digest),
+        ("train/loss", 2, "fashion_mnist-train", found["train"].digest)}
+    # the run's own history gains no second point at that epoch
+    assert [m.step for m in client.get_metric_history(run_id, "val/top1")] == [2]
+    assert (first, 2) in {(o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs}
+    # a run with only checkpoint models has no served model for evaluate to link its metrics to
+    assert runs.model_of_run(run_id) is None
