@@ -219,3 +219,24 @@ def test_a_checkpoint_model_is_logged_once_at_its_epoch_and_an_interrupted_one_i
     assert (first, 2) in {(o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs}
     # a run with only checkpoint models has no served model for evaluate to link its metrics to
     assert runs.model_of_run(run_id) is None
+
+
+def test_no_module_queries_mlflows_tables_only_its_client_does():
+    """MLflow's schema is MLflow's (it migrates it between versions): runs, experiments and models are read
+    through MlflowClient. SQLite's own sqlite_master (the store's lock and corruption check) is not MLflow's."""
+    import ast
+    import re
+
+    import mlflow.store.model_registry.dbmodels.models  # noqa: F401  (registers the registry's tables)
+    import mlflow.store.tracking.dbmodels.models as tracking_models
+
+    mlflow_tables = set(tracking_models.Base.metadata.tables)
+    assert {"runs", "experiments", "experiment_tags", "logged_models"} <= mlflow_tables
+    statement = re.compile(r"\s*(?:SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.IGNORECASE)
+    sql = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN|TABLE)\s+[\"'`]?(\w+)", re.IGNORECASE)
+    found = []
+    for path in sorted((Path(runs.__file__).parents[1]).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and statement.match(node.value):
+                found += [f"{path.name}: {node.value!r}" for table in sql.findall(node.value) if table in mlflow_tables]
+    assert not found
