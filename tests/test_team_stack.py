@@ -410,9 +410,12 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_everything_arriv
     assert run.info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(run_id, "val/top1")}) == list(range(1, epochs + 1))
     assert sorted({m.step for m in client.get_metric_history(run_id, "lr")}) == list(range(epochs * 16))
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in
-                                                                  client.list_artifacts(run_id, "checkpoints")}
-    assert {"history.csv", "schedule.csv", "checkpoints/best.pt"} <= artifacts, artifacts
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"history.csv", "schedule.csv"} <= artifacts, artifacts
+    checkpoints = client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run_id}' AND model_type = 'checkpoint'"))
+    assert [m.name for m in checkpoints] == ["checkpoint-best"]
+    assert [a.path for a in client.list_logged_model_artifacts(checkpoints[0].model_id)] == ["best.pt"]
     assert [v.run_id for v in client.search_model_versions(f"name='{MODEL}'") if v.run_id == run_id] == [run_id]
 
 
