@@ -14,7 +14,7 @@ holds when what the configuration does not say changed: the architecture (code),
 resolved device, precision or number of processes (:func:`resume_identity`). ``train.resume: false`` always
 starts fresh. One ``onecycle train`` at a time per workspace: a lock in ``checkpoints/`` refuses a second.
 
-Finalization (the model file, reports, checkpoint artifacts, the logged and registered model, the run's
+Finalization (the model file, reports, the checkpoints as logged models, the logged and registered model, the run's
 end) is a list of named steps (:func:`finalize_steps`), each recorded in ``checkpoints/finalize.json`` when
 done; the run is FINISHED only after all of them. If one fails or is interrupted, the next ``onecycle train``
 sees the finished ``last.pt`` and completes only the missing steps, in the same MLflow run, without training.

@@ -100,10 +100,15 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None, run_i
     except OSError as exc:
         if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
             base = mlf.MlflowClient().get_run(run_id).info.artifact_uri if run_id else mlf.get_artifact_uri()
-            exc.filename = str(local_path)
-            exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
-                                      Path(local_path).name])
+            _name_target(exc, local_path, base, artifact_path)
         raise
+
+
+def _name_target(exc: OSError, local_path: str | Path, base: str, artifact_path: str | None = None) -> None:
+    """Name a refused copy's source and its target in the artifact store (``base``: a run's or model's URI)."""
+    exc.filename = str(local_path)
+    exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
+                              Path(local_path).name])
 
 
 def run_exists(run_id: str | None) -> bool:
@@ -157,6 +162,8 @@ def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics:
     upload) is completed. The model's tag ``epoch`` repeats ``step`` (searchable: ``tags.epoch``). The metrics reuse the run's own points at ``step`` (their timestamps), so the run's
     history gains no duplicate.
     """
+    from onecycle.core.errors import NO_SPACE_ERRNOS, OneCycleError
+
     mlf = mlflow()
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
@@ -172,7 +179,12 @@ def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics:
     model = pending[0] if pending else client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id, model_type=CHECKPOINT_MODEL_TYPE,
         tags={**(tags or {}), "epoch": str(step)})
-    client.log_model_artifact(model.model_id, str(path))
+    try:
+        client.log_model_artifact(model.model_id, str(path))
+    except OSError as exc:  # a full disk: the message names the file in the model's artifacts
+        if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
+            _name_target(exc, path, model.artifact_location)
+        raise
     timestamps = {}
     for key in metrics:
         points = [m for m in client.get_metric_history(run_id, key) if m.step == step]
@@ -180,7 +192,7 @@ def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics:
             timestamps[key] = points[-1].timestamp
     logger.log(metrics, step=step, model_id=model.model_id, timestamps=timestamps)
     if not logger.flush(patient=True):
-        raise RuntimeError(f"MLflow is not reachable: the metrics of the checkpoint model {name} were not logged")
+        raise OneCycleError(f"MLflow is not reachable: the metrics of the checkpoint model {name} were not logged")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id
