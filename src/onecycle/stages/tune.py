@@ -487,7 +487,7 @@ def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:
             mlflow.log_metrics({f"best/max_lr_over_{name}": r for name, r in ratios.items()})
         mlflow.log_dict({"trial": best.number, "value": best.value, "params": values}, "tune/best.json")
         for path in (ws.best_params, ws.trials_csv, *plots):
-            mlflow.log_artifact(str(path), artifact_path="tune")
+            runs.log_artifact(path, "tune")
 
     _quietly("log the study's summary", log_summary)
     shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
