@@ -543,10 +543,15 @@ def test_only_the_trials_of_workers_gone_from_this_machine_are_failed_and_each_i
         if worker is not None:
             trial.set_user_attr("worker", worker)
         assert trial.number == i
+    assert studies.running_elsewhere(study.get_trials()) == 4  # alive, another machine or container, no record
     failed = studies.fail_dead_trials(study)
-    assert [(t.number, t.state.name, queued) for t, queued in failed] == [(0, "FAIL", False), (2, "FAIL", True),
-                                                                         (3, "FAIL", True)]
-    assert "ended without finishing it" in failed[1][0].user_attrs["failure_reason"]
+    assert [(t.number, t.state.name) for t, _ in failed] == [(0, "FAIL"), (2, "FAIL"), (3, "FAIL")]
+    reason = f"its worker (pid {child.pid} on {here['host']}) ended without finishing it"
+    assert [note for _, note in failed] == [f"trial 0 FAIL - {reason}; not queued again (it was already the retry of trial 7)",
+                                            f"trial 2 FAIL - {reason}; queued again with the same params",
+                                            f"trial 3 FAIL - its worker (pid {os.getpid()} on {here['host']}) ended without "
+                                            "finishing it; queued again with the same params"]
+    assert failed[1][0].user_attrs["failure_reason"] == reason
     trials = study.get_trials()
     assert [t.state.name for t in trials[:7]] == ["FAIL", "RUNNING", "FAIL", "FAIL", "RUNNING", "RUNNING", "RUNNING"]
     queued = trials[7:]

@@ -43,17 +43,15 @@ from onecycle.tuning.params_edit import apply_best
 from onecycle.tuning.reproduce import check_fixed, dvc_command, fixed_params, trial_sets
 from onecycle.tuning.space import Dimension, search_space, trial_params
 from onecycle.tuning.studies import (
-    FAILURE_ATTR,
-    WORKER_ATTR,
     build_pruner,
     fail_dead_trials,
     open_storage,
     open_study,
     pruner_cannot_prune,
+    record_worker,
+    running_elsewhere,
     sigterm_interrupts,
     storage_url,
-    worker_gone,
-    worker_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -149,8 +147,7 @@ class Objective:
         from onecycle.training.engine import DivergenceError, build_setup
 
         mlflow = store.mlflow()
-        # first: a worker killed from here on is found by the next one (fail_dead_trials)
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        record_worker(trial)  # first: a worker killed from here on is found by the next one (fail_dead_trials)
         values = {key: dim.suggest(trial) for key, dim in self.space.items()}
         run = mlflow.start_run(nested=True, run_name=f"trial-{trial.number}")
         run_id = run.info.run_id
@@ -198,7 +195,7 @@ class Objective:
             raise optuna.TrialPruned(f"diverged: {reason}") from None
         except _InvalidTrialError as exc:
             reason = str(exc)
-            trial.set_user_attr(FAILURE_ATTR, reason)
+            trial.set_user_attr("failure_reason", reason)
             _quietly("tag the failure", lambda: mlflow.set_tag("failure_reason", reason))
             raise
         except KeyboardInterrupt:
@@ -233,7 +230,7 @@ def _after_trial(metric: str):
         mlflow = store.mlflow()
 
         value = f" {metric} {trial.value:.4f}" if trial.state == TrialState.COMPLETE else ""
-        reason = trial.user_attrs.get("diverged") or trial.user_attrs.get(FAILURE_ATTR)
+        reason = trial.user_attrs.get("diverged") or trial.user_attrs.get("failure_reason")
         shown = ", ".join(f"{k.split('.', 1)[1]} {_fmt(v)}" for k, v in trial.params.items())
         best = _best_trial(study)
         best_txt = f"; best: trial {best.number} ({best.value:.4f})" if best is not None else ""
@@ -383,8 +380,6 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
 
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) is the seam tests inject faults through.
     """
-    from optuna.trial import TrialState
-
     from onecycle.training.engine import device_name, resolve_device, train_step
 
     mlflow = store.mlflow()
@@ -405,7 +400,10 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     experiment_id = store.configure(params.mlflow.experiment, ws.root)
     study, created = open_study(storage, params)
     check_fixed(study, fixed_params(unsampled.flat(), set(space)), force)
-    _fail_dead_trials(study)
+    for dead, note in fail_dead_trials(study):  # its worker died on this machine (kill -9): FAIL, its run KILLED
+        print(f"tune: {note}", flush=True)
+        run_id = dead.user_attrs.get("mlflow_run_id")
+        _quietly("end its run", lambda r=run_id: r and mlflow.MlflowClient().set_terminated(r, "KILLED"))
     study.pruner = build_pruner(params, space)
     cannot = pruner_cannot_prune(params, space)
     if n_trials and cannot:
@@ -414,7 +412,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
             "optuna_study": tune.study_name, "optuna_storage": where}
     parent_id, new_parent = parent_run(study, created, experiment_id, {**tags, "stage": "tune"})
     before = study.get_trials(deepcopy=False)
-    running = sum(t.state == TrialState.RUNNING and not worker_gone(t.user_attrs.get(WORKER_ATTR)) for t in before)
+    running = running_elsewhere(before)
     if running and params.train.threads == 0:
         log.warning("%d trial(s) of this study are running in other workers: give each worker its share of the "
                     "cores (--threads N or train.threads; see README: Tuning)", running)
@@ -439,22 +437,6 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
         print(f"tune: --apply wrote {len(changed)} key(s) into {apply_to}"
               + (": " + "; ".join(changed) if changed else " (already the best values)"))
     return 0
-
-
-def _fail_dead_trials(study) -> None:
-    """Fail (and queue again once) the RUNNING trials whose worker died on this machine; their runs end KILLED."""
-    client = store.mlflow().MlflowClient()
-    for trial, queued in fail_dead_trials(study):
-        again = ("queued again with the same params" if queued else
-                 f"not queued again (it was already the retry of trial {trial.system_attrs.get('failed_trial')})")
-        print(f"tune: trial {trial.number} FAIL - {trial.user_attrs.get(FAILURE_ATTR)}; {again}", flush=True)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-
-        def kill_run(run_id=run_id) -> None:
-            if run_id and client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status="KILLED")
-
-        _quietly("end the dead trial's run", kill_run)
 
 
 def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:

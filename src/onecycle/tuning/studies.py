@@ -183,13 +183,25 @@ def worker_gone(worker: Any) -> bool:
     return abs(started - recorded) > _START_SLACK_S
 
 
-def fail_dead_trials(study) -> list[tuple[Any, bool]]:
+def record_worker(trial) -> None:
+    """Record this process as ``trial``'s worker (user attr ``worker``), for :func:`fail_dead_trials`."""
+    trial.set_user_attr(WORKER_ATTR, worker_identity())
+
+
+def running_elsewhere(trials) -> int:
+    """How many of ``trials`` are RUNNING in a worker that is alive, or cannot be checked from here."""
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.RUNNING and not worker_gone(t.user_attrs.get(WORKER_ATTR)) for t in trials)
+
+
+def fail_dead_trials(study) -> list[tuple[Any, str]]:
     """Mark FAIL each RUNNING trial of ``study`` whose worker is gone (:func:`worker_gone`: killed with -9, by
     the OOM killer, a crash) and queue a copy of it, at most :data:`MAX_RETRY` times per trial; that is what
     an RDB storage's heartbeat does (``optuna.storages.fail_stale_trials`` with
     ``RetryHeartbeatStaleTrialCallback(max_retry=1)``), which a journal file lacks.
 
-    ``[(the failed trial, whether a copy was queued)]``. A trial that another worker fails first is left to it.
+    ``[(the failed trial, one line saying so)]``. A trial that another worker fails first is left to it.
     The copy is a WAITING trial with the same params (the next worker to ask runs it) and Optuna's system
     attrs ``failed_trial`` (the original trial's number) and ``retry_history``; none of the dead trial's user
     attrs (its MLflow run, its worker) carry over.
@@ -211,12 +223,14 @@ def fail_dead_trials(study) -> list[tuple[Any, bool]]:
         except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
             continue
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        queued = len(history) <= MAX_RETRY
-        if queued:
+        if len(history) <= MAX_RETRY:
             system_attrs = {"failed_trial": trial.number, **trial.system_attrs, "retry_history": history}
             study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=trial.params,
                                                 distributions=trial.distributions, system_attrs=system_attrs))
-        failed.append((storage.get_trial(trial._trial_id), queued))
+            again = "queued again with the same params"
+        else:
+            again = f"not queued again (it was already the retry of trial {history[0]})"
+        failed.append((storage.get_trial(trial._trial_id), f"trial {trial.number} FAIL - {reason}; {again}"))
     return failed
 
 
