@@ -239,8 +239,8 @@ def sigterm_interrupts():
     """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
 
     Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
-    killed by SIGTERM's default action instead, the trial would stay RUNNING forever in a journal file
-    (which has no heartbeat) and its runs open.
+    killed by SIGTERM's default action instead, the trial would stay RUNNING in a journal file (which has no
+    heartbeat) and its runs open, until the next worker on this machine found it (:func:`fail_dead_trials`).
     """
     import signal
 
