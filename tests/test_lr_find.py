@@ -189,6 +189,26 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     assert {"lr_find.json", "lr_find.png"} <= artifacts
 
 
+@pytest.mark.slow
+def test_a_full_disk_while_logging_the_reports_names_the_artifact_it_was_writing(workdir, monkeypatch, capsys):
+    import errno
+
+    import mlflow
+
+    from onecycle.stages.lr_find import main
+
+    def full_disk(*args, **kwargs):  # the artifact copy's own error names neither file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_artifact", full_disk)
+    tiny_params(workdir)
+    assert main(["--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("onecycle lr-find: error: no space left on the disk writing ") and \
+        err.endswith("/artifacts/lr_find.json (No space left on device); free some space and run again"), err
+
+
 def test_unfetched_dataset_is_a_clear_error(tmp_path):
     params = tiny_params(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "onecycle", "lr-find", "--params", str(params)], cwd=tmp_path,

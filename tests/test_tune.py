@@ -453,6 +453,115 @@ def test_sigterm_marks_the_running_trial_failed_and_its_mlflow_run_killed(workdi
     assert [r.info.status for r in parents] != ["RUNNING"]
 
 
+# A worker whose first optimizer step never returns: it is certainly mid-trial when the file `stepping` appears.
+_HANGING_WORKER = """
+import sys, time
+from pathlib import Path
+from onecycle.training import engine
+
+def hang(*args, **kwargs):
+    Path("stepping").touch()
+    time.sleep(600)
+
+engine.train_step = hang  # the tune stage's step_fn, read when it runs
+from onecycle.stages import tune
+sys.exit(tune.main(["--params", "params.yaml"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_has_its_trial_failed_and_run_again_by_the_next_worker(workdir):
+    """The journal file has no heartbeat: the next worker on the machine finds the dead worker's RUNNING trial,
+    marks it FAIL, runs it again once with the same params, and does not count it as another worker's."""
+    import signal
+
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 3})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    worker = subprocess.Popen([sys.executable, "-c", _HANGING_WORKER], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (workdir / "stepping").exists():
+            assert worker.poll() is None, worker.communicate()[0]
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate(timeout=60)
+    dead = _study(workdir).get_trials()
+    assert [t.state.name for t in dead] == ["RUNNING"] and set(dead[0].params) == {MAX_LR, PCT, DIV}
+    assert dead[0].user_attrs["worker"]["pid"] == worker.pid
+
+    # --threads 0: the setting in which a worker warns about trials running in other workers
+    second = subprocess.run([sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml", "--n-trials", "1",
+                             "--threads", "0"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=600)
+    out = second.stdout
+    assert second.returncode == 0, out[-3000:]
+    assert "running in other workers" not in out
+    assert (f"tune: trial 0 FAIL - its worker (pid {worker.pid} on {dead[0].user_attrs['worker']['host']}) ended "
+            "without finishing it; queued again with the same params") in out
+    trials = _study(workdir).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == dead[0].params
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].system_attrs["retry_history"] == [0]
+    assert trials[1].user_attrs["worker"]["pid"] not in (worker.pid, None)  # the second worker's
+    _, _, nested = _runs(workdir)
+    assert sorted((r.data.tags["trial_number"], r.info.status) for r in nested) == [("0", "KILLED"), ("1", "FINISHED")]
+
+
+def test_only_the_trials_of_workers_gone_from_this_machine_are_failed_and_each_is_queued_once(tmp_path):
+    import psutil
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from onecycle.tuning import studies
+
+    here = studies.worker_identity()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    ended = {**here, "pid": child.pid, "started": psutil.Process(child.pid).create_time()}
+    assert not studies.worker_gone(ended)  # running
+    child.stdin.close()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
+    assert studies.worker_gone(ended)
+    child.wait()
+    assert studies.worker_gone(ended)  # no such pid
+
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING,
+                                        system_attrs={"failed_trial": 7, "retry_history": [7]}))
+    workers = {
+        "a retry whose worker ended": ended,
+        "alive": here,
+        "a worker that ended": ended,
+        "the pid reused by a later process": {**here, "started": here["started"] - 3600},
+        "another machine": {**here, "host": "elsewhere", "pid": child.pid},
+        "another container": {**here, "pidns": "pid:[1]", "pid": child.pid},
+        "no record": None,
+    }
+    for i, worker in enumerate(workers.values()):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
+        assert trial.number == i
+    assert studies.running_elsewhere(study.get_trials()) == 4  # alive, another machine or container, no record
+    failed = studies.fail_dead_trials(study)
+    assert [(t.number, t.state.name) for t, _ in failed] == [(0, "FAIL"), (2, "FAIL"), (3, "FAIL")]
+    reason = f"its worker (pid {child.pid} on {here['host']}) ended without finishing it"
+    assert [note for _, note in failed] == [f"trial 0 FAIL - {reason}; not queued again (it was already the retry of trial 7)",
+                                            f"trial 2 FAIL - {reason}; queued again with the same params",
+                                            f"trial 3 FAIL - its worker (pid {os.getpid()} on {here['host']}) ended without "
+                                            "finishing it; queued again with the same params"]
+    assert failed[1][0].user_attrs["failure_reason"] == reason
+    trials = study.get_trials()
+    assert [t.state.name for t in trials[:7]] == ["FAIL", "RUNNING", "FAIL", "FAIL", "RUNNING", "RUNNING", "RUNNING"]
+    queued = trials[7:]
+    assert [t.state.name for t in queued] == ["WAITING", "WAITING"]
+    assert [t.params for t in queued] == [trials[2].params, trials[3].params]
+    assert [(t.system_attrs["failed_trial"], t.system_attrs["retry_history"]) for t in queued] == [(2, [2]), (3, [3])]
+    assert all(t.user_attrs == {} for t in queued)  # not the dead trial's worker, MLflow run or failure
+    assert studies.fail_dead_trials(study) == []  # done once
+
+
 def test_a_worker_with_other_fixed_params_is_refused_in_one_line_unless_forced(workdir, capsys):
     tiny_params(workdir, tune={"epochs": 1})
     assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0

@@ -103,8 +103,8 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
                            "lr_find/smoothed_loss": result.smoothed})
         logger.log({f"lr_find/suggested_{name}": lr for name, lr in result.suggestions.items() if lr is not None}, 0)
         logger.flush()
-        mlflow.log_artifact(str(ws.lr_find_json))
-        mlflow.log_artifact(str(ws.lr_find_png))
+        runs.log_artifact(ws.lr_find_json)
+        runs.log_artifact(ws.lr_find_png)
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
           f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")

@@ -44,9 +44,12 @@ from onecycle.tuning.reproduce import check_fixed, dvc_command, fixed_params, tr
 from onecycle.tuning.space import Dimension, search_space, trial_params
 from onecycle.tuning.studies import (
     build_pruner,
+    fail_dead_trials,
     open_storage,
     open_study,
     pruner_cannot_prune,
+    record_worker,
+    running_elsewhere,
     sigterm_interrupts,
     storage_url,
 )
@@ -144,6 +147,7 @@ class Objective:
         from onecycle.training.engine import DivergenceError, build_setup
 
         mlflow = store.mlflow()
+        record_worker(trial)  # first: a worker killed from here on is found by the next one (fail_dead_trials)
         values = {key: dim.suggest(trial) for key, dim in self.space.items()}
         run = mlflow.start_run(nested=True, run_name=f"trial-{trial.number}")
         run_id = run.info.run_id
@@ -376,8 +380,6 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
 
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) is the seam tests inject faults through.
     """
-    from optuna.trial import TrialState
-
     from onecycle.training.engine import device_name, resolve_device, train_step
 
     mlflow = store.mlflow()
@@ -398,6 +400,10 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     experiment_id = store.configure(params.mlflow.experiment, ws.root)
     study, created = open_study(storage, params)
     check_fixed(study, fixed_params(unsampled.flat(), set(space)), force)
+    for dead, note in fail_dead_trials(study):  # its worker died on this machine (kill -9): FAIL, its run KILLED
+        print(f"tune: {note}", flush=True)
+        run_id = dead.user_attrs.get("mlflow_run_id")
+        _quietly("end its run", lambda r=run_id: r and mlflow.MlflowClient().set_terminated(r, "KILLED"))
     study.pruner = build_pruner(params, space)
     cannot = pruner_cannot_prune(params, space)
     if n_trials and cannot:
@@ -406,7 +412,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
             "optuna_study": tune.study_name, "optuna_storage": where}
     parent_id, new_parent = parent_run(study, created, experiment_id, {**tags, "stage": "tune"})
     before = study.get_trials(deepcopy=False)
-    running = sum(t.state == TrialState.RUNNING for t in before)
+    running = running_elsewhere(before)
     if running and params.train.threads == 0:
         log.warning("%d trial(s) of this study are running in other workers: give each worker its share of the "
                     "cores (--threads N or train.threads; see README: Tuning)", running)
@@ -463,7 +469,7 @@ def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:
             mlflow.log_metrics({f"best/max_lr_over_{name}": r for name, r in ratios.items()})
         mlflow.log_dict({"trial": best.number, "value": best.value, "params": values}, "tune/best.json")
         for path in (ws.best_params, ws.trials_csv, *plots):
-            mlflow.log_artifact(str(path), artifact_path="tune")
+            runs.log_artifact(path, "tune")
 
     _quietly("log the study's summary", log_summary)
     shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
