@@ -144,7 +144,8 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    suggestion: Literal["steepest", "valley", "minimum"] = "steepest"
+    # robust: between the steepest descent and the bottom of the loss smoothed both ways (stable to noise, README)
+    suggestion: Literal["steepest", "valley", "minimum", "robust"] = "steepest"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:

@@ -35,7 +35,7 @@ def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
-    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3"}
+    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3", "robust": "C4"}
     sm = np.asarray(result.smoothed)
     for name, lr in result.suggestions.items():
         if lr is None:
