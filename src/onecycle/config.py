@@ -144,7 +144,8 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    suggestion: Literal["steepest", "valley", "minimum"] = "steepest"
+    # robust: between the steepest descent and the bottom of the loss smoothed both ways (stable to noise, README)
+    suggestion: Literal["steepest", "valley", "minimum", "robust"] = "steepest"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:
@@ -200,9 +201,11 @@ class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU...
-    amp: Literal[False, True, "fp16", "bf16"] = False
-    # ...unless this is true (slower than fp32 there; it lets the mixed-precision path run, e.g. in tests).
+    # Precision: auto = what fits the machine (bf16 on a CPU with AMX, bf16 or else fp16 + GradScaler on CUDA, fp32
+    # elsewhere: CPUs without AMX, where autocast is slower than fp32, and MPS); false = fp32; fp16, bf16 (true = fp16)
+    # force autocast on CUDA, and on CPU only when amp_on_cpu is true.
+    amp: Literal["auto", False, True, "fp16", "bf16"] = "auto"
+    # Let an explicit amp (fp16/bf16/true) autocast on CPU too (e.g. tests of the mixed-precision path); auto ignores it.
     amp_on_cpu: bool = False
     channels_last: bool = True
     compile: bool = False

@@ -160,7 +160,8 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
             mlflow.set_tag("resumed_from_epoch", str(resume_state["epoch"]))
             reconcile_metrics(params, max_lr, len(setup.train_loader), resume_state, logger)
         print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
-              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}"
+              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}, "
+              f"{setup.precision}"
               f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
         hooks = stage_hooks(ws, config_id, run_id, logger, resume_state is not None, identity)
         with StopSignals() as stop:  # a finished checkpoint: fit trains nothing and returns its result
@@ -285,7 +286,8 @@ def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_l
 
     mlflow = store.mlflow()
     mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
-                     "stage": "train", "config_hash": config_id, "processes": str(dist.world_size())})
+                     "stage": "train", "config_hash": config_id, "processes": str(dist.world_size()),
+                     "precision": setup.precision})
     mlflow.set_tags(runs.lr_report_provenance(ws.lr_find_json, lr_find_run_id(ws.lr_find_json)))
     if ws.lr_find_png.is_file():
         runs.log_artifact(ws.lr_find_png, "lr_find")
