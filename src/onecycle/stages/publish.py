@@ -37,6 +37,18 @@ def _read_json(path: Path, what: str) -> dict:
         raise OneCycleError(f"{path} is missing or unreadable: run `onecycle {what}` (or `dvc repro`) first") from None
 
 
+def _network_of(client, run_id: str) -> str | None:
+    """The id of the raw network the training run logged (``network``), if any."""
+    outputs = client.get_run(run_id).outputs
+    for output in reversed(outputs.model_outputs if outputs else []):
+        try:
+            if client.get_logged_model(output.model_id).name == "network":
+                return output.model_id
+        except Exception:  # a model the store cannot return
+            continue
+    return None
+
+
 def _recipe_of(client, version) -> str | None:
     """The recipe a version serves: its tag, or its logged model's (a publish stopped before tagging the version)."""
     if version.tags.get(RECIPE_TAG):
@@ -82,7 +94,9 @@ def run(params, ws: Workspace) -> dict:
     if same:  # published before (an interrupted publish, or a rerun): the same version, tagged again
         version = max(same)
     else:
-        info = log_classifier(run_id, ws.model, name, tta, tags={RECIPE_TAG: recipe})
+        network = _network_of(client, run_id)  # what train logged: the raw network's URI goes in the metadata
+        info = log_classifier(run_id, ws.model, name, tta, network_uri=f"models:/{network}" if network else None,
+                              tags={RECIPE_TAG: recipe})
         version = int(info.registered_model_version)
         client.set_model_version_tag(name, str(version), RECIPE_TAG, recipe)
     mark_version(name, version, run_id, test, test_digest(load_info(params.data, ws.root)))
