@@ -107,6 +107,14 @@ def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accur
     assert float(cand.tags[TOP5]) == pytest.approx(metrics["top5"], abs=1e-6)
     assert cand.tags[DIGEST] == digest and len(digest) == 16
     assert cand.tags["git_commit"] == client.get_run(run_id).data.tags["git_commit"]
+    import mlflow
+
+    meta = mlflow.models.get_model_info(f"models:/{NAME}/1").metadata["onecycle"]
+    assert meta["tta"] == "flip" and meta["network_uri"].startswith("models:/m-")  # the recipe; train's raw network
+    assert client.get_run(run_id).info.status == "FINISHED"  # publish logged into the run by id, status untouched
+    assert json.loads((work / "reports/publish.json").read_text())["version"] == 1
+    assert guarded("publish", lambda: publish.run(params, Workspace(work)) and 0) == 0  # again: the same version
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
     assert all(getattr(mv, "current_stage", None) in (None, "None") for mv in client.search_model_versions(f"name='{NAME}'"))
     top1 = metrics["top1"]
 
