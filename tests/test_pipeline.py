@@ -102,12 +102,15 @@ def repo(tmp_path_factory):
     return {"path": clone, "repro": proc}
 
 
-def test_dvc_repro_runs_all_four_stages_and_locks_them(repo):
+def test_dvc_repro_runs_all_five_stages_and_locks_them(repo):
     clone = repo["path"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch", "lr_find", "train", "evaluate"}
+    assert set(lock["stages"]) == {"fetch", "lr_find", "train", "evaluate", "publish"}
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 2
-    for stage in ("fetch", "lr_find", "train", "evaluate"):
+    published = json.loads((clone / "reports/publish.json").read_text())
+    assert published["registered_model"] == "tiny-onecycle" and published["version"] == 1
+    assert published["tta"] == "flip"
+    for stage in ("fetch", "lr_find", "train", "evaluate", "publish"):
         assert f"Running stage '{stage}'" in repo["repro"].stdout
     assert (clone / "models/model.pt").is_file() and (clone / "checkpoints/last.pt").is_file()
     again = run([BIN / "dvc", "repro"], cwd=clone)
@@ -122,12 +125,15 @@ def test_dvc_status_changes_only_for_the_stages_that_run_an_edited_module(repo):
     clone = repo["path"]
     assert _dvc_status(clone) == {}
     edited = ["src/onecycle/stages/predict.py", "src/onecycle/stages/tune.py", "README.md",
-              "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
+              "src/onecycle/serving/classifier.py", "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
     try:
         for rel in edited[:3]:  # modules no pipeline stage runs, and the docs
             with open(clone / rel, "a") as f:
                 f.write("\n# an edit\n")
         assert _dvc_status(clone) == {}
+        with open(clone / "src/onecycle/serving/classifier.py", "a") as f:  # how the server reads a request
+            f.write("\n# an edit\n")
+        assert set(_dvc_status(clone)) == {"publish"}  # re-publish, never re-train
         with open(clone / "src/onecycle/training/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"train"}

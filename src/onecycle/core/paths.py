@@ -65,6 +65,11 @@ class Workspace:
         return self.reports / "metrics.json"
 
     @property
+    def publish_json(self) -> Path:
+        """The registered version the publish stage made of the evaluated model (not a metric: an id)."""
+        return self.reports / "publish.json"
+
+    @property
     def per_class_csv(self) -> Path:
         return self.reports / "per_class.csv"
 
@@ -112,4 +117,5 @@ STAGE_OUTPUTS = {
     "lr_find": ("lr_find_json", "lr_find_csv", "lr_find_png"),
     "train": ("model", "checkpoints", "train_json", "history_csv", "runs_json", "schedule_csv"),
     "evaluate": ("metrics_json", "per_class_csv", "predictions_csv", "confusion_png", "misclassified_png"),
+    "publish": ("publish_json",),
 }

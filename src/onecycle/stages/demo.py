@@ -240,7 +240,8 @@ def space_demo(folder: Path):
 
     folder = Path(folder)
     cfg = json.loads((folder / SPACE_CONFIG).read_text())
-    predict, ds, augment_eval = load_predictor(folder / cfg["model"], None, torch.device("cpu"))
+    predict, ds, augment_eval = load_predictor(folder / cfg["model"], None, torch.device("cpu"),
+                                               tta=cfg.get("tta", "none"))
     examples = [Example(folder / e["file"], e["label"]) for e in cfg.get("examples", [])]
     return build_demo(predict, ds, augment_eval, k=int(cfg.get("top_k", 5)), examples=examples,
                       source=cfg.get("source", ""))
@@ -325,7 +326,7 @@ def space_readme(ds, gradio_version: str) -> str:
 
 
 def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k: int, source: str,
-                 eval_spec: Sequence = ()) -> Path:
+                 eval_spec: Sequence = (), tta: str = "none") -> Path:
     """Write a Hugging Face Space folder (Gradio SDK) that runs this demo without onecycle installed."""
     import gradio
 
@@ -345,7 +346,7 @@ def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k
     for e in examples:
         shutil.copyfile(e.path, out / "examples" / e.path.name)
         listed.append({"file": f"examples/{e.path.name}", "label": e.label})
-    cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source}
+    cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source, "tta": tta}
     (out / SPACE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "app.py").write_text(APP_PY)
     (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__, eval_spec)) + "\n")
@@ -392,14 +393,14 @@ def _serve(params, args) -> int:
     from onecycle.training.engine import resolve_device
 
     device = resolve_device(params.train.device)
-    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device)
+    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device, tta=params.evaluate.tta)
     source = args.model_uri or str(args.model)
     data_dir = Path(params.data.root).expanduser() / ds.name
     with tempfile.TemporaryDirectory(prefix="onecycle-demo-") as tmp:
         examples = write_examples(data_dir, list(ds.classes), Path(tmp), args.examples)
         if args.export_space:
             out = export_space(args.export_space, args.model, ds, examples, args.top_k, source,
-                               augment_eval or catalog.kind(ds.name).eval_spec())
+                               augment_eval or catalog.kind(ds.name).eval_spec(), tta=params.evaluate.tta)
             print(f"onecycle demo: wrote a Hugging Face Space into {out}/ ({len(examples)} example images); "
                   f"try it with `cd {out} && python app.py`", flush=True)
             return 0

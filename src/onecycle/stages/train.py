@@ -1,7 +1,7 @@
 """train stage: the One Cycle epoch loop (:mod:`onecycle.training.loop`) as a tracked, checkpointed, resumable MLflow run.
 
 This module owns the stage around the loop: which checkpoint to resume from, the MLflow run (tags,
-params, per-epoch and per-step metrics, artifacts, the logged and registered model), the files the
+params, per-epoch and per-step metrics, artifacts, the logged network), the files the
 stage writes (``models/model.pt``, ``reports/train.json``, ``reports/runs.json``, ``reports/history.csv``,
 ``reports/schedule.csv``, ``checkpoints/``)
 and the re-launch under torchrun for ``train.nproc_per_node`` > 1.
@@ -14,8 +14,9 @@ holds when what the configuration does not say changed: the architecture (code),
 resolved device, precision or number of processes (:func:`resume_identity`). ``train.resume: false`` always
 starts fresh. One ``onecycle train`` at a time per workspace: a lock in ``checkpoints/`` refuses a second.
 
-Finalization (the model file, reports, the checkpoints as logged models, the logged and registered model, the run's
-end) is a list of named steps (:func:`finalize_steps`), each recorded in ``checkpoints/finalize.json`` when
+Finalization (the model file, reports, the checkpoints as logged models, the logged network, the run's end; the
+registered classifier is made after evaluate, by the publish stage) is a list of named steps (:func:`finalize_steps`),
+each recorded in ``checkpoints/finalize.json`` when
 done; the run is FINISHED only after all of them. If one fails or is interrupted, the next ``onecycle train``
 sees the finished ``last.pt`` and completes only the missing steps, in the same MLflow run, without training.
 """
@@ -310,7 +311,7 @@ def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summar
 def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
                    logger: runs.RunLogger) -> list[tuple[str, Callable[[], object]]]:
     """The named steps after the last epoch, in order; each is safe to run again and recorded when done."""
-    from onecycle.serving.publish import log_final_model
+    from onecycle.serving.network import log_network
 
     mlflow = store.mlflow()
     last = result.history[-1]
@@ -352,8 +353,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
 
     return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary, run_id)),
             ("metrics", metrics), ("checkpoints", checkpoints), ("reports", reports),
-            ("model", lambda: log_final_model(setup, result.best_state, model=params.model, augment=params.augment,
-                                              registered_model=params.mlflow.registered_model)),
+            ("network", lambda: log_network(setup, result.best_state, model=params.model, augment=params.augment)),
             ("end_run", end_run)]
 
 
@@ -393,7 +393,7 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
         if isinstance(exc, Exception):
             raise OneCycleError(msg) from exc
         raise
-    uri = record["done"].get("model")
+    uri = record["done"].get("network")
     print(f"train: best val top1 {result.best_top1 if result.best_top1 >= 0 else None} at epoch {result.best_epoch}; "
           f"{ws.model}, {ws.train_json}, {ws.history_csv}; model {uri}")
 

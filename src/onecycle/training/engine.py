@@ -21,7 +21,7 @@ from onecycle.core.errors import OneCycleError
 from onecycle.data.loaders import build_split, make_device_loader, make_loader
 from onecycle.data.store import DatasetInfo, load_info
 from onecycle.training.checkpoint import rng_state, set_rng_state
-from onecycle.training.models import build_model, init_whitening
+from onecycle.training.models import build_model, init_whitening, tta_logits
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
         with autocast(device, dtype):
-            logits = model(images)
-            flipped = model(images.flip(3)) if tta == "flip" else None
-        logits = logits.float()
-        if flipped is not None:
-            probs = (logits.softmax(1) + flipped.float().softmax(1)) / 2
-            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+            logits = tta_logits(model, images, tta)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
