@@ -13,9 +13,9 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 endif
 
-.PHONY: setup system test test-fast repro ui demo tune bench lint lock clean
+.PHONY: setup system vega test test-fast repro ui demo tune bench lint lock clean
 
-setup: $(VENV)/.installed system  ## .venv with the pinned requirements and the package (with its s3 extra); Debian's Fashion-MNIST and PostgreSQL
+setup: $(VENV)/.installed system vega  ## .venv with the pinned requirements and the package (all its extras); Debian's Fashion-MNIST and PostgreSQL; Vega for offline DVC plots
 
 # pip prints its errors only: no per-package notes, version nags or warnings about a machine's pip.conf
 # (`make setup PIP_QUIET=` shows them all). --no-build-isolation builds the editable package with the pinned
@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@echo "setup: installing requirements.txt and requirements-dev.txt into $(VENV)"
 	@$(PIP_INSTALL) --upgrade "pip>=25"
 	@$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
-	@$(PIP_INSTALL) --no-deps --no-build-isolation -e ".[s3]"
+	@$(PIP_INSTALL) --no-deps --no-build-isolation -e ".[demo,postgres,s3]"
 	@touch $@
 	@echo "setup: $$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV), onecycle $$($(PY) -c 'import onecycle; print(onecycle.__version__)')"
 
@@ -46,6 +46,26 @@ system:
 		echo "  dataset-fashion-mnist 'onecycle fetch' downloads Fashion-MNIST; without postgresql the"; \
 		echo "  PostgreSQL tune test is skipped."; \
 	fi
+
+# Vega, Vega-Lite and vega-embed for `dvc plots show/diff` pages that render offline (.dvc/plots/offline.html,
+# DVC's plots.html_template, loads them from here; without them it falls back to the CDN, then says why).
+# The npm registry's tarballs, each script checked against its SHA-256.
+VEGA_DIR := .dvc/plots/vendor
+VEGA_PACKAGES := vega@5.30.0 vega-lite@5.21.0 vega-embed@6.26.0
+VEGA_SHA256 := e432c751a6363f4a61da62920cc7d7ebd13cf09d82949f8f486248f8071dc3ce  vega.min.js\n\
+cd32314b1e76e7d879dc9f0534b62be714df03554486c7ca2381abfd0a92d2f4  vega-lite.min.js\n\
+072c054f2a6310725e038c38a71e00052705e31835632462c9717a23a384e895  vega-embed.min.js
+
+vega: $(VEGA_DIR)/.installed
+
+$(VEGA_DIR)/.installed: Makefile
+	@mkdir -p $(VEGA_DIR)
+	@for spec in $(VEGA_PACKAGES); do name=$${spec%@*}; version=$${spec#*@}; \
+		curl -fsSL --retry 2 "https://registry.npmjs.org/$$name/-/$$name-$$version.tgz" \
+		| tar -xzO "package/build/$$name.min.js" > "$(VEGA_DIR)/$$name.min.js" || exit 1; done
+	@cd $(VEGA_DIR) && printf '$(VEGA_SHA256)\n' | sha256sum --quiet -c - || { rm -f *.min.js; exit 1; }
+	@touch $@
+	@echo "setup: Vega for offline DVC plots in $(VEGA_DIR) ($(VEGA_PACKAGES))"
 
 test:  ## the whole suite, slow (training, DVC, MLflow) tests included
 	$(PY) -m pytest
@@ -73,14 +93,14 @@ bench:  ## the trainer vs a bare loop, lr_find, evaluate; then each stage's star
 lint:
 	$(BIN)/ruff check src tests bench
 
-# Re-pin requirements.txt (runtime with the `s3` extra, every platform: Linux with or without CUDA, macOS,
+# Re-pin requirements.txt (runtime with every extra: demo, postgres, s3; every platform: Linux with or without CUDA, macOS,
 # Windows; Python 3.11-3.13) and requirements-dev.txt (test and lint tools) from pyproject.toml. Keeps the current pins where they still
 # fit; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest releases. Needs PyPI.
 LOCK_FLAGS ?=
 UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --custom-compile-command "make lock" \
 	--no-python-downloads --quiet $(LOCK_FLAGS)
 lock:
-	$(UV_COMPILE) pyproject.toml --extra s3 -o requirements.txt
+	$(UV_COMPILE) pyproject.toml --all-extras -o requirements.txt
 	$(UV_COMPILE) --group pyproject.toml:dev -c requirements.txt -o requirements-dev.txt
 
 clean:

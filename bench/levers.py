@@ -38,6 +38,8 @@ LEVERS: list[tuple[str, dict]] = [
     ("whiten", {"model": {"whiten": True}}),
     ("average lookahead", {"train": {"average": "lookahead"}}),
     ("average ema", {"train": {"average": "ema"}}),
+    ("fp32 (train.amp false)", {"train": {"amp": False}}),
+    ("bf16 autocast on CPU (fast with AMX only)", {"train": {"amp": "bf16", "amp_on_cpu": True}}),
     ("defaults again", {}),
 ]
 

@@ -76,3 +76,20 @@ def test_every_lr_find_cost_variant_is_a_valid_change_of_the_default_params():
         for section, values in overrides.items():
             for key, value in values.items():
                 assert getattr(getattr(params, section), key) == value, label
+
+
+def test_every_lr_spread_perturbation_is_a_valid_change_of_the_default_params():
+    """bench/lr_spread.py's perturbations stay valid params as the config evolves (the sweeps are the bench's)."""
+    import importlib.util
+
+    from onecycle.config import load_params
+
+    spec = importlib.util.spec_from_file_location("lr_spread", ROOT / "bench/lr_spread.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = load_params(ROOT / "params.yaml")
+    for label, overrides in bench.PERTURBATIONS:
+        params = base.replace(**overrides) if overrides else base
+        for section, values in overrides.items():
+            for key, value in values.items():
+                assert getattr(getattr(params, section), key) == value, label

@@ -23,7 +23,7 @@ def test_defaults_load_with_the_documented_values():
     assert p.schedule.max_lr == "auto" and p.schedule.pct_start == 0.25 and p.schedule.anneal_strategy == "cos"
     assert p.lr_find.start_lr == 1e-3 and p.lr_find.end_lr == 10.0 and p.lr_find.num_iter == 30
     assert p.optimizer.name == "sgd" and p.optimizer.betas == (0.9, 0.999)
-    assert p.train.device == "auto" and p.train.amp is False
+    assert p.train.device == "auto" and p.train.amp == "auto"
     assert parse_params(None) == p  # an empty params.yaml is the defaults
 
 
@@ -132,7 +132,7 @@ BAD = [
     pytest.param({"schedule": {"max_lr": True}}, "schedule.max_lr must be a number", "got true", id="max-lr-bool"),
     pytest.param({"train": {"device": "tpu"}}, "train.device must be one of 'auto', 'cpu', 'cuda', 'mps'", "'tpu'",
                  id="device"),
-    pytest.param({"train": {"amp": "fp8"}}, "train.amp must be one of false, true, 'fp16', 'bf16'", "'fp8'", id="amp"),
+    pytest.param({"train": {"amp": "fp8"}}, "train.amp must be one of 'auto', false, true, 'fp16', 'bf16'", "'fp8'", id="amp"),
     pytest.param({"train": {"label_smoothing": 1.0}}, "train.label_smoothing must be in [0, 1)", "1.0", id="smoothing"),
     pytest.param({"mlflow": {"log_checkpoints": "some"}}, "mlflow.log_checkpoints must be one of 'none', 'best', 'all'",
                  "'some'", id="log-checkpoints"),

@@ -11,8 +11,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "onecycle"
-STAGES = ("fetch", "lr_find", "train", "evaluate", "predict", "promote", "tune", "demo")
-DVC_STAGES = ("fetch", "lr_find", "train", "evaluate")
+STAGES = ("fetch", "lr_find", "train", "evaluate", "publish", "predict", "promote", "tune", "demo")
+DVC_STAGES = ("fetch", "lr_find", "train", "evaluate", "publish")
 # The layers, bottom to top: a module may import its own package and the layers below it, never one above.
 LAYERS = ("core", "data", "config", "training", "tracking", "serving", "tuning", "stages", "cli")
 

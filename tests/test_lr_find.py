@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from onecycle.config import LRFindConfig, load_params, parse_params
 from onecycle.core.errors import ConfigError
 from onecycle.training.lr_report import NoDescentError, read_suggestion
 from onecycle.training.rangetest import (
+    RangeTestResult,
     descends,
     lr_schedule,
     range_test,
     run_range_test,
     smooth_losses,
     suggest_minimum,
+    suggest_robust,
     suggest_steepest,
     suggest_valley,
 )
@@ -100,6 +103,58 @@ def test_valley_follows_fastai():
     assert suggest_valley(lrs, losses) == pytest.approx(lrs[10 + 37], rel=1e-12)
 
 
+def _default_like_curve(num_iter: int, noise: float = 0.0, seed: int = 0, spike: float | None = None):
+    """A range test's shape, as the default sweep (1e-3 -> 10) measures it: flat at 2.3 to 1e-2, falling faster
+    and faster to 1.4 at 0.35, then blowing up. Gaussian noise of ``noise`` on every step, growing to 3 x that at
+    the bottom (the real sweeps' losses differ by about 0.05 there between seeds)."""
+    lrs = lr_schedule(1e-3, 10.0, num_iter)
+    x = np.log10(lrs)
+    fall = np.minimum(np.clip((x + 2) / 1.55, 0, None), 1)
+    losses = np.where(x <= -0.45, 2.3 - 0.9 * fall ** 2, 1.4 + 3.0 * (x + 0.45))
+    losses = losses + np.random.default_rng(seed).normal(0, 1, num_iter) * noise * (1 + 2 * fall)
+    if spike is not None:
+        losses[-1] = spike
+    return lrs, losses
+
+
+def _spread(values) -> float:
+    return max(values) / min(values)
+
+
+STABLE = 1.1 / 0.9  # max/min of values within +-10% of their centre
+
+
+def test_robust_moves_continuously_with_the_sweep_length():
+    robust = [suggest_robust(*_default_like_curve(n)) for n in (27, 30, 33)]  # 10% fewer or more steps
+    assert _spread(robust) < 1.05
+    assert 0.1 < robust[1] < 0.35  # below the bottom (0.35), above where the fall starts
+    assert robust[1] not in _default_like_curve(30)[0]  # between the sweep's steps, not one of them
+
+
+def test_robust_stays_within_ten_percent_under_noise_and_sweep_length_where_steepest_does_not():
+    curves = [_default_like_curve(n, noise=0.02, seed=seed) for n in (27, 30, 33) for seed in range(5)]
+    robust = [suggest_robust(lrs, losses) for lrs, losses in curves]
+    steepest = [suggest_steepest(lrs, smooth_losses(losses, 0.9)) for lrs, losses in curves]
+    assert _spread(robust) <= STABLE, robust
+    assert _spread(steepest) > STABLE  # it jumps between steps 37% apart, and one draw pulls it further
+
+
+def test_robust_is_not_swamped_by_a_diverged_last_step():
+    lrs, losses = _default_like_curve(30, noise=0.03)
+    plain = suggest_robust(lrs, losses)
+    assert suggest_robust(lrs, _default_like_curve(30, noise=0.03, spike=1e4)[1]) == pytest.approx(plain, rel=0.02)
+
+
+def test_robust_reads_the_raw_losses_the_others_the_smoothed():
+    lrs, losses = _default_like_curve(30, noise=0.03)
+    sm = smooth_losses(losses, 0.9)
+    result = RangeTestResult(list(lrs), list(losses), list(sm), stopped_early=False, reason="completed")
+    result.suggest()
+    assert result.suggestions["robust"] == suggest_robust(lrs, losses)
+    assert result.suggestions["steepest"] == suggest_steepest(lrs, sm)
+    assert parse_params({"lr_find": {"suggestion": "robust"}}).lr_find.suggestion == "robust"
+
+
 def test_a_curve_that_never_descends_has_no_suggestion(tmp_path):
     assert not descends(np.linspace(2.3, 2.5, 50))
     assert descends(np.linspace(2.3, 1.5, 50))
@@ -174,7 +229,7 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     assert main(["--params", "params.yaml"]) == 0
     report = json.loads((workdir / "reports/lr_find.json").read_text())
     assert len(report["lrs"]) == 20 == len(report["smoothed"])
-    assert set(report["suggestions"]) == {"steepest", "valley", "minimum"}
+    assert set(report["suggestions"]) == {"steepest", "valley", "minimum", "robust"}
     chosen = load_params(workdir / "params.yaml").lr_find.suggestion
     assert report["suggestion"] == chosen and report["suggested_lr"] == report["suggestions"][chosen]
     assert (workdir / "reports/lr_find.png").stat().st_size > 10_000
@@ -189,6 +244,26 @@ def test_lr_find_stage_writes_reports_and_an_mlflow_run(workdir):
     assert {"lr_find.json", "lr_find.png"} <= artifacts
 
 
+@pytest.mark.slow
+def test_a_full_disk_while_logging_the_reports_names_the_artifact_it_was_writing(workdir, monkeypatch, capsys):
+    import errno
+
+    import mlflow
+
+    from onecycle.stages.lr_find import main
+
+    def full_disk(*args, **kwargs):  # the artifact copy's own error names neither file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_artifact", full_disk)
+    tiny_params(workdir)
+    assert main(["--params", "params.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("onecycle lr-find: error: no space left on the disk writing ") and \
+        err.endswith("/artifacts/lr_find.json (No space left on device); free some space and run again"), err
+
+
 def test_unfetched_dataset_is_a_clear_error(tmp_path):
     params = tiny_params(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "onecycle", "lr-find", "--params", str(params)], cwd=tmp_path,
@@ -198,3 +273,21 @@ def test_unfetched_dataset_is_a_clear_error(tmp_path):
     assert "has not been fetched: run `onecycle fetch`" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_what_changes_the_sweep_is_a_dvc_param_of_lr_find_and_recorded_in_the_report(tmp_path):
+    import yaml
+
+    from onecycle.core.errors import OneCycleError
+    from onecycle.training.lr_report import check_measured_on, measured_on
+
+    root = Path(__file__).resolve().parents[1]
+    stage_params = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["lr_find"]["params"]
+    # the range test clips gradients as train does (run_range_test), and train.seed sets the initial weights and
+    # the sweep's data order (bench/lr_spread.py: seed 1 moved steepest from 0.22 to 0.30)
+    assert {"train.grad_clip", "train.seed"} <= set(stage_params)
+    report = tmp_path / "lr_find.json"
+    report.write_text(json.dumps({"suggested_lr": 0.2, "measured_on": measured_on(parse_params({}).flat(), "d")}))
+    clipped = parse_params({"train": {"grad_clip": 1.0}}).flat()
+    with pytest.raises(OneCycleError, match="measured with train.grad_clip = null, but the params say 1.0"):
+        check_measured_on(report, measured_on(clipped, "d"))

@@ -102,12 +102,15 @@ def repo(tmp_path_factory):
     return {"path": clone, "repro": proc}
 
 
-def test_dvc_repro_runs_all_four_stages_and_locks_them(repo):
+def test_dvc_repro_runs_all_five_stages_and_locks_them(repo):
     clone = repo["path"]
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch", "lr_find", "train", "evaluate"}
+    assert set(lock["stages"]) == {"fetch", "lr_find", "train", "evaluate", "publish"}
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 2
-    for stage in ("fetch", "lr_find", "train", "evaluate"):
+    published = json.loads((clone / "reports/publish.json").read_text())
+    assert published["registered_model"] == "tiny-onecycle" and published["version"] == 1
+    assert published["tta"] == "flip"
+    for stage in ("fetch", "lr_find", "train", "evaluate", "publish"):
         assert f"Running stage '{stage}'" in repo["repro"].stdout
     assert (clone / "models/model.pt").is_file() and (clone / "checkpoints/last.pt").is_file()
     again = run([BIN / "dvc", "repro"], cwd=clone)
@@ -122,12 +125,15 @@ def test_dvc_status_changes_only_for_the_stages_that_run_an_edited_module(repo):
     clone = repo["path"]
     assert _dvc_status(clone) == {}
     edited = ["src/onecycle/stages/predict.py", "src/onecycle/stages/tune.py", "README.md",
-              "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
+              "src/onecycle/serving/classifier.py", "src/onecycle/training/loop.py", "src/onecycle/stages/fetch.py"]
     try:
         for rel in edited[:3]:  # modules no pipeline stage runs, and the docs
             with open(clone / rel, "a") as f:
                 f.write("\n# an edit\n")
         assert _dvc_status(clone) == {}
+        with open(clone / "src/onecycle/serving/classifier.py", "a") as f:  # how the server reads a request
+            f.write("\n# an edit\n")
+        assert set(_dvc_status(clone)) == {"publish"}  # re-publish, never re-train
         with open(clone / "src/onecycle/training/loop.py", "a") as f:  # the epoch loop: train runs it, lr_find does not
             f.write("\n# an edit\n")
         assert set(_dvc_status(clone)) == {"train"}
@@ -184,6 +190,8 @@ def test_the_training_run_holds_train_test_and_lr_finder_links(repo):
         json.loads((clone / "reports/metrics.json").read_text())["test"]["top1"])
     lr_run = json.loads((clone / "reports/lr_find.json").read_text())["mlflow_run_id"]
     assert run_.data.tags["lr_find_run_id"] == lr_run
+    # a clean clone, a plain `dvc repro`: what the pipeline rewrote (dvc.lock, reports) does not make it dirty
+    assert run_.data.tags["git_dirty"] == "false" and client.get_run(lr_run).data.tags["git_dirty"] == "false"
     assert client.get_run(lr_run).data.tags["stage"] == "lr_find"
     assert run_.info.artifact_uri.startswith((clone / "mlruns/artifacts").as_uri())
     evaluate = {a.path for a in client.list_artifacts(run_id, "evaluate")}
@@ -370,6 +378,33 @@ def test_dvc_experiments_carry_their_name_into_mlflow(repo):
     assert run_.data.tags["dvc_exp_name"] == "lowlr"
     assert run_.info.run_name == "lowlr"  # found in the UI's runs table by the experiment's name
     assert run_.data.params["schedule.max_lr"] == "0.02"
+
+
+def test_a_tune_trials_recorded_command_reproduces_its_params(repo, tmp_path):
+    """A worker tunes with its own params file (other subset and batch size than params.yaml); the command its
+    trial records, run as it is, trains with exactly the trial's params."""
+    import shlex
+
+    clone = repo["path"]
+    worker = yaml.safe_load((clone / "params.yaml").read_text())
+    worker["data"].update(train_subset=1024, batch_size=64)
+    worker["tune"].update(epochs=1, n_trials=1, study_name="reproduce", pruner="none")
+    worker["train"]["threads"] = 1
+    (tmp_path / "worker.yaml").write_text(yaml.safe_dump(worker, sort_keys=False))
+    run([BIN / "onecycle", "tune", "--params", str(tmp_path / "worker.yaml")], cwd=clone, timeout=900)
+    client = _mlflow_client(clone)
+    experiment = client.get_experiment_by_name("onecycle").experiment_id
+    trial = client.search_runs([experiment], "tags.stage = 'tune_trial' and tags.optuna_study = 'reproduce'")[0]
+    command = trial.data.tags["dvc_command"]
+    assert "-S data.train_subset=1024" in command and "-S data.batch_size=64" in command, command
+    argv = shlex.split(command)
+    assert argv[:3] == ["dvc", "exp", "run"]
+    run([BIN / "dvc", "exp", "run", "--temp", "-n", "trial-again", *argv[3:]], cwd=clone, timeout=900)
+    again = client.search_runs([experiment], "tags.stage = 'train' and tags.dvc_exp_name = 'trial-again'")[0]
+    skip = ("tune.", "mlflow.", "train.threads", "train.resume", "train.checkpoint_every")
+    differ = {k: (v, again.data.params.get(k)) for k, v in trial.data.params.items()
+              if not k.startswith(skip) and again.data.params.get(k) != v}
+    assert differ == {}, differ
 
 
 def test_queued_experiments_log_to_the_workspace_store(repo):

@@ -296,7 +296,7 @@ def test_ctrl_c_in_the_final_log_model_is_completed_in_the_same_run_without_trai
     assert _train(params, ws, step_fn=_no_training) == 0
     runs = _runs(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
-    assert sorted(m.name for m in _logged_models(tmp_path, run_id)) == ["model", "network"]  # each once
+    assert sorted(m.name for m in _logged_models(tmp_path, run_id)) == ["checkpoint-best", "network"]  # each once
     assert json.loads((tmp_path / "reports/runs.json").read_text())["train"] == run_id
     # finalized now: a third run trains again, from scratch, in a new run
     assert _train(params, ws) == 0
@@ -320,16 +320,17 @@ def test_disk_full_writing_the_model_file_is_one_line_and_completed_later(tmp_pa
     assert _client(tmp_path).get_run(run_id).info.status == "FAILED"
     seen.clear()
     assert _train(params, ws, step_fn=_no_training, finalize_hook=seen.append) == 0
-    assert seen == ["outputs", "metrics", "checkpoints", "reports", "model", "end_run"]
+    assert seen == ["outputs", "metrics", "checkpoints", "reports", "network", "end_run"]
     assert _client(tmp_path).get_run(run_id).info.status == "FINISHED"
     assert ckpt.load(tmp_path / "models/model.pt")["format"] == "onecycle-model/1"
     # a failure after the model was logged redoes only what is missing
     (tmp_path / "checkpoints/finalize.json").write_text(json.dumps(
-        {"run_id": run_id, "done": {k: None for k in ("outputs", "metrics", "checkpoints", "reports", "model")}}))
+        {"run_id": run_id, "done": {k: None for k in ("outputs", "metrics", "checkpoints", "reports", "network")}}))
     _client(tmp_path).update_run(run_id, status="KILLED")
     seen.clear()
     assert _train(params, ws, step_fn=_no_training, finalize_hook=seen.append) == 0
-    assert seen == ["end_run"] and sorted(m.name for m in _logged_models(tmp_path, run_id)) == ["model", "network"]
+    assert seen == ["end_run"] and sorted(m.name for m in _logged_models(tmp_path, run_id)) == [
+        "checkpoint-best", "network"]
 
 
 def test_one_cycle_schedules_that_do_not_fit_are_refused_and_the_others_run():

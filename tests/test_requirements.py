@@ -157,3 +157,60 @@ def test_the_locks_resolve_for_every_platform_from_pypi(tmp_path):
         if any(CUDA_ONLY.match(name) for name in resolved) != ("linux" in platform):
             problems.append(f"{where}: CUDA packages {'missing' if 'linux' in platform else 'selected'}")
     assert not problems, "\n".join(problems)
+
+
+def _declared() -> dict[str, str]:
+    """Canonical distribution name -> where pyproject.toml declares it (dependencies or an extra)."""
+    out = {canonicalize_name(Requirement(line).name): "dependencies" for line in PYPROJECT["project"]["dependencies"]}
+    for extra, lines in PYPROJECT["project"].get("optional-dependencies", {}).items():
+        out.update({canonicalize_name(Requirement(line).name): f"[{extra}]" for line in lines})
+    return out
+
+
+def test_every_package_the_code_imports_is_declared():
+    """filelock, sqlalchemy, packaging ... came through other packages' dependencies; each is onecycle's own."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    declared = _declared()
+    missing = {}
+    for path in sorted((REPO / "src/onecycle").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top == "onecycle":
+                    continue
+                names = {canonicalize_name(d) for d in dists.get(top, [top])}
+                if not names & set(declared):
+                    missing.setdefault(top, f"{path.relative_to(REPO)}: {sorted(names)}")
+    assert not missing, f"imported but not in pyproject.toml: {missing}"
+
+
+def test_pyproject_holds_ranges_and_extras_the_locks_pin_exactly():
+    lines = PYPROJECT["project"]["dependencies"] + [
+        line for lines in PYPROJECT["project"]["optional-dependencies"].values() for line in lines]
+    assert not [line for line in lines if "==" in line.split(";")[0]], "exact pins belong in requirements.txt (`make lock`)"
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert {"demo", "postgres", "s3"} <= set(extras)
+    assert _declared()["gradio"] == "[demo]" and _declared()["psycopg"] == "[postgres]"
+    makefile = (REPO / "Makefile").read_text()
+    assert "--all-extras" in makefile and '-e ".[demo,postgres,s3]"' in makefile  # `make setup` installs them all
+
+
+def test_a_missing_extra_is_one_line_naming_it(capsys):
+    from onecycle.stages.command import guarded
+
+    def needs_psycopg():
+        raise ModuleNotFoundError("No module named 'psycopg'", name="psycopg")  # as SQLAlchemy's import raises it
+
+    assert guarded("tune", needs_psycopg) == 1
+    assert capsys.readouterr().err == ("onecycle tune: error: psycopg is not installed: pip install 'onecycle[postgres]' "
+                                       "(`make setup` installs every extra)\n")

@@ -1,8 +1,8 @@
-"""The registered model the MLflow 3 way: evaluate's tags and ``@candidate``, ``onecycle promote`` to
+"""The registered model the MLflow 3 way: publish's tags and ``@candidate``, ``onecycle promote`` to
 ``@champion``, and a bare ``mlflow models serve -m models:/NAME@champion`` answering image files over HTTP
-on loopback with the same classes as ``onecycle predict``.
+on loopback with the probabilities ``onecycle predict`` and ``onecycle evaluate`` give (test-time augmentation on).
 
-One tiny training + evaluate (module fixture, real MLflow store in a temporary folder) serves every test.
+One tiny training + evaluate + publish (module fixture, real MLflow store in a temporary folder) serves every test.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 from onecycle.config import load_params
 from onecycle.core.paths import Workspace
 from onecycle.data.store import load_info
-from onecycle.stages import evaluate, predict, promote, train
+from onecycle.stages import evaluate, predict, promote, publish, train
 from onecycle.stages.command import guarded
 from onecycle.tracking.registry import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_candidate, test_digest
 from tiny import tiny_params, write_fetched
@@ -44,16 +44,17 @@ def _env(**extra) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny model trained, registered as NAME version 1 and evaluated (so tagged and @candidate)."""
+    """A tiny model trained, evaluated, and published as NAME version 1 (so tagged and @candidate)."""
     work = tmp_path_factory.mktemp("serving")
     # A module fixture runs before the function-scoped isolated_tracking_uri: an earlier test's
     # mlflow.set_tracking_uri() (which exports MLFLOW_TRACKING_URI) must not pass for the user's store here.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    write_fetched(work / "data", n_train=400, n_test=60)
+    write_fetched(work / "data", n_train=400, n_test=300)
     tiny_params(work, train={"epochs": 1}, data={"val_size": 64}, mlflow={"registered_model": NAME})
     params = load_params(work / "params.yaml")
     assert guarded("train", lambda: train.run(params, Workspace(work), progress=False)) == 0
     assert guarded("evaluate", lambda: evaluate.run(params, Workspace(work)) and 0) == 0
+    assert guarded("publish", lambda: publish.run(params, Workspace(work)) and 0) == 0
     return {"path": work, "params": params}
 
 
@@ -106,6 +107,14 @@ def test_evaluate_tags_the_registered_version_and_promote_follows_the_test_accur
     assert float(cand.tags[TOP5]) == pytest.approx(metrics["top5"], abs=1e-6)
     assert cand.tags[DIGEST] == digest and len(digest) == 16
     assert cand.tags["git_commit"] == client.get_run(run_id).data.tags["git_commit"]
+    import mlflow
+
+    meta = mlflow.models.get_model_info(f"models:/{NAME}/1").metadata["onecycle"]
+    assert meta["tta"] == "flip" and meta["network_uri"].startswith("models:/m-")  # the recipe; train's raw network
+    assert client.get_run(run_id).info.status == "FINISHED"  # publish logged into the run by id, status untouched
+    assert json.loads((work / "reports/publish.json").read_text())["version"] == 1
+    assert guarded("publish", lambda: publish.run(params, Workspace(work)) and 0) == 0  # again: the same version
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
     assert all(getattr(mv, "current_stage", None) in (None, "None") for mv in client.search_model_versions(f"name='{NAME}'"))
     top1 = metrics["top1"]
 
@@ -230,6 +239,51 @@ def _predict(path: Path, capsys, *extra: str) -> list[dict]:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top_k"]
 
 
+def _every_test_image_scores_as_evaluate_scores_it(trained, port: int, tmp_path: Path, capsys) -> None:
+    """Evaluate's per-image class probabilities (test-time augmentation on, as params.yaml says) are what
+    `onecycle predict` and the served model answer for the same images, to 1e-5: the registry's test metrics
+    describe the served model."""
+    import torch
+
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.serving.modelfile import load_model_bundle
+    from onecycle.training.engine import evaluate as score
+
+    work, params = trained["path"], trained["params"]
+    assert params.evaluate.tta == "flip"
+    model, ds, _ = load_model_bundle(work / "models/model.pt")
+    test = build_split(params.data, params.augment, load_info(params.data, work), "test", train_augment=False,
+                       seed=params.train.seed)
+    out = score(model, make_loader(test, 64, shuffle=False, seed=0, num_workers=0), torch.device("cpu"), None,
+                collect=True, tta=params.evaluate.tta)
+    expected = torch.softmax(out["logits"], 1).numpy()
+    n = len(expected)
+    assert n == 300 and out["top1"] == pytest.approx(json.loads((work / "reports/metrics.json").read_text())
+                                                     ["test"]["top1"])
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    paths = [folder / f"{i:03d}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        _png(work, i, path)
+
+    def as_matrix(answers: list[list[dict]]) -> np.ndarray:
+        return np.array([[next(c["probability"] for c in top if c["class"] == name) for name in ds.classes]
+                         for top in answers])
+
+    capsys.readouterr()
+    assert predict.main([*map(str, paths), "--json", "-k", str(len(ds.classes))]) == 0
+    predicted = [json.loads(line)["top_k"] for line in capsys.readouterr().out.strip().splitlines()]
+    np.testing.assert_allclose(as_matrix(predicted), expected, atol=1e-5)
+    images = [[base64.b64encode(p.read_bytes()).decode()] for p in paths]
+    status, answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": images},
+                                  "params": {"k": len(ds.classes)}})
+    assert status == 200, answer
+    np.testing.assert_allclose(as_matrix([a["top_k"] for a in answer["predictions"]]), expected, atol=1e-5)
+    without = score(model, make_loader(test, 64, shuffle=False, seed=0, num_workers=0), torch.device("cpu"), None,
+                    collect=True, tta="none")
+    assert not np.allclose(torch.softmax(without["logits"], 1).numpy(), expected, atol=1e-5)  # TTA is on, visibly
+
+
 def test_mlflow_models_serve_answers_image_files_like_onecycle_predict(trained, tmp_path, monkeypatch, capsys):
     work = trained["path"]
     monkeypatch.chdir(work)
@@ -261,6 +315,8 @@ def test_mlflow_models_serve_answers_image_files_like_onecycle_predict(trained, 
             assert status == 200 and again["predictions"][0]["top_k"] == served[:1], again
             status, again = _post(port, {"dataframe_records": [{"image": b64}]})
             assert status == 200 and again["predictions"][0]["top_k"] == served
+
+        _every_test_image_scores_as_evaluate_scores_it(trained, port, tmp_path, capsys)
 
         good = base64.b64encode(files["gray.png"]).decode()
         truncated = base64.b64encode(files["gray.png"][: len(files["gray.png"]) // 2]).decode()

@@ -251,7 +251,7 @@ def test_the_team_recipe_end_to_end(mlflow_server, s3, team_db, tmp_path):
     assert [v.run_id for v in versions] == [run.info.run_id]
     keys = s3.keys(ARTIFACTS_BUCKET)
     assert any(k.endswith(f"{run.info.run_id}/artifacts/history.csv") for k in keys), keys[:20]
-    assert any(k.endswith("checkpoints/best.pt") for k in keys) and any(k.endswith("MLmodel") for k in keys)
+    assert any(k.endswith("/best.pt") for k in keys) and any(k.endswith("MLmodel") for k in keys)  # checkpoint, models
     assert not list(clone.glob("mlruns/**/*.csv")) and not (clone / "mlflow.db").exists()  # nothing local
     sh([BIN / "onecycle", "promote"], clone, env)
     assert client.get_model_version_by_alias(MODEL, "champion").run_id == run.info.run_id
@@ -410,10 +410,13 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_everything_arriv
     assert run.info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(run_id, "val/top1")}) == list(range(1, epochs + 1))
     assert sorted({m.step for m in client.get_metric_history(run_id, "lr")}) == list(range(epochs * 16))
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in
-                                                                  client.list_artifacts(run_id, "checkpoints")}
-    assert {"history.csv", "schedule.csv", "checkpoints/best.pt"} <= artifacts, artifacts
-    assert [v.run_id for v in client.search_model_versions(f"name='{MODEL}'") if v.run_id == run_id] == [run_id]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"history.csv", "schedule.csv"} <= artifacts, artifacts
+    checkpoints = client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run_id}' AND model_type = 'checkpoint'"))
+    assert [m.name for m in checkpoints] == ["checkpoint-best"]
+    assert [a.path for a in client.list_logged_model_artifacts(checkpoints[0].model_id)] == ["best.pt"]
+    assert _network_logged(client, run) == 1  # the trained network arrived (publish registers after evaluate)
 
 
 def test_a_server_that_stays_down_ends_in_one_line_and_the_run_completes_later(mlflow_server, tmp_path):
@@ -450,7 +453,13 @@ def test_a_server_that_stays_down_ends_in_one_line_and_the_run_completes_later(m
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(run_id, "val/top1")}) == [1, 2, 3]
     assert sorted({m.step for m in client.get_metric_history(run_id, "lr")}) == list(range(3 * 8))
-    assert [v.run_id for v in client.search_model_versions(f"name='{MODEL}'") if v.run_id == run_id] == [run_id]
+    assert _network_logged(client, client.get_run(run_id)) == 1
+
+
+def _network_logged(client, run) -> int:
+    """How many raw networks (``network``) the training run logged."""
+    return len(client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run.info.run_id}' AND name = 'network'")))
 
 
 def ckpt_finished(workdir: Path) -> bool:

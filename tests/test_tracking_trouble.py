@@ -42,6 +42,21 @@ def _evaluate(params, ws) -> int:
     return guarded("evaluate", lambda: evaluate.run(params, ws) and 0)
 
 
+def _publish(params, ws) -> int:
+    from onecycle.stages import publish
+    from onecycle.stages.command import guarded
+
+    return guarded("publish", lambda: publish.run(params, ws) and 0)
+
+
+def _candidate(client) -> str | None:
+    try:
+        alias = client.get_registered_model(MODEL).aliases.get("candidate")
+    except Exception:  # not registered yet: publish registers it
+        return None
+    return None if alias is None else str(alias)
+
+
 # ------------------------------------------------------------------ item 2: evaluate interrupted while logging
 
 @pytest.mark.slow
@@ -60,13 +75,14 @@ def test_ctrl_c_while_evaluate_logs_leaves_the_training_run_finished_and_a_rerun
     assert capsys.readouterr().err.strip().splitlines()[-1] == "onecycle evaluate: interrupted"
     client = _client(tmp_path)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert "candidate" not in client.get_registered_model(MODEL).aliases
+    assert _candidate(client) is None
     monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", real)
     assert _evaluate(params, ws) == 0
     client = _client(tmp_path)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "test_top1" in run.data.metrics
-    assert str(client.get_registered_model(MODEL).aliases.get("candidate")) == "1"
+    assert _publish(params, ws) == 0  # the evaluated model, registered and @candidate
+    assert _candidate(_client(tmp_path)) == "1"
     assert {f.path for f in client.list_artifacts(run_id, "evaluate")} >= {"evaluate/metrics.json",
                                                                            "evaluate/per_class.json"}
 
@@ -79,7 +95,8 @@ def test_evaluate_repairs_a_finished_training_run_an_older_interrupted_evaluate_
     assert _evaluate(params, ws) == 0
     client = _client(tmp_path)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert str(client.get_registered_model(MODEL).aliases.get("candidate")) == "1"
+    assert _publish(params, ws) == 0
+    assert _candidate(_client(tmp_path)) == "1"
 
 
 # ------------------------------------------------------------------ item 3: the store busy, down or broken

@@ -128,14 +128,31 @@ def test_train_logs_a_complete_mlflow_run_and_a_usable_model(workdir):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr")) == list(range(16))
     # the synthetic task is easy: two epochs must beat chance (10%) clearly
     assert summary["best_val_top1"] > 0.3
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert artifacts == {"checkpoints/best.pt"}
+    # the best checkpoint is an MLflow 3 logged model of the run at its epoch (the run's Logged models tab), with
+    # that epoch's metrics linked to it and to their datasets; it is no longer a plain artifact of the run
+    assert not client.list_artifacts(run.info.run_id, "checkpoints")
+    found = client.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run.info.run_id}' AND model_type = 'checkpoint'"))
+    assert [(m.name, m.tags["epoch"]) for m in found] == [("checkpoint-best", str(summary["best_epoch"]))]
+    checkpoint = found[0]
+    assert (checkpoint.model_id, summary["best_epoch"]) in {(o.model_id, o.step) for o in run.outputs.model_outputs}
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    linked = {m.key: m for m in checkpoint.metrics}
+    assert linked["val/top1"].value == pytest.approx(summary["best_val_top1"])
+    assert (linked["val/top1"].dataset_name, linked["val/top1"].step) == ("fashion_mnist-val", summary["best_epoch"])
+    assert linked["val/top1"].dataset_digest == digests["fashion_mnist-val"]
+    assert linked["train/loss"].dataset_name == "fashion_mnist-train"
+    assert linked["wall_clock/epoch_seconds"].dataset_name is None
+    assert all(m.model_id == checkpoint.model_id for m in checkpoint.metrics)
+    local = mlflow.artifacts.download_artifacts(f"{checkpoint.artifact_location}/best.pt")
+    assert ckpt.load(local)["epoch"] == summary["best_epoch"]
     assert any(a.path == "model_summary.txt" for a in client.list_artifacts(run.info.run_id))
-    versions = client.search_model_versions("name='tiny-resnet'")
-    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
-    # the registered version is the image classifier; the raw network (tensors in) is logged beside it
-    network_uri = mlflow.models.get_model_info("models:/tiny-resnet/1").metadata["onecycle"]["network_uri"]
-    model = mlflow.pytorch.load_model(network_uri)
+    # train logs the raw network (tensors in); the registered image classifier is made after evaluate, by publish
+    assert client.search_model_versions("name='tiny-resnet'") == []
+    logged = [m for m in (client.get_logged_model(o.model_id) for o in run.outputs.model_outputs)
+              if m.name != "checkpoint-best"]  # the checkpoint as a logged model: checked above
+    assert [m.name for m in logged] == ["network"] and logged[0].source_run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}")
     x = torch.randn(3, 1, 28, 28)
     probs = model(x).detach()
     assert probs.shape == (3, 10)

@@ -348,7 +348,7 @@ def test_what_an_lr_report_was_measured_on_decides_whether_train_uses_it(tmp_pat
         used(params.replace(data={"batch_size": 128}))
     with pytest.raises(OneCycleError, match=r"measured with model.width = 0.125, but the params say 0.25"):
         used(params.replace(model={"width": 0.25}))
-    with pytest.raises(OneCycleError, match=r"measured with train.amp = false, but the params say true"):
+    with pytest.raises(OneCycleError, match=r"measured with train.amp = \"auto\", but the params say true"):
         used(params.replace(train={"amp": True}))
     _report(tmp_path, params, **{"data.digest": "0123456789abcdef"})  # the same dataset fetched again, other files
     with pytest.raises(OneCycleError, match=r"measured on other fashion_mnist data, but the dataset has been "

@@ -177,7 +177,7 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
     client, parents, nested = _runs(workdir)
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "onecycle" and parent.data.tags["stage"] == "tune"
+    assert parent.info.run_name == "tune:onecycle" and parent.data.tags["stage"] == "tune"
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.data.metrics["best/value"] == pytest.approx(study.best_value)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tune")} >= {
@@ -190,6 +190,9 @@ def test_a_study_trains_real_trials_and_writes_best_params_plots_and_mlflow_runs
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         assert float(run.data.params[MAX_LR]) == pytest.approx(trial.params[MAX_LR])
         assert run.data.params["train.epochs"] == "1"  # tune.epochs, not train.epochs
+        assert "schedule.max_lr_used" not in run.data.params  # max_lr is sampled: the used LR is schedule.max_lr
+        inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+        assert inputs == {("fashion_mnist-train", "training"), ("fashion_mnist-val", "validation")}
         history = client.get_metric_history(run.info.run_id, "val/top1")
         assert [(m.step, m.value) for m in history] == [(1, pytest.approx(trial.value))]
 
@@ -448,3 +451,150 @@ def test_sigterm_marks_the_running_trial_failed_and_its_mlflow_run_killed(workdi
     client, parents, nested = _runs(workdir)
     assert [r.info.status for r in nested] == ["KILLED"]
     assert [r.info.status for r in parents] != ["RUNNING"]
+
+
+# A worker whose first optimizer step never returns: it is certainly mid-trial when the file `stepping` appears.
+_HANGING_WORKER = """
+import sys, time
+from pathlib import Path
+from onecycle.training import engine
+
+def hang(*args, **kwargs):
+    Path("stepping").touch()
+    time.sleep(600)
+
+engine.train_step = hang  # the tune stage's step_fn, read when it runs
+from onecycle.stages import tune
+sys.exit(tune.main(["--params", "params.yaml"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_has_its_trial_failed_and_run_again_by_the_next_worker(workdir):
+    """The journal file has no heartbeat: the next worker on the machine finds the dead worker's RUNNING trial,
+    marks it FAIL, runs it again once with the same params, and does not count it as another worker's."""
+    import signal
+
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 3})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    worker = subprocess.Popen([sys.executable, "-c", _HANGING_WORKER], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (workdir / "stepping").exists():
+            assert worker.poll() is None, worker.communicate()[0]
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate(timeout=60)
+    dead = _study(workdir).get_trials()
+    assert [t.state.name for t in dead] == ["RUNNING"] and set(dead[0].params) == {MAX_LR, PCT, DIV}
+    assert dead[0].user_attrs["worker"]["pid"] == worker.pid
+
+    # --threads 0: the setting in which a worker warns about trials running in other workers
+    second = subprocess.run([sys.executable, "-m", "onecycle", "tune", "--params", "params.yaml", "--n-trials", "1",
+                             "--threads", "0"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=600)
+    out = second.stdout
+    assert second.returncode == 0, out[-3000:]
+    assert "running in other workers" not in out
+    assert (f"tune: trial 0 FAIL - its worker (pid {worker.pid} on {dead[0].user_attrs['worker']['host']}) ended "
+            "without finishing it; queued again with the same params") in out
+    trials = _study(workdir).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == dead[0].params
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].system_attrs["retry_history"] == [0]
+    assert trials[1].user_attrs["worker"]["pid"] not in (worker.pid, None)  # the second worker's
+    _, _, nested = _runs(workdir)
+    assert sorted((r.data.tags["trial_number"], r.info.status) for r in nested) == [("0", "KILLED"), ("1", "FINISHED")]
+
+
+def test_only_the_trials_of_workers_gone_from_this_machine_are_failed_and_each_is_queued_once(tmp_path):
+    import psutil
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from onecycle.tuning import studies
+
+    here = studies.worker_identity()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    ended = {**here, "pid": child.pid, "started": psutil.Process(child.pid).create_time()}
+    assert not studies.worker_gone(ended)  # running
+    child.stdin.close()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
+    assert studies.worker_gone(ended)
+    child.wait()
+    assert studies.worker_gone(ended)  # no such pid
+
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING,
+                                        system_attrs={"failed_trial": 7, "retry_history": [7]}))
+    workers = {
+        "a retry whose worker ended": ended,
+        "alive": here,
+        "a worker that ended": ended,
+        "the pid reused by a later process": {**here, "started": here["started"] - 3600},
+        "another machine": {**here, "host": "elsewhere", "pid": child.pid},
+        "another container": {**here, "pidns": "pid:[1]", "pid": child.pid},
+        "no record": None,
+    }
+    for i, worker in enumerate(workers.values()):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
+        assert trial.number == i
+    assert studies.running_elsewhere(study.get_trials()) == 4  # alive, another machine or container, no record
+    failed = studies.fail_dead_trials(study)
+    assert [(t.number, t.state.name) for t, _ in failed] == [(0, "FAIL"), (2, "FAIL"), (3, "FAIL")]
+    reason = f"its worker (pid {child.pid} on {here['host']}) ended without finishing it"
+    assert [note for _, note in failed] == [f"trial 0 FAIL - {reason}; not queued again (it was already the retry of trial 7)",
+                                            f"trial 2 FAIL - {reason}; queued again with the same params",
+                                            f"trial 3 FAIL - its worker (pid {os.getpid()} on {here['host']}) ended without "
+                                            "finishing it; queued again with the same params"]
+    assert failed[1][0].user_attrs["failure_reason"] == reason
+    trials = study.get_trials()
+    assert [t.state.name for t in trials[:7]] == ["FAIL", "RUNNING", "FAIL", "FAIL", "RUNNING", "RUNNING", "RUNNING"]
+    queued = trials[7:]
+    assert [t.state.name for t in queued] == ["WAITING", "WAITING"]
+    assert [t.params for t in queued] == [trials[2].params, trials[3].params]
+    assert [(t.system_attrs["failed_trial"], t.system_attrs["retry_history"]) for t in queued] == [(2, [2]), (3, [3])]
+    assert all(t.user_attrs == {} for t in queued)  # not the dead trial's worker, MLflow run or failure
+    assert studies.fail_dead_trials(study) == []  # done once
+
+
+def test_a_worker_with_other_fixed_params_is_refused_in_one_line_unless_forced(workdir, capsys):
+    tiny_params(workdir, tune={"epochs": 1})
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0
+    fixed = _study(workdir).user_attrs["fixed_params"]
+    assert fixed["data.batch_size"] == 64 and fixed["train.epochs"] == 1  # tune.epochs: what a trial trains
+    assert MAX_LR not in fixed and "train.threads" not in fixed and "tune.n_trials" not in fixed
+    # the same fixed params with other threads and trial counts: joins
+    tiny_params(workdir, tune={"epochs": 1, "n_trials": 5}, train={"threads": 1})
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 0
+    tiny_params(workdir, tune={"epochs": 1}, data={"batch_size": 32, "train_subset": 200})
+    capsys.readouterr()
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("onecycle tune: error: study onecycle holds other params fixed: data.batch_size (64 in the study, "
+                   "32 here), data.train_subset (null in the study, 200 here); its trials would not be comparable "
+                   "with these: use another tune.study_name (or --force to join anyway)")
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0", "--force"]) == 0
+    assert _study(workdir).user_attrs["fixed_params"] == fixed  # the study keeps what it was started with
+
+
+def test_a_trials_command_sets_every_key_where_the_worker_differs_from_the_repos_params():
+    from onecycle.tuning.reproduce import dvc_command, trial_sets
+
+    repo = parse_params({}).flat()
+    worker = parse_params({"data": {"train_subset": 2048, "batch_size": 128}, "train": {"threads": 1},
+                           "augment": {"train": [{"HorizontalFlip": {"p": 0.5}}]},
+                           "mlflow": {"experiment": "mine"}, "tune": {"n_trials": 3}})
+    trial = space_mod.trial_params(worker, {MAX_LR: 0.123456789, PCT: 0.25}).flat()
+    sets = trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, repo)
+    assert list(sets)[:3] == [MAX_LR, PCT, "train.epochs"]
+    assert set(sets) == {MAX_LR, PCT, "train.epochs", "data.train_subset", "data.batch_size", "augment.train"}
+    command = dvc_command(sets)
+    assert command.startswith("dvc exp run -S schedule.max_lr=0.123456789 -S schedule.pct_start=0.25 -S train.epochs=2")
+    assert "-S data.batch_size=128 -S data.train_subset=2048" in command
+    assert """-S 'augment.train=[{"HorizontalFlip": {"p": 0.5}}]'""" in command
+    assert set(trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, None)) == {MAX_LR, PCT, "train.epochs"}

@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from onecycle.core.errors import ConfigError
@@ -76,6 +75,10 @@ class AugmentConfig(_Section):
     def _transforms_exist(self) -> AugmentConfig:
         if not self.train and not self.eval:
             return self  # the standard recipes: nothing to check, and no torch/albumentations import for it
+        import importlib.util
+
+        if importlib.util.find_spec("albumentations") is None:
+            return self  # a serving environment (predict, demo): the stages that build the transforms need it
         from onecycle.data.transforms import check_spec
 
         check_spec(self.train, "augment.train")
@@ -141,7 +144,8 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    suggestion: Literal["steepest", "valley", "minimum"] = "steepest"
+    # robust: between the steepest descent and the bottom of the loss smoothed both ways (stable to noise, README)
+    suggestion: Literal["steepest", "valley", "minimum", "robust"] = "steepest"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:
@@ -197,9 +201,11 @@ class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # Mixed precision on CUDA: false, fp16 (with GradScaler) or bf16. true = fp16. Ignored on CPU...
-    amp: Literal[False, True, "fp16", "bf16"] = False
-    # ...unless this is true (slower than fp32 there; it lets the mixed-precision path run, e.g. in tests).
+    # Precision: auto = what fits the machine (bf16 on a CPU with AMX, bf16 or else fp16 + GradScaler on CUDA, fp32
+    # elsewhere: CPUs without AMX, where autocast is slower than fp32, and MPS); false = fp32; fp16, bf16 (true = fp16)
+    # force autocast on CUDA, and on CPU only when amp_on_cpu is true.
+    amp: Literal["auto", False, True, "fp16", "bf16"] = "auto"
+    # Let an explicit amp (fp16/bf16/true) autocast on CPU too (e.g. tests of the mixed-precision path); auto ignores it.
     amp_on_cpu: bool = False
     channels_last: bool = True
     compile: bool = False
@@ -430,23 +436,25 @@ def parse_params(raw: Any) -> Params:
         raise ConfigError(line) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice is an error (PyYAML silently keeps the last one)."""
+def read_yaml(path: Path, text: str | None = None) -> Any:
+    """A YAML file (params.yaml, a tune report) read as DVC reads and writes it: YAML 1.2, with ruamel.yaml.
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+    ``dvc exp run -S lr_find.start_lr=1e-7`` writes ``1e-07``, a float in YAML 1.2 (PyYAML's YAML 1.1 reads it
+    as a string). A key given twice is an error, as is anything unreadable: one line naming the file and line.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(Path(path).read_text() if text is None else text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, DuplicateKeyError):  # 'found duplicate key "x" with value ...': name the key alone
+            problem = f"duplicate key {problem.split(chr(34))[1]!r}" if problem.count(chr(34)) >= 2 else problem
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -454,12 +462,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (pass --params PATH)")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    raw = read_yaml(path)
     if raw is None or raw == {}:  # an empty (or comments-only) file would silently mean every default
         raise ConfigError(f"{path} is empty (or only comments): put the sections to use in it "
                           f"(the repository's: `git checkout {path.name}`)")

@@ -20,6 +20,11 @@ class Workspace:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
+    @property
+    def params(self) -> Path:
+        """The repository's params file (what ``dvc repro`` and ``dvc exp run -S`` read and edit)."""
+        return self.root / "params.yaml"
+
     # reports
     @property
     def reports(self) -> Path:
@@ -58,6 +63,11 @@ class Workspace:
     @property
     def metrics_json(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def publish_json(self) -> Path:
+        """The registered version the publish stage made of the evaluated model (not a metric: an id)."""
+        return self.reports / "publish.json"
 
     @property
     def per_class_csv(self) -> Path:
@@ -107,4 +117,5 @@ STAGE_OUTPUTS = {
     "lr_find": ("lr_find_json", "lr_find_csv", "lr_find_png"),
     "train": ("model", "checkpoints", "train_json", "history_csv", "runs_json", "schedule_csv"),
     "evaluate": ("metrics_json", "per_class_csv", "predictions_csv", "confusion_png", "misclassified_png"),
+    "publish": ("publish_json",),
 }

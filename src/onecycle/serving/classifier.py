@@ -28,6 +28,7 @@ class ImageClassifier:
 
         self.model, self.ds, bundle = load_model_bundle(Path(model_file), "cpu")
         self.augment_eval = bundle["augment_eval"]
+        self.tta = bundle.get("tta", "none")  # published with evaluate's: the registry's numbers are these
         self.transform = eval_transform(self.ds, self.augment_eval)
 
     def predict_one(self, image: bytes | str, k: int, name: str = "image") -> dict:
@@ -39,7 +40,9 @@ class ImageClassifier:
             x = preprocess(_image_bytes(image, name), self.ds, self.augment_eval, self.transform, name=name)
         except ImageError as exc:
             return {"error": str(exc)}
-        pairs = top_k(lambda t: torch.softmax(self.model(t), 1), x, self.ds.classes, k)
+        from onecycle.training.models import tta_logits
+
+        pairs = top_k(lambda t: torch.softmax(tta_logits(self.model, t, self.tta), 1), x, self.ds.classes, k)
         return {"top_k": [{"class": c, "probability": p} for c, p in pairs]}
 
     def __call__(self, model_input, params: dict | None = None) -> list[dict]:

@@ -20,22 +20,30 @@ from onecycle.training import checkpoint as ckpt
 FORMAT = "onecycle-model/1"
 
 
-def model_bundle(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict) -> dict[str, Any]:
+def model_bundle(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict,
+                 tta: str | None = None) -> dict[str, Any]:
     """What models/model.pt holds: best weights plus what rebuilds the model (``model``) and its eval transforms
-    (``augment.eval``)."""
+    (``augment.eval``); a published model also says its test-time augmentation (``tta``, as evaluate scored it)."""
     return {
         "format": FORMAT, "state_dict": state_dict,
         "model": model.model_dump(mode="json"),
         "dataset": {"name": info.name, "classes": info.classes, "image_shape": list(info.image_shape),
                     "mean": info.mean, "std": info.std},
         "augment_eval": augment.model_dump(mode="json")["eval"],
+        **({"tta": tta} if tta is not None else {}),
     }
 
 
-def save_model(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict, path: Path) -> None:
+def bundle_metadata(bundle: dict) -> dict:
+    """A bundle without its weights: what an MLflow model's metadata carries (classes, preprocessing, tta)."""
+    return {k: v for k, v in bundle.items() if k != "state_dict"}
+
+
+def save_model(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict, path: Path,
+               tta: str | None = None) -> None:
     """Write the bundle atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save(model_bundle(model, augment, info, state_dict), path)
+    ckpt.save(model_bundle(model, augment, info, state_dict, tta), path)
 
 
 def load_model_bundle(path: Path, device: torch.device | str = "cpu"):

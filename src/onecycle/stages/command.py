@@ -56,6 +56,11 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
     return guarded(name, body_with_params)
 
 
+# The module a missing optional dependency shows up as -> the extra of pyproject.toml that installs it.
+EXTRAS = {"gradio": "demo", "psycopg": "postgres", "psycopg_binary": "postgres", "boto3": "s3", "botocore": "s3",
+          "s3fs": "s3", "dvc_s3": "s3"}
+
+
 def guarded(name: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; user errors, interrupts, OS errors and MLflow store errors become one line and an exit code."""
     try:
@@ -66,6 +71,14 @@ def guarded(name: str, fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"onecycle {name}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # an optional extra (pyproject.toml) this environment lacks
+        module = (exc.name or "").split(".")[0]
+        extra = EXTRAS.get(module)
+        if extra is None:
+            raise
+        print(f"onecycle {name}: error: {module} is not installed: pip install 'onecycle[{extra}]' "
+              f"(`make setup` installs every extra)", file=sys.stderr)
+        return 1
     except OSError as exc:  # an unwritable folder, a full disk outside checkpoints: one line, not a traceback
         if exc.errno in NO_SPACE_ERRNOS:  # a copy (MLflow's artifacts) names its source first, its target second
             print(f"onecycle {name}: error: {redact(no_space_message(exc.filename2 or exc.filename, exc))}",

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from onecycle.core.errors import OneCycleError
+from onecycle.data import catalog
 from onecycle.data.images import MAX_BYTES, ImageError
 from onecycle.serving.inference import eval_transform, load_predictor, preprocess, top_k
 from onecycle.stages.command import run_command
@@ -46,7 +47,8 @@ DEFAULT_PORT = 7860  # Gradio's, and what Hugging Face Spaces expects
 SPACE_CONFIG = "demo.json"
 # What an exported Space installs besides gradio (its version is the Space's sdk_version): the running
 # environment's versions of these are written into its requirements.txt.
-SPACE_REQUIREMENTS = ("torch", "torchvision", "albumentations", "numpy", "pillow", "pydantic", "pyyaml")
+# albumentations only for a model whose augment.eval lists more than resize/crop (onecycle.serving.preprocessing)
+SPACE_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyyaml")
 # Spaces' free hardware is CPU: the CPU build of torch is a fraction of the CUDA one's size.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CSS = """
@@ -130,31 +132,30 @@ def write_examples(data_dir: Path, classes: list[str], out: Path, n: int = 10) -
 
 # ----------------------------------------------------------------------------------------------- the page
 
-def _keep_file_unopened(component) -> None:
-    """Let the uploaded image reach :func:`onecycle.data.images.open_image` undecoded: a path, or bytes.
+def upload_source(payload) -> str | bytes | None:
+    """The uploaded image as :func:`onecycle.data.images.open_image` takes it, undecoded: a path, or bytes.
 
-    ``gr.Image(type="filepath")`` opens the upload with PIL before the handler runs (and decodes an image
-    sent inline as a ``data:`` URL), so a corrupt file or a decompression bomb would meet Gradio's code
-    first. Here the file's path (Gradio has already checked it is one of its uploads), or a ``data:``
-    URL's bytes, go straight to the handler, which applies the same guard, and messages, as
-    ``onecycle predict``.
+    The page's ``classify`` event is registered with ``preprocess=False`` (Gradio's public switch), so
+    ``gr.Image`` never opens the upload with PIL before the handler runs, and a corrupt file or a
+    decompression bomb meets the same guard, and messages, as ``onecycle predict`` and nothing before it.
+    The handler gets the image's file data as a dict: the path of the file in Gradio's cache (Gradio has
+    already checked it is one of its uploads, and saved an image sent inline as a ``data:`` URL there), or
+    the ``data:`` URL itself.
     """
     import base64
     import binascii
 
-    def preprocess_upload(payload):
-        if payload is None:
-            return None
-        url = getattr(payload, "url", None) or ""
-        if url.startswith("data:"):
-            try:
-                return base64.b64decode(url.partition(",")[2], validate=False)
-            except (binascii.Error, ValueError):
-                return b""  # answered as "not a readable image"
-        path = getattr(payload, "path", None)
-        return str(path) if path else None
-
-    component.preprocess = preprocess_upload
+    if not payload:
+        return None
+    if not isinstance(payload, dict):  # a path (examples, older clients)
+        return str(payload)
+    url = payload.get("url") or ""
+    if not payload.get("path") and url.startswith("data:"):
+        try:
+            return base64.b64decode(url.partition(",")[2], validate=False)
+        except (binascii.Error, ValueError):
+            return b""  # answered as "not a readable image"
+    return str(payload["path"]) if payload.get("path") else None
 
 
 def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequence[Example] = (),
@@ -167,13 +168,14 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
     try:
         import gradio as gr
     except ImportError:
-        raise OneCycleError("the demo needs gradio: `make setup` installs it (requirements.txt)") from None
+        raise OneCycleError("the demo needs gradio: pip install 'onecycle[demo]' (`make setup` installs it)") from None
 
     transform = eval_transform(ds, augment_eval)
     h, w, c = ds.image_shape
     k = max(1, min(k, len(ds.classes)))
 
-    def classify(upload: str | bytes | None):
+    def classify(payload: dict | None):
+        upload = upload_source(payload)
         if upload is None or upload == "":
             return None
         # the uploaded file's own name (Gradio keeps it), or "image" for one sent inline
@@ -201,14 +203,15 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
             with gr.Column():
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=320,
                                  elem_id="input-image")
-                _keep_file_unopened(image)
             with gr.Column():
                 label = gr.Label(num_top_classes=k, label=f"Top {k} classes", elem_id="top-classes")
         if examples:
             gr.Examples([str(e.path) for e in examples], inputs=image, cache_examples=False, elem_id="examples",
                         label="Examples from the test split, in order: " + ", ".join(e.label for e in examples),
                         examples_per_page=max(10, len(examples)))
-        image.change(classify, inputs=image, outputs=label, api_name="classify", show_progress="minimal")
+        # preprocess=False: the handler gets the upload's file data, not an image Gradio opened (upload_source)
+        image.change(classify, inputs=image, outputs=label, api_name="classify", show_progress="minimal",
+                     preprocess=False)
     return demo
 
 
@@ -237,7 +240,8 @@ def space_demo(folder: Path):
 
     folder = Path(folder)
     cfg = json.loads((folder / SPACE_CONFIG).read_text())
-    predict, ds, augment_eval = load_predictor(folder / cfg["model"], None, torch.device("cpu"))
+    predict, ds, augment_eval = load_predictor(folder / cfg["model"], None, torch.device("cpu"),
+                                               tta=cfg.get("tta", "none"))
     examples = [Example(folder / e["file"], e["label"]) for e in cfg.get("examples", [])]
     return build_demo(predict, ds, augment_eval, k=int(cfg.get("top_k", 5)), examples=examples,
                       source=cfg.get("source", ""))
@@ -269,7 +273,7 @@ if __name__ == "__main__":
 '''
 
 
-def space_requirements(gradio_version: str) -> list[str]:
+def space_requirements(gradio_version: str, eval_spec: Sequence = ()) -> list[str]:
     """The Space's requirements.txt: the versions running here, each within gradio's own range for it.
 
     A version outside gradio's range (e.g. a newer pillow than it allows) would make the Space's install
@@ -280,13 +284,15 @@ def space_requirements(gradio_version: str) -> list[str]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
+    from onecycle.serving.preprocessing import needs_albumentations
+
     ranges = {}
     for line in requires("gradio") or []:
         req = Requirement(line)
         if req.marker is None:
             ranges[canonicalize_name(req.name)] = req.specifier
     lines = [f"--extra-index-url {TORCH_CPU_INDEX}", f"gradio=={gradio_version}"]
-    for name in SPACE_REQUIREMENTS:
+    for name in SPACE_REQUIREMENTS + (("albumentations",) if needs_albumentations(list(eval_spec)) else ()):
         have = version(name).split("+")[0]
         allowed = ranges.get(canonicalize_name(name))
         if allowed is not None and not allowed.contains(have, prereleases=True):
@@ -319,7 +325,8 @@ def space_readme(ds, gradio_version: str) -> str:
     )
 
 
-def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k: int, source: str) -> Path:
+def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k: int, source: str,
+                 eval_spec: Sequence = (), tta: str = "none") -> Path:
     """Write a Hugging Face Space folder (Gradio SDK) that runs this demo without onecycle installed."""
     import gradio
 
@@ -339,10 +346,10 @@ def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k
     for e in examples:
         shutil.copyfile(e.path, out / "examples" / e.path.name)
         listed.append({"file": f"examples/{e.path.name}", "label": e.label})
-    cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source}
+    cfg = {"model": "model.pt", "top_k": k, "examples": listed, "source": source, "tta": tta}
     (out / SPACE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "app.py").write_text(APP_PY)
-    (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__)) + "\n")
+    (out / "requirements.txt").write_text("\n".join(space_requirements(gradio.__version__, eval_spec)) + "\n")
     (out / "README.md").write_text(space_readme(ds, gradio.__version__))
     # Hugging Face stores binary files with Xet/LFS; `hf upload` does it by itself, git needs this line.
     (out / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n"
@@ -386,13 +393,14 @@ def _serve(params, args) -> int:
     from onecycle.training.engine import resolve_device
 
     device = resolve_device(params.train.device)
-    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device)
+    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device, tta=params.evaluate.tta)
     source = args.model_uri or str(args.model)
     data_dir = Path(params.data.root).expanduser() / ds.name
     with tempfile.TemporaryDirectory(prefix="onecycle-demo-") as tmp:
         examples = write_examples(data_dir, list(ds.classes), Path(tmp), args.examples)
         if args.export_space:
-            out = export_space(args.export_space, args.model, ds, examples, args.top_k, source)
+            out = export_space(args.export_space, args.model, ds, examples, args.top_k, source,
+                               augment_eval or catalog.kind(ds.name).eval_spec(), tta=params.evaluate.tta)
             print(f"onecycle demo: wrote a Hugging Face Space into {out}/ ({len(examples)} example images); "
                   f"try it with `cd {out} && python app.py`", flush=True)
             return 0

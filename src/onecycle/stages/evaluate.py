@@ -26,7 +26,6 @@ from onecycle.data.store import class_difference, load_info
 from onecycle.serving.modelfile import load_model_bundle
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
-from onecycle.tracking.registry import mark_candidate, test_digest
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +203,8 @@ def _training_run(params, ws: Workspace) -> str | None:
 
 
 def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run; mark its registered model version
-    @candidate (not when the training failed).
+    """Add the test metrics and images to the training's MLflow run (``onecycle publish`` then registers the
+    evaluated model and marks it @candidate).
 
     Logged by run id (MlflowClient), never by re-opening the run with ``mlflow.start_run(run_id=...)``, which
     sets it RUNNING and ends it FINISHED/FAILED/KILLED: an evaluate interrupted here must not change how the
@@ -225,11 +224,7 @@ def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, tabl
     for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
         runs.log_artifact(path, "evaluate", run_id=run_id)
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
-        return
-    marked = mark_candidate(run_id, metrics["test"], test_digest(load_info(params.data, ws.root)))
-    if marked:
-        print(f"evaluate: registered model {', '.join(marked)} tagged with its test results, alias @candidate "
-              "(`onecycle promote` makes it @champion if it beats the current one)")
+        log.info("the training run %s ended %s; its evaluation is logged, and it is not published", run_id, status)
 
 
 def _repaired_status(client, ws: Workspace, run_id: str) -> str:

@@ -35,7 +35,7 @@ def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
-    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3"}
+    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3", "robust": "C4"}
     sm = np.asarray(result.smoothed)
     for name, lr in result.suggestions.items():
         if lr is None:
@@ -66,8 +66,8 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
 
     setup = build_setup(params.data, params.augment, params.model, params.train, with_val=False, root=ws.root)
     cfg = params.lr_find
-    log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s", cfg.mode, cfg.start_lr,
-             cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name)
+    log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s, %s", cfg.mode, cfg.start_lr,
+             cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name, setup.precision)
     result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
                             progress=progress)
     chosen = cfg.suggestion
@@ -77,7 +77,7 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     store.configure(params.mlflow.experiment, ws.root)
     with mlflow.start_run(run_name="lr_find") as active:
         mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
-                         "stage": "lr_find"})
+                         "stage": "lr_find", "precision": setup.precision})
         runs.log_params_flat({k: v for k, v in params.flat().items()
                                   if k.split(".")[0] in ("data", "augment", "model", "optimizer", "lr_find", "train")})
         report = {
@@ -103,8 +103,8 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
                            "lr_find/smoothed_loss": result.smoothed})
         logger.log({f"lr_find/suggested_{name}": lr for name, lr in result.suggestions.items() if lr is not None}, 0)
         logger.flush()
-        mlflow.log_artifact(str(ws.lr_find_json))
-        mlflow.log_artifact(str(ws.lr_find_png))
+        runs.log_artifact(ws.lr_find_json)
+        runs.log_artifact(ws.lr_find_png)
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
           f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")

@@ -31,7 +31,8 @@ def _run(params, args) -> int:
     from onecycle.training.engine import resolve_device
 
     device = resolve_device(params.train.device)
-    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device)
+    # models/model.pt is scored with evaluate.tta, as evaluate scores it; a registered model with its own
+    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device, tta=params.evaluate.tta)
     transform = eval_transform(ds, augment_eval)
     failures = 0
     for path in args.images:

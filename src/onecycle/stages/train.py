@@ -1,7 +1,7 @@
 """train stage: the One Cycle epoch loop (:mod:`onecycle.training.loop`) as a tracked, checkpointed, resumable MLflow run.
 
 This module owns the stage around the loop: which checkpoint to resume from, the MLflow run (tags,
-params, per-epoch and per-step metrics, artifacts, the logged and registered model), the files the
+params, per-epoch and per-step metrics, artifacts, the logged network), the files the
 stage writes (``models/model.pt``, ``reports/train.json``, ``reports/runs.json``, ``reports/history.csv``,
 ``reports/schedule.csv``, ``checkpoints/``)
 and the re-launch under torchrun for ``train.nproc_per_node`` > 1.
@@ -14,8 +14,9 @@ holds when what the configuration does not say changed: the architecture (code),
 resolved device, precision or number of processes (:func:`resume_identity`). ``train.resume: false`` always
 starts fresh. One ``onecycle train`` at a time per workspace: a lock in ``checkpoints/`` refuses a second.
 
-Finalization (the model file, reports, checkpoint artifacts, the logged and registered model, the run's
-end) is a list of named steps (:func:`finalize_steps`), each recorded in ``checkpoints/finalize.json`` when
+Finalization (the model file, reports, the checkpoints as logged models, the logged network, the run's end; the
+registered classifier is made after evaluate, by the publish stage) is a list of named steps (:func:`finalize_steps`),
+each recorded in ``checkpoints/finalize.json`` when
 done; the run is FINISHED only after all of them. If one fails or is interrupted, the next ``onecycle train``
 sees the finished ``last.pt`` and completes only the missing steps, in the same MLflow run, without training.
 """
@@ -150,15 +151,18 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
                                 system_metrics=params.mlflow.system_metrics)
     new_run = run_id is None
     run_id = active.info.run_id
-    logger = runs.RunLogger(run_id)
+    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
+    found = runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED)
+    logger = runs.RunLogger(run_id, datasets=found)  # train/* and val/* metrics name their dataset
     try:
         if resume_state is None or new_run:
-            _start_run_record(params, setup, ws, config_id, max_lr)
+            _start_run_record(params, setup, ws, config_id, max_lr, found)
         if resume_state is not None:
             mlflow.set_tag("resumed_from_epoch", str(resume_state["epoch"]))
             reconcile_metrics(params, max_lr, len(setup.train_loader), resume_state, logger)
         print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
-              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}"
+              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}, "
+              f"{setup.precision}"
               f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
         hooks = stage_hooks(ws, config_id, run_id, logger, resume_state is not None, identity)
         with StopSignals() as stop:  # a finished checkpoint: fit trains nothing and returns its result
@@ -276,21 +280,20 @@ def reconcile_metrics(params, max_lr: float, steps_per_epoch: int, state: dict, 
     logger.flush()
 
 
-def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_lr: float) -> None:
+def _start_run_record(params, setup: Setup, ws: Workspace, config_id: str, max_lr: float,
+                      found: dict) -> None:
     """What a new training run records once: provenance tags, params, the LR finder's run and plot, the model."""
     from onecycle.training.models import model_summary
 
     mlflow = store.mlflow()
     mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
-                     "stage": "train", "config_hash": config_id, "processes": str(dist.world_size())})
-    lr_run = lr_find_run_id(ws.lr_find_json)
-    if lr_run:
-        mlflow.set_tag("lr_find_run_id", lr_run)
+                     "stage": "train", "config_hash": config_id, "processes": str(dist.world_size()),
+                     "precision": setup.precision})
+    mlflow.set_tags(runs.lr_report_provenance(ws.lr_find_json, lr_find_run_id(ws.lr_find_json)))
     if ws.lr_find_png.is_file():
         runs.log_artifact(ws.lr_find_png, "lr_find")
-    runs.log_params_flat({**params.flat(), "schedule.max_lr_used": max_lr})
-    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
-    runs.log_datasets(runs.datasets(params.data, ws.root, splits, split_seed=SPLIT_SEED))
+    runs.log_params_flat(runs.params_with_max_lr(params.flat(), max_lr))
+    runs.log_datasets(found)
     sample = setup.train_loader.dataset[0][0]
     mlflow.log_text(model_summary(setup.net, (1, *sample.shape)), "model_summary.txt")
 
@@ -300,14 +303,15 @@ def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summar
     of these outputs: the training's, and the LR range test's it used)."""
     save_model(params.model, params.augment, setup.info, state_dict, ws.model)
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
-    run_ids = {"train": run_id, "lr_find": lr_find_run_id(ws.lr_find_json)}
+    lr_run = lr_find_run_id(ws.lr_find_json)
+    run_ids = {"train": run_id, "lr_find": lr_run if runs.run_exists(lr_run) else None}  # ids that resolve here
     atomic_write_text(ws.runs_json, json.dumps(run_ids, indent=2) + "\n")
 
 
 def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
                    logger: runs.RunLogger) -> list[tuple[str, Callable[[], object]]]:
     """The named steps after the last epoch, in order; each is safe to run again and recorded when done."""
-    from onecycle.serving.publish import log_final_model
+    from onecycle.serving.network import log_network
 
     mlflow = store.mlflow()
     last = result.history[-1]
@@ -321,12 +325,23 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
         mlflow.log_metrics({"val_best/top1": max(result.best_top1, 0.0), "val_best/epoch": result.best_epoch,
                             "total_seconds": result.seconds})
 
-    def checkpoints() -> None:
-        if params.mlflow.log_checkpoints != "none":
-            names = ["best.pt"] if params.mlflow.log_checkpoints == "best" else ["best.pt", "last.pt"]
-            for name in names:
-                if (ws.checkpoints / name).is_file():
-                    runs.log_artifact(ws.checkpoints / name, "checkpoints")
+    def checkpoints() -> str | None:
+        """Each checkpoint kept (``mlflow.log_checkpoints``) as a logged model of the run at its epoch, with that
+        epoch's metrics (the run's Logged models tab); returns their model ids."""
+        if params.mlflow.log_checkpoints == "none":
+            return None
+        rows = {int(row["epoch"]): row for row in result.history}
+        kept = {"best": result.best_epoch}
+        if params.mlflow.log_checkpoints == "all":
+            kept["last"] = int(last["epoch"])
+        ids = []
+        for which, epoch in kept.items():
+            path = ws.checkpoints / f"{which}.pt"
+            if path.is_file() and epoch in rows:
+                ids.append(runs.log_checkpoint_model(path, run_id, f"checkpoint-{which}", epoch,
+                                                     row_metrics(rows[epoch]), logger,
+                                                     tags={"checkpoint": which}))
+        return " ".join(ids) or None
 
     def reports() -> None:
         runs.log_artifact(ws.history_csv)
@@ -338,8 +353,7 @@ def finalize_steps(params, setup: Setup, ws: Workspace, result: FitResult, run_i
 
     return [("outputs", lambda: _write_outputs(params, setup, ws, result.best_state, summary, run_id)),
             ("metrics", metrics), ("checkpoints", checkpoints), ("reports", reports),
-            ("model", lambda: log_final_model(setup, result.best_state, model=params.model, augment=params.augment,
-                                              registered_model=params.mlflow.registered_model)),
+            ("network", lambda: log_network(setup, result.best_state, model=params.model, augment=params.augment)),
             ("end_run", end_run)]
 
 
@@ -379,7 +393,7 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
         if isinstance(exc, Exception):
             raise OneCycleError(msg) from exc
         raise
-    uri = record["done"].get("model")
+    uri = record["done"].get("network")
     print(f"train: best val top1 {result.best_top1 if result.best_top1 >= 0 else None} at epoch {result.best_epoch}; "
           f"{ws.model}, {ws.train_json}, {ws.history_csv}; model {uri}")
 

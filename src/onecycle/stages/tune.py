@@ -32,6 +32,7 @@ from typing import Any
 from onecycle.core.errors import ConfigError, OneCycleError
 from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
+from onecycle.data.loaders import SPLIT_SEED
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
 from onecycle.training.loop import FitHooks, config_hash, fit
@@ -39,12 +40,16 @@ from onecycle.training.lr_report import resolve_max_lr
 from onecycle.training.records import METRIC_KEYS
 from onecycle.training.schedule import check_fits
 from onecycle.tuning.params_edit import apply_best
+from onecycle.tuning.reproduce import check_fixed, dvc_command, fixed_params, trial_sets
 from onecycle.tuning.space import Dimension, search_space, trial_params
 from onecycle.tuning.studies import (
     build_pruner,
+    fail_dead_trials,
     open_storage,
     open_study,
     pruner_cannot_prune,
+    record_worker,
+    running_elsewhere,
     sigterm_interrupts,
     storage_url,
 )
@@ -57,23 +62,6 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 DVC_COMMAND_ATTR = "dvc_command"
 SUGGESTIONS = ("steepest", "valley", "minimum")
 MAX_LR_KEY = "schedule.max_lr"
-
-
-def dvc_command(values: dict[str, Any], epochs: int) -> str:
-    """``dvc exp run -S key=value ...``: the trial's sampled values (exact) and its epoch count, as a DVC
-    experiment of the full pipeline (tracked in MLflow, compared in ``dvc exp show``)."""
-    import shlex
-
-    sets = {**values, "train.epochs": epochs}
-    return "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={_yaml_value(v)}')}" for k, v in sets.items())
-
-
-def _yaml_value(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)  # the shortest text that reads back as the same float
-    if isinstance(v, bool) or v is None:
-        return {True: "true", False: "false", None: "null"}[v]
-    return str(v)
 
 
 def suggestion_ratios(best_max_lr: float, lr_find_json: Path) -> dict[str, float]:
@@ -129,7 +117,7 @@ def parent_run(study, created: bool, experiment_id: str, tags: dict[str, str],
             pass
         log.warning("the study's MLflow parent run %s is not in this tracking store and experiment (or was "
                     "deleted); starting a new one", run_id)
-    run = client.create_run(experiment_id, run_name=study.study_name, tags=tags)
+    run = client.create_run(experiment_id, run_name=f"tune:{study.study_name}", tags=tags)
     study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
     return run.info.run_id, True
 
@@ -146,9 +134,10 @@ class Objective:
     """One trial: sample, build the trial's params, train with ``fit``, report each epoch, log a nested run."""
 
     def __init__(self, params, space: dict[str, Dimension], column: str, tags: dict[str, str], ws: Workspace,
-                 step_fn: Callable):
+                 step_fn: Callable, repo_flat: dict[str, Any] | None):
         self.params, self.space, self.column, self.tags, self.ws = params, space, column, tags, ws
         self.step_fn = step_fn
+        self.repo_flat = repo_flat  # the repo's params.yaml, flat: what a trial's command must change
         self.metric = params.tune.metric
         self.maximize = params.tune.direction == "maximize"
 
@@ -158,6 +147,7 @@ class Objective:
         from onecycle.training.engine import DivergenceError, build_setup
 
         mlflow = store.mlflow()
+        record_worker(trial)  # first: a worker killed from here on is found by the next one (fail_dead_trials)
         values = {key: dim.suggest(trial) for key, dim in self.space.items()}
         run = mlflow.start_run(nested=True, run_name=f"trial-{trial.number}")
         run_id = run.info.run_id
@@ -172,10 +162,11 @@ class Objective:
                 msg = f"trial {trial.number}: the sampled values do not fit together: {exc}"
                 raise _InvalidTrialError(msg) from None
             max_lr = resolve_max_lr(tparams.schedule.max_lr, self.ws.lr_find_json)
-            command = dvc_command(values, tparams.train.epochs)
+            command = dvc_command(trial_sets(tparams.flat(), values, self.repo_flat))
             trial.set_user_attr(DVC_COMMAND_ATTR, command)
             mlflow.set_tag(DVC_COMMAND_ATTR, command)
-            runs.log_params_flat({**tparams.flat(), "schedule.max_lr_used": max_lr})
+            runs.log_params_flat(runs.params_with_max_lr(tparams.flat(), max_lr))
+            runs.log_datasets(runs.datasets(tparams.data, self.ws.root, ["train", "val"], split_seed=SPLIT_SEED))
             mlflow.set_tag("config_hash", config_hash(tparams.flat(), max_lr))
             setup = build_setup(tparams.data, tparams.augment, tparams.model, tparams.train, root=self.ws.root)
             try:
@@ -377,17 +368,18 @@ def _add_args(parser) -> None:
                         help="torch threads of this worker (overrides train.threads; see README: Tuning)")
     parser.add_argument("--apply", action="store_true",
                         help="write the best trial's values into the params file (only those keys; comments kept)")
+    parser.add_argument("--force", action="store_true",
+                        help="join the study even if it holds other params fixed (its trials become incomparable)")
 
 
 def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | None = None,
-        threads: int | None = None, apply_to: Path | None = None, step_fn: Callable | None = None) -> int:
+        threads: int | None = None, apply_to: Path | None = None, step_fn: Callable | None = None,
+        force: bool = False) -> int:
     """The tune command in ``ws``: open or resume the study, run ``n_trials`` trials (default ``tune.n_trials``),
     write reports/tune/, and with ``apply_to`` write the best values into that params file.
 
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) is the seam tests inject faults through.
     """
-    from optuna.trial import TrialState
-
     from onecycle.training.engine import device_name, resolve_device, train_step
 
     mlflow = store.mlflow()
@@ -400,13 +392,18 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     column = metric_column(params)
     space = search_space(params, ws.lr_find_json)
     try:
-        trial_params(params, {})
+        unsampled = trial_params(params, {})
     except ConfigError as exc:
         raise ConfigError(f"tune.epochs ({tune.epochs}) does not fit the other params: {exc}") from None
     url, source = storage_url(params)
     storage, where = open_storage(url, ws.journal, key=source)
     experiment_id = store.configure(params.mlflow.experiment, ws.root)
     study, created = open_study(storage, params)
+    check_fixed(study, fixed_params(unsampled.flat(), set(space)), force)
+    for dead, note in fail_dead_trials(study):  # its worker died on this machine (kill -9): FAIL, its run KILLED
+        print(f"tune: {note}", flush=True)
+        run_id = dead.user_attrs.get("mlflow_run_id")
+        _quietly("end its run", lambda r=run_id: r and mlflow.MlflowClient().set_terminated(r, "KILLED"))
     study.pruner = build_pruner(params, space)
     cannot = pruner_cannot_prune(params, space)
     if n_trials and cannot:
@@ -415,7 +412,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
             "optuna_study": tune.study_name, "optuna_storage": where}
     parent_id, new_parent = parent_run(study, created, experiment_id, {**tags, "stage": "tune"})
     before = study.get_trials(deepcopy=False)
-    running = sum(t.state == TrialState.RUNNING for t in before)
+    running = running_elsewhere(before)
     if running and params.train.threads == 0:
         log.warning("%d trial(s) of this study are running in other workers: give each worker its share of the "
                     "cores (--threads N or train.threads; see README: Tuning)", running)
@@ -429,7 +426,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
             _quietly("log the study's params", lambda: runs.log_params_flat(params.flat()))
         if n_trials:
             with sigterm_interrupts():
-                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step), n_trials=n_trials,
+                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step, _repo_params(ws)), n_trials=n_trials,
                                timeout=timeout, catch=(_InvalidTrialError,), callbacks=[_after_trial(tune.metric)],
                                gc_after_trial=True)
         values = _report(study, params, where, ws)
@@ -472,7 +469,7 @@ def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:
             mlflow.log_metrics({f"best/max_lr_over_{name}": r for name, r in ratios.items()})
         mlflow.log_dict({"trial": best.number, "value": best.value, "params": values}, "tune/best.json")
         for path in (ws.best_params, ws.trials_csv, *plots):
-            mlflow.log_artifact(str(path), artifact_path="tune")
+            runs.log_artifact(path, "tune")
 
     _quietly("log the study's summary", log_summary)
     shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
@@ -481,6 +478,17 @@ def _report(study, params, where: str, ws: Workspace) -> dict[str, Any] | None:
     print(f"tune: study {study.study_name} in {where}: {len(trials)} trials ({summary}); best trial {best.number}: "
           f"{metric} {best.value:.4f} with {shown} -> {ws.best_params}, {len(plots)} plots in {ws.tune_dir}/")
     return values
+
+
+def _repo_params(ws: Workspace) -> dict[str, Any] | None:
+    """The repo's params.yaml (what ``dvc exp run -S`` edits), flat; None when it cannot be read."""
+    from onecycle.config import load_params
+
+    try:
+        return load_params(ws.params).flat()
+    except ConfigError as exc:
+        log.warning("the trials' dvc exp run commands name only the sampled values: %s", exc)
+        return None
 
 
 def _best_over_suggestions(best, ws: Workspace) -> dict[str, float]:
@@ -502,7 +510,7 @@ def _ratios_text(ratios: dict[str, float], ws: Workspace) -> str:
 def main(argv=None) -> int:
     def body(params, args) -> int:
         return run(params, Workspace(), n_trials=args.n_trials, timeout=args.timeout, threads=args.threads,
-                   apply_to=Path(args.params) if args.apply else None)
+                   apply_to=Path(args.params) if args.apply else None, force=args.force)
 
     return run_command("tune", __doc__.splitlines()[0], argv, body, add_args=_add_args)
 

@@ -26,21 +26,27 @@ test_digest.__test__ = False  # not a pytest test, whatever its name
 
 
 def mark_candidate(run_id: str, test_metrics: dict, digest: str) -> list[str]:
-    """Tag the versions registered from ``run_id`` with their test results and provenance; alias ``candidate``.
-
-    Returns "NAME/VERSION" of each version marked (none when the run registered no model).
-    """
+    """Tag the newest version registered from ``run_id`` (per registered model) with its test results and
+    provenance, and alias it ``candidate``. Returns "NAME/VERSION" of each version marked."""
     client = store.mlflow().MlflowClient()
-    run_tags = client.get_run(run_id).data.tags
     newest: dict[str, int] = {}
     for mv in client.search_model_versions(f"run_id='{run_id}'"):
         newest[mv.name] = max(newest.get(mv.name, 0), int(mv.version))
+    for name, version in newest.items():
+        mark_version(name, version, run_id, test_metrics, digest)
+    return [f"{name}/{version}" for name, version in newest.items()]
+
+
+def mark_version(name: str, version: int | str, run_id: str, test_metrics: dict, digest: str,
+                 extra: dict[str, str] | None = None) -> None:
+    """Tag version ``version`` of ``name`` with its test results (``test_metrics``: evaluate's), the test split's
+    ``digest``, the git commit and DVC experiment of its training run ``run_id``; alias it ``candidate``."""
+    client = store.mlflow().MlflowClient()
+    run_tags = client.get_run(run_id).data.tags
     tags = {TOP1: f"{test_metrics['top1']:.6f}", TOP5: f"{test_metrics['top5']:.6f}", DIGEST: digest,
-            "git_commit": run_tags.get("git_commit", "unknown")}
+            "git_commit": run_tags.get("git_commit", "unknown"), **(extra or {})}
     if run_tags.get("dvc_exp_name"):
         tags["dvc_experiment"] = run_tags["dvc_exp_name"]
-    for name, version in newest.items():
-        for key, value in tags.items():
-            client.set_model_version_tag(name, str(version), key, value)
-        client.set_registered_model_alias(name, CANDIDATE, str(version))
-    return [f"{name}/{version}" for name, version in newest.items()]
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, CANDIDATE, str(version))

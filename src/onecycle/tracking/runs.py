@@ -1,6 +1,7 @@
 """What every MLflow run carries and how it is logged: run names, provenance tags, params, datasets, the
-logged model of a run, and metrics, buffered (:class:`RunLogger`) and sent in batches; if the store is locked or
-unreachable they are kept and retried at the next flush. :func:`log_epoch` is the one way an epoch is logged.
+logged model of a run, checkpoints as MLflow 3 logged models (:func:`log_checkpoint_model`), and metrics, buffered
+(:class:`RunLogger`) and sent in batches; if the store is locked or unreachable they are kept and retried at the
+next flush. :func:`log_epoch` is the one way an epoch is logged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between system-metric samples (MLflow's 10 s misses short runs)
 # MLflow's context names for a run's datasets (the mlflow.data.context input tag), per split
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+CHECKPOINT_MODEL_TYPE = "checkpoint"  # the model_type of a checkpoint's logged model (not a servable model)
 
 
 def run_name(default: str) -> str:
@@ -98,39 +100,141 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None, run_i
     except OSError as exc:
         if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
             base = mlf.MlflowClient().get_run(run_id).info.artifact_uri if run_id else mlf.get_artifact_uri()
-            exc.filename = str(local_path)
-            exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
-                                      Path(local_path).name])
+            _name_target(exc, local_path, base, artifact_path)
         raise
+
+
+def _name_target(exc: OSError, local_path: str | Path, base: str, artifact_path: str | None = None) -> None:
+    """Name a refused copy's source and its target in the artifact store (``base``: a run's or model's URI)."""
+    exc.filename = str(local_path)
+    exc.filename2 = "/".join([base.removeprefix("file://"), *([artifact_path] if artifact_path else []),
+                              Path(local_path).name])
+
+
+def run_exists(run_id: str | None) -> bool:
+    """Whether ``run_id`` is a (not deleted) run of the current store."""
+    if not run_id:
+        return False
+    try:
+        return mlflow().MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
+    except Exception:  # MLflow raises RESOURCE_DOES_NOT_EXIST (another store's run, a committed report)
+        return False
+
+
+def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
+    """Where a training's LR report came from, as tags that resolve: its LR finder run when that run is in this
+    store; otherwise the git commit the report was committed in (as when a fresh clone reuses the repo's)."""
+    if run_exists(run_id):
+        return {"lr_find_run_id": run_id}
+    if not Path(report).is_file():
+        return {}
+    commit = file_commit(report)
+    return {"lr_find_report": f"{Path(report).name} from git commit {commit}" if commit else
+            f"{Path(report).name}, not committed, from an LR finder run that is not in this store"}
 
 
 def model_of_run(run_id: str, name: str = "model") -> str | None:
     """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
-    none has that name, the one it logged last), or None."""
+    none has that name, the last one it logged that is not a checkpoint), or None."""
     client = mlflow().MlflowClient()
     outputs = client.get_run(run_id).outputs
     ids = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    fallback = None
     for model_id in reversed(ids):
         try:
-            if client.get_logged_model(model_id).name == name:
-                return model_id
+            model = client.get_logged_model(model_id)
         except Exception:  # a model the store cannot return: fall back to the last one
-            break
-    return ids[-1] if ids else None
+            return fallback or ids[-1]
+        if model.name == name:
+            return model_id
+        if fallback is None and model.model_type != CHECKPOINT_MODEL_TYPE:
+            fallback = model_id
+    return fallback
+
+
+def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics: dict[str, float],
+                         logger: RunLogger, tags: dict[str, str] | None = None) -> str:
+    """Log a checkpoint file as an MLflow 3 logged model of the run (``model_type`` "checkpoint", the file as its
+    artifact), an output of the run at ``step`` (its epoch), with ``metrics`` (that epoch's) linked to it and,
+    through ``logger``, to their datasets; return its model id.
+
+    Safe to run again: a READY checkpoint model of this run and name is kept; a PENDING one (an interrupted
+    upload) is completed. The model's tag ``epoch`` repeats ``step`` (searchable: ``tags.epoch``). The metrics reuse the run's own points at ``step`` (their timestamps), so the run's
+    history gains no duplicate.
+    """
+    from onecycle.core.errors import NO_SPACE_ERRNOS, OneCycleError
+
+    mlf = mlflow()
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    client = mlf.MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}' AND model_type = '{CHECKPOINT_MODEL_TYPE}'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    if ready:
+        return ready[0].model_id
+    pending = [m for m in found if m.status == LoggedModelStatus.PENDING]
+    model = pending[0] if pending else client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type=CHECKPOINT_MODEL_TYPE,
+        tags={**(tags or {}), "epoch": str(step)})
+    try:
+        client.log_model_artifact(model.model_id, str(path))
+    except OSError as exc:  # a full disk: the message names the file in the model's artifacts
+        if exc.errno in NO_SPACE_ERRNOS and not exc.filename2:
+            _name_target(exc, path, model.artifact_location)
+        raise
+    timestamps = {}
+    for key in metrics:
+        points = [m for m in client.get_metric_history(run_id, key) if m.step == step]
+        if points:
+            timestamps[key] = points[-1].timestamp
+    logger.log(metrics, step=step, model_id=model.model_id, timestamps=timestamps)
+    if not logger.flush(patient=True):
+        raise OneCycleError(f"MLflow is not reachable: the metrics of the checkpoint model {name} were not logged")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def _git(root: Path, *args: str) -> str:
+    """git's output (right-stripped: ``status --porcelain`` lines begin with a meaningful space), "" on failure."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pipeline_outputs(root: Path) -> set[Path]:
+    """What ``dvc repro`` itself rewrites in a checkout: dvc.lock and every stage's outputs (absolute paths)."""
+    from onecycle.core.paths import STAGE_OUTPUTS, Workspace
+
+    ws = Workspace(root)
+    return {(root / "dvc.lock").resolve(), *(Path(getattr(ws, attr)).resolve()
+                                            for attrs in STAGE_OUTPUTS.values() for attr in attrs)}
 
 
 def git_info(root: Path | None = None) -> dict[str, str]:
-    root = root or Path.cwd()
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    """``git_commit`` and ``git_dirty``: whether tracked files differ from the commit, not counting what the pipeline
+    writes (dvc.lock, the stages' outputs), so a plain ``dvc repro`` in a clean clone is not dirty."""
+    root = (root or Path.cwd()).resolve()
+    commit = _git(root, "rev-parse", "HEAD")
+    top = _git(root, "rev-parse", "--show-toplevel")
+    ignored = pipeline_outputs(root)
+    changed = [Path(top, line[3:].split(" -> ")[-1].strip('"')).resolve()
+               for line in _git(root, "status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
+    dirty = [p for p in changed if not any(p == o or o in p.parents for o in ignored)]
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower()}
+
+
+def file_commit(path: Path) -> str | None:
+    """The git commit that last changed ``path``, if the file is committed as it is now; None otherwise."""
+    path = Path(path).resolve()
+    root = path.parent
+    if not path.is_file() or _git(root, "status", "--porcelain", "--", path.name):
+        return None
+    return _git(root, "log", "-1", "--format=%H", "--", path.name) or None
 
 
 def provenance_tags(dataset: str, device_name: str, root: Path | None = None) -> dict[str, str]:
@@ -144,6 +248,12 @@ def provenance_tags(dataset: str, device_name: str, root: Path | None = None) ->
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
+
+
+def params_with_max_lr(flat: dict[str, Any], max_lr: float) -> dict[str, Any]:
+    """The params to log for a training to ``max_lr``: with ``schedule.max_lr: auto``, the LR used as
+    ``schedule.max_lr_used`` (a number set in params would only be repeated)."""
+    return {**flat, "schedule.max_lr_used": max_lr} if flat.get("schedule.max_lr") == "auto" else flat
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:
@@ -161,11 +271,16 @@ def log_params_flat(flat: dict[str, Any]) -> None:
 class RunLogger:
     """Logs metrics to one MLflow run in batches; if the store is locked or unreachable, keeps them and retries.
 
+    ``datasets`` (split -> MLflow dataset, as :func:`datasets` gives) links each metric named ``<split>/...``
+    (``val/top1``, ``train/loss``) to its split's dataset: MLflow 3's ``dataset_name`` and ``dataset_digest``
+    of a metric. MLflow 3.17's stores keep that link, and the model's, for the metrics of a logged model (its
+    page, ``search_logged_models``); a run's own metric history keeps neither.
     With ``run_id`` None (a DDP rank other than 0, a bare ``fit``) it logs nothing.
     """
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, datasets: dict[str, Any] | None = None):
         self.run_id = run_id
+        self.datasets = dict(datasets or {})
         self.pending: list = []
         self.warned = False
 
@@ -177,14 +292,22 @@ class RunLogger:
         except Exception:  # a store we cannot read now: assume nothing was logged (duplicates beat gaps)
             return set()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, model_id: str | None = None,
+            timestamps: dict[str, int] | None = None) -> None:
+        """Keep ``metrics`` at ``step`` for the next flush, linked to ``model_id`` when given and to their split's
+        dataset; ``timestamps`` (key -> ms) reuses a point's time (the same point is then not logged twice)."""
         if self.run_id is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                         if v is not None and math.isfinite(float(v))]
+        for k, v in metrics.items():
+            if v is None or not math.isfinite(float(v)):
+                continue
+            dataset = self.datasets.get(k.split("/", 1)[0]) if "/" in k else None
+            self.pending.append(Metric(k, float(v), (timestamps or {}).get(k, now), step, model_id=model_id,
+                                       dataset_name=dataset.name if dataset else None,
+                                       dataset_digest=dataset.digest if dataset else None))
 
     def log_series(self, series: dict[str, list[float]]) -> None:
         """Per-step curves (step = index in the list)."""

@@ -89,16 +89,32 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _SET_BY_US else None
 
 
-def _holds_no_runs(db: Path) -> bool:
-    """Whether a SQLite file is an MLflow store with no runs (what a bare ``mlflow ui`` leaves), or empty."""
-    import sqlite3
+def _sqlite_tables(db: Path) -> set[str] | None:
+    """The table names of an SQLite file (SQLite's own ``sqlite_master``, read-only), or None if it is not one."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return None
 
+
+def _holds_no_runs(db: Path) -> bool:
+    """Whether a SQLite file is an MLflow store with no runs, deleted ones included (what a bare ``mlflow ui``
+    leaves), or empty; asked through MLflow's client, never its tables."""
     if db.stat().st_size == 0:
         return True
+    if "experiments" not in (_sqlite_tables(db) or set()):  # not an MLflow store: leave it alone
+        return False
+    mlf = mlflow()
+    from mlflow.entities import ViewType
+
+    # A URI of its own for this file (the same path spelled with "/./"): MLflow keeps an engine open per URI,
+    # and this one, left on the file that may be moved aside next, must not be the one that logs to the path.
+    client = mlf.MlflowClient(tracking_uri=f"sqlite:///{db.parent}/./{db.name}")
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
-    except sqlite3.Error:  # not an MLflow store: leave it alone
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        return not experiments or not client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=1)
+    except Exception:  # a store MLflow cannot read: leave it alone
         return False
 
 
@@ -239,24 +255,5 @@ def ui_link(port: int = 5000, params_path: str | Path = "params.yaml") -> str:
     from onecycle.config import load_params
 
     experiment = load_params(params_path).mlflow.experiment if Path(params_path).is_file() else "onecycle"
-    return f"MLflow UI: {runs_page_url(_stored_experiment_id(experiment) or configure(experiment), port)}"
+    return f"MLflow UI: {runs_page_url(configure(experiment), port)}"
 
-
-def _stored_experiment_id(experiment: str) -> str | None:
-    """The experiment's id read straight from the workspace's SQLite store (no 2-40 s MLflow import), or None."""
-    import sqlite3
-
-    root = workspace_root()
-    _migrate_legacy_store(root)
-    db = root / STORE
-    if user_tracking_uri() or not db.is_file():
-        return None
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
-                              (experiment,)).fetchone()
-            tagged = row and con.execute("SELECT 1 FROM experiment_tags WHERE experiment_id = ? AND key = ?",
-                                         (row[0], EXPERIMENT_KIND_TAG)).fetchone()
-    except sqlite3.Error:
-        return None
-    return str(row[0]) if tagged else None  # not there or not tagged yet: configure() does both

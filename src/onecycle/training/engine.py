@@ -21,7 +21,7 @@ from onecycle.core.errors import OneCycleError
 from onecycle.data.loaders import build_split, make_device_loader, make_loader
 from onecycle.data.store import DatasetInfo, load_info
 from onecycle.training.checkpoint import rng_state, set_rng_state
-from onecycle.training.models import build_model, init_whitening
+from onecycle.training.models import build_model, init_whitening, tta_logits
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,51 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later), as torch's cpuinfo reports it."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is None:
+        return False
+    found = caps()
+    return bool(found.get("amx_bf16") and found.get("amx_tile"))
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the CUDA device computes bf16 natively (compute capability 8.0 and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def choose_precision(amp, device: torch.device, on_cpu: bool = False, *, amx: bool | None = None,
+                     cuda_bf16: bool | None = None) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for ``train.amp`` on ``device`` (None = fp32) and why, e.g. ``bf16 (auto: CPU with AMX)``.
+
+    ``auto``: bf16 on a CPU with AMX (its bf16 tile instructions make autocast faster than fp32; without AMX
+    autocast is slower than fp32), bf16 on a CUDA GPU that has it, else fp16 with a GradScaler, fp32 elsewhere
+    (MPS included: this code runs no autocast there). An explicit ``fp16``/``bf16``/``true`` (= fp16) applies on
+    CUDA, and on CPU only with ``train.amp_on_cpu``. ``amx`` and ``cuda_bf16`` default to this machine's
+    (:func:`cpu_has_amx`, :func:`cuda_has_bf16`); tests pass them.
+    """
+    if amp == "auto":
+        if device.type == "cuda":
+            bf16 = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16
+            return (torch.bfloat16, "bf16 (auto: CUDA with bf16)") if bf16 else \
+                (torch.float16, "fp16 (auto: CUDA without bf16, with GradScaler)")
+        if device.type == "cpu":
+            return (torch.bfloat16, "bf16 (auto: CPU with AMX)") if (cpu_has_amx() if amx is None else amx) else \
+                (None, "fp32 (auto: CPU without AMX)")
+        return None, f"fp32 (auto: {device.type}, no mixed precision there)"
+    if amp is False:
+        return None, "fp32 (train.amp false)"
+    name = "bf16" if amp == "bf16" else "fp16"
+    if device.type == "cuda" or (device.type == "cpu" and on_cpu):
+        return (torch.bfloat16 if name == "bf16" else torch.float16), f"{name} (train.amp {amp})"
+    why = "train.amp_on_cpu is false" if device.type == "cpu" else f"no mixed precision on {device.type}"
+    return None, f"fp32 (train.amp {amp} ignored: {why})"
+
+
 def amp_dtype(amp, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device``; None = fp32 (on CPU unless ``train.amp_on_cpu``:
-    autocast is slower than fp32 there, but running it lets tests exercise the mixed-precision path)."""
-    if amp is False or device.type not in (("cuda", "cpu") if on_cpu else ("cuda",)):
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    """The autocast dtype of :func:`choose_precision`; None = fp32."""
+    return choose_precision(amp, device, on_cpu)[0]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -143,12 +182,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
         with autocast(device, dtype):
-            logits = model(images)
-            flipped = model(images.flip(3)) if tta == "flip" else None
-        logits = logits.float()
-        if flipped is not None:
-            probs = (logits.softmax(1) + flipped.float().softmax(1)) / 2
-            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+            logits = tta_logits(model, images, tta)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
@@ -186,6 +220,7 @@ class Setup:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
     net: nn.Module | None = None
+    precision: str = ""  # what :func:`choose_precision` chose and why, e.g. "fp32 (auto: CPU without AMX)"
 
     def __post_init__(self):
         if self.net is None:
@@ -231,7 +266,7 @@ def build_setup(data: DataConfig, augment: AugmentConfig, model: ModelConfig, tr
     device = dist.init(device.type) or device
     rank, world = dist.rank(), dist.world_size()
     dist.per_process_batch(data.batch_size)
-    dtype = amp_dtype(tcfg.amp, device, tcfg.amp_on_cpu)
+    dtype, precision = choose_precision(tcfg.amp, device, tcfg.amp_on_cpu)
     seed_everything(tcfg.seed, tcfg.deterministic)  # the same seed on every rank: identical initial weights
     if device.type == "cuda" and not tcfg.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
@@ -268,7 +303,7 @@ def build_setup(data: DataConfig, augment: AugmentConfig, model: ModelConfig, tr
     if with_val and data.val_size > 0:
         val_loader = loader(build_split(data, augment, info, "val", train_augment=False, seed=tcfg.seed), False, 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
-    return Setup(info, device, dtype, step_model, loss_fn, train_loader, val_loader, net)
+    return Setup(info, device, dtype, step_model, loss_fn, train_loader, val_loader, net, precision)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # only say where the data lies: its content is the digest); device, seed, threads and workers do not
 MEASURED_SECTIONS = ("model", "optimizer", "lr_find")
 MEASURED_KEYS = ("data.dataset", "data.val_size", "data.train_subset", "data.batch_size", "augment.train",
-                 "train.amp", "train.amp_on_cpu", "train.label_smoothing")
+                 "train.amp", "train.amp_on_cpu", "train.label_smoothing", "train.grad_clip")
 
 
 class NoDescentError(OneCycleError):

@@ -128,3 +128,19 @@ def model_summary(model: nn.Module, input_size: tuple[int, ...]) -> str:
     stats = torchinfo.summary(model, input_size=input_size, verbose=0, device=device, mode="eval",
                               col_names=("output_size", "num_params", "mult_adds"))
     return str(stats)
+
+
+TTA = ("none", "flip")  # evaluate.tta: test-time augmentation
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's float32 logits for a batch, with test-time augmentation: ``"flip"`` averages each image's class
+    probabilities with its horizontal mirror's (fastai's ``tta``) and returns their log. Evaluate, predict, the
+    served model and the demo all score images through this one function (softmax of it: the probabilities)."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {TTA}, got {tta!r}")
+    logits = model(images)
+    if tta == "none":
+        return logits.float()
+    probs = (logits.float().softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()

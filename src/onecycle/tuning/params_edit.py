@@ -27,7 +27,7 @@ def _yaml_rt(text: str):
     rt.width = 4096
     rt.indent(mapping=indent or 2, sequence=indent or 2, offset=block_seq_indent or 0)
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    # PyYAML's form (1.0e-05, not 1e-05, which YAML 1.1 and so load_params would read as a string)
+    # PyYAML's form (1.0e-05, not 1e-05, which a YAML 1.1 reader, PyYAML, would read as a string)
     rt.representer.add_representer(float, lambda r, v: r.represent_scalar(
         "tag:yaml.org,2002:float", pyyaml.safe_dump(v).splitlines()[0]))
     return rt
@@ -36,9 +36,7 @@ def _yaml_rt(text: str):
 def apply_best(path: Path, values: dict[str, Any]) -> list[str]:
     """Write ``values`` (dotted keys) into the params file at ``path``, changing only those keys and keeping
     comments, order and formatting; atomically, and only if the result loads with the same values."""
-    import yaml as pyyaml
-
-    from onecycle.config import parse_params
+    from onecycle.config import parse_params, read_yaml
 
     text = path.read_text()
     rt = _yaml_rt(text)
@@ -61,7 +59,7 @@ def apply_best(path: Path, values: dict[str, Any]) -> list[str]:
     buf = io.StringIO()
     rt.dump(doc, buf)
     new_text = buf.getvalue()
-    reread = parse_params(pyyaml.safe_load(new_text)).flat()
+    reread = parse_params(read_yaml(path, new_text)).flat()  # as load_params and DVC read it
     wrong = [k for k, v in values.items() if reread.get(k) != v]
     if wrong:
         raise OneCycleError(f"--apply: {path} would not read back {wrong[0]} = {values[wrong[0]]!r}; not written")

@@ -4,6 +4,10 @@ pruner (and whether it can prune at all), the study (its metric named, for the o
 The default storage is a journal file, safe for several worker processes on one machine; any RDB URL
 (``sqlite:///...``, ``postgresql://...``) serves many machines. A password in a URL never appears in a
 message (:func:`mask`).
+
+Liveness: an RDB storage beats a heartbeat; a journal file has none, so each trial records its worker process
+(:func:`worker_identity`) and the next worker on that machine fails the trials of a worker that is gone and
+runs each once more (:func:`fail_dead_trials`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,13 @@ from onecycle.tuning.space import Dimension
 
 # Study user attrs.
 METRIC_ATTR = "metric"
+# Trial user attrs: the worker process that runs the trial (see worker_identity); why a trial failed.
+WORKER_ATTR = "worker"
+FAILURE_ATTR = "failure_reason"
 # RDB storages: seconds between a running trial's heartbeats
 HEARTBEAT_S = 60
+# A trial whose worker died is run again this many times at most (as the RDB heartbeat's retry callback).
+MAX_RETRY = 1
 
 
 def mask(url: str) -> str:
@@ -125,13 +135,112 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]):
         engine.dispose()
 
 
+def _pid_namespace() -> str | None:
+    """Linux: this process's PID namespace (``pid:[4026531836]``); containers may share a host name, not pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return None
+
+
+def worker_identity() -> dict[str, Any]:
+    """This process, as a trial records it (user attr ``worker``): host name, pid, PID namespace, and the
+    process's start time (seconds since the epoch), so that a pid the system has reused is not taken for it."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+            "started": psutil.Process().create_time()}
+
+
+# psutil's start time on Linux is the boot time of /proc/stat plus the process's start in clock ticks, and that
+# boot time can move by a second between reads. (A pid reused within 2 s would take pid_max new processes.)
+_START_SLACK_S = 2.0
+
+
+def worker_gone(worker: Any) -> bool:
+    """Whether the process ``worker`` (a :func:`worker_identity`) is known to have ended: it ran on this machine
+    (same host name and PID namespace) and its pid is not running, is a zombie, or is a later process.
+
+    False when that cannot be told: no record, or another machine or container (a journal file serves one).
+    """
+    import psutil
+
+    if not isinstance(worker, dict):
+        return False
+    here = worker_identity()
+    if worker.get("host") != here["host"] or worker.get("pidns") != here["pidns"]:
+        return False
+    try:
+        process = psutil.Process(int(worker["pid"]))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        started = process.create_time()
+        recorded = float(worker["started"])
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return True
+    except (psutil.Error, KeyError, TypeError, ValueError):  # another user's process (alive), a bad record
+        return False
+    return abs(started - recorded) > _START_SLACK_S
+
+
+def record_worker(trial) -> None:
+    """Record this process as ``trial``'s worker (user attr ``worker``), for :func:`fail_dead_trials`."""
+    trial.set_user_attr(WORKER_ATTR, worker_identity())
+
+
+def running_elsewhere(trials) -> int:
+    """How many of ``trials`` are RUNNING in a worker that is alive, or cannot be checked from here."""
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.RUNNING and not worker_gone(t.user_attrs.get(WORKER_ATTR)) for t in trials)
+
+
+def fail_dead_trials(study) -> list[tuple[Any, str]]:
+    """Mark FAIL each RUNNING trial of ``study`` whose worker is gone (:func:`worker_gone`: killed with -9, by
+    the OOM killer, a crash) and queue a copy of it, at most :data:`MAX_RETRY` times per trial; that is what
+    an RDB storage's heartbeat does (``optuna.storages.fail_stale_trials`` with
+    ``RetryHeartbeatStaleTrialCallback(max_retry=1)``), which a journal file lacks.
+
+    ``[(the failed trial, one line saying so)]``. A trial that another worker fails first is left to it.
+    The copy is a WAITING trial with the same params (the next worker to ask runs it) and Optuna's system
+    attrs ``failed_trial`` (the original trial's number) and ``retry_history``; none of the dead trial's user
+    attrs (its MLflow run, its worker) carry over.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage  # as optuna.storages.fail_stale_trials does
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if not worker_gone(worker):
+            continue
+        reason = f"its worker (pid {worker['pid']} on {worker['host']}) ended without finishing it"
+        try:
+            storage.set_trial_user_attr(trial._trial_id, FAILURE_ATTR, reason)
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) <= MAX_RETRY:
+            system_attrs = {"failed_trial": trial.number, **trial.system_attrs, "retry_history": history}
+            study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=trial.params,
+                                                distributions=trial.distributions, system_attrs=system_attrs))
+            again = "queued again with the same params"
+        else:
+            again = f"not queued again (it was already the retry of trial {history[0]})"
+        failed.append((storage.get_trial(trial._trial_id), f"trial {trial.number} FAIL - {reason}; {again}"))
+    return failed
+
+
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
 
     Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
-    killed by SIGTERM's default action instead, the trial would stay RUNNING forever in a journal file
-    (which has no heartbeat) and its runs open.
+    killed by SIGTERM's default action instead, the trial would stay RUNNING in a journal file (which has no
+    heartbeat) and its runs open, until the next worker on this machine found it (:func:`fail_dead_trials`).
     """
     import signal
 

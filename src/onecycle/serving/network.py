@@ -1,0 +1,39 @@
+"""The trained network as the train stage logs it into its run: ``network``, the raw network in MLflow's "pt2"
+format (``torch.export``), softmax output, unregistered, for callers that send normalized CxHxW tensors.
+
+The registered, servable image classifier is made later, from the evaluated model, by the publish stage
+(:mod:`onecycle.serving.publish`), so that editing the serving code re-runs only what publishes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from onecycle.config import AugmentConfig, ModelConfig
+from onecycle.serving.modelfile import bundle_metadata, model_bundle
+from onecycle.tracking import store
+
+
+def log_network(setup, state_dict: dict, *, model: ModelConfig, augment: AugmentConfig) -> str:
+    """Log the raw network to the active run; returns its model URI."""
+    import numpy as np
+
+    from onecycle.training.models import build_model
+
+    mlflow = store.mlflow()
+    from mlflow.models import infer_signature
+
+    net = build_model(model, setup.info.num_classes, setup.info.in_channels)
+    net.load_state_dict(state_dict)
+    served = torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval()
+    loader = setup.val_loader or setup.train_loader
+    # Two examples: with one, torch.export (MLflow's default "pt2" format) would fix the batch size to 1.
+    example = torch.stack([loader.dataset[i][0] for i in range(2)]).numpy().astype(np.float32)
+    with torch.no_grad():
+        probs = served(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        served, name="network", signature=infer_signature(example, probs), input_example=example,
+        serialization_format="pt2",
+        metadata={"onecycle": bundle_metadata(model_bundle(model, augment, setup.info, {}))},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    ).model_uri

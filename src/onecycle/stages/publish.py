@@ -1,0 +1,116 @@
+"""publish stage: the evaluated model becomes the registered, servable version, after ``evaluate`` judged it.
+
+Logs ``models/model.pt`` as the image classifier (:mod:`onecycle.serving.publish`) into the training's MLflow run
+(by id: the run's status is left alone), with the test-time augmentation evaluate scored it with
+(``evaluate.tta``), so the served model answers what the registry's test metrics describe; registers it as
+``mlflow.registered_model``, tags the version with evaluate's test results (``reports/metrics.json``), the test
+split's digest, the git commit and DVC experiment, and gives it the alias ``@candidate``. Writes
+``reports/publish.json`` (the version). Its own DVC stage: editing the serving code re-runs this stage only,
+never ``train``. Running it again for the same model and recipe re-tags the version it registered before
+instead of registering another (an interrupted publish completes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from onecycle.core.errors import OneCycleError
+from onecycle.core.files import atomic_write_text
+from onecycle.core.paths import Workspace
+from onecycle.data.store import load_info
+from onecycle.stages.command import run_command
+from onecycle.tracking import store
+from onecycle.tracking.registry import CANDIDATE, mark_version, test_digest
+
+log = logging.getLogger(__name__)
+
+RECIPE_TAG = "model_digest"  # a version's tag: the digest of the model file and test-time augmentation it serves
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise OneCycleError(f"{path} is missing or unreadable: run `onecycle {what}` (or `dvc repro`) first") from None
+
+
+def _network_of(client, run_id: str) -> str | None:
+    """The id of the raw network the training run logged (``network``), if any."""
+    outputs = client.get_run(run_id).outputs
+    for output in reversed(outputs.model_outputs if outputs else []):
+        try:
+            if client.get_logged_model(output.model_id).name == "network":
+                return output.model_id
+        except Exception:  # a model the store cannot return
+            continue
+    return None
+
+
+def _recipe_of(client, version) -> str | None:
+    """The recipe a version serves: its tag, or its logged model's (a publish stopped before tagging the version)."""
+    if version.tags.get(RECIPE_TAG):
+        return version.tags[RECIPE_TAG]
+    try:
+        return client.get_logged_model(version.model_id).tags.get(RECIPE_TAG)
+    except Exception:  # a version without a logged model (registered by hand from a path)
+        return None
+
+
+def run(params, ws: Workspace) -> dict:
+    """Register the evaluated model; return what reports/publish.json says."""
+    from onecycle.serving.publish import log_classifier
+
+    name = params.mlflow.registered_model
+    tta = params.evaluate.tta
+    test = _read_json(ws.metrics_json, "evaluate").get("test") or {}
+    run_id = _read_json(ws.runs_json, "train").get("train")
+    if not ws.model.is_file():
+        raise OneCycleError(f"{ws.model} does not exist: run `onecycle train` (or `dvc repro`) first")
+    recipe = hashlib.sha256(ws.model.read_bytes() + f"tta={tta}".encode()).hexdigest()[:16]
+    out = {"registered_model": name or None, "version": None, "model_uri": None, "tta": tta, RECIPE_TAG: recipe}
+    if not name or not run_id:
+        why = "mlflow.registered_model is not set" if not name else f"{ws.runs_json} names no training run"
+        print(f"publish: {why}; nothing registered")
+        atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
+        return out
+    store.configure(params.mlflow.experiment, ws.root)
+    client = store.mlflow().MlflowClient()
+    try:
+        status = client.get_run(run_id).info.status
+    except Exception:
+        raise OneCycleError(f"the training's MLflow run {run_id} (named in {ws.runs_json}) is not in the store "
+                            f"{store.tracking_uri()}: train again (or point MLFLOW_TRACKING_URI at its store)") from None
+    if status != "FINISHED":  # a diverged (FAILED) or unfinished training is evaluated, never offered for serving
+        print(f"publish: the training run {run_id} is {status}; nothing registered")
+        atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
+        return out
+    if "top1" not in test:
+        raise OneCycleError(f"{ws.metrics_json} has no test top-1: run `onecycle evaluate` (or `dvc repro`) first")
+    same = [int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+            if _recipe_of(client, v) == recipe]
+    if same:  # published before (an interrupted publish, or a rerun): the same version, tagged again
+        version = max(same)
+    else:
+        network = _network_of(client, run_id)  # what train logged: the raw network's URI goes in the metadata
+        info = log_classifier(run_id, ws.model, name, tta, network_uri=f"models:/{network}" if network else None,
+                              tags={RECIPE_TAG: recipe})
+        version = int(info.registered_model_version)
+        client.set_model_version_tag(name, str(version), RECIPE_TAG, recipe)
+    mark_version(name, version, run_id, test, test_digest(load_info(params.data, ws.root)))
+    out.update(version=version, model_uri=f"models:/{name}/{version}")
+    atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
+    print(f"publish: {name} version {version} (test top-1 {test['top1']:.4f}, tta {tta}) is @{CANDIDATE}; "
+          f"`onecycle promote` makes the best evaluated version @champion")
+    return out
+
+
+def main(argv=None) -> int:
+    return run_command("publish", __doc__.splitlines()[0], argv,
+                       lambda params, args: run(params, Workspace(Path("."))) and 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
