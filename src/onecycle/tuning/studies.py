@@ -61,6 +61,9 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+    # optuna sets its logger to INFO when first imported: the tune stage prints each trial itself, in one line
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
     if url is None or "://" not in url:
         path = default_journal if url is None else Path(url).expanduser()
         try:
