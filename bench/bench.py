@@ -4,6 +4,9 @@ Prints images/s for:
   (a) floor     a bare training loop of the same model, batch size and optimizer over in-memory,
                 pre-augmented, pre-normalized tensors (no loader, no metrics, no logging);
   (b) trainer   onecycle's real epoch: loader + augmentation + metrics + validation + checkpoint + MLflow;
+  (e) pipeline  the epoch as `dvc repro` runs it: `onecycle train` itself (the MLflow run with its system
+                metrics and per-step logging, checkpoints, reports), timed by the epoch's own record
+                (history.csv's epoch_seconds: training + validation, as the trainer row);
   (c) lr_find   the LR range test (issue 3 asks lr_find / plain steps < 1.1);
   (d) evaluate  test-split inference as the evaluate stage runs it;
 and the machine's fp32 matmul GFLOP/s, the achieved training GFLOP/s and the ratios. Figures only, no
@@ -80,7 +83,8 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
 
     from onecycle.core.paths import Workspace
     from onecycle.stages.train import stage_hooks
-    from onecycle.tracking import RunLogger, configure
+    from onecycle.tracking.runs import RunLogger
+    from onecycle.tracking.store import configure
     from onecycle.training.engine import build_setup
     from onecycle.training.loop import fit
 
@@ -95,6 +99,24 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
         fit(setup, 0.1, train=p.train, schedule=p.schedule, optimizer=p.optimizer, hooks=hooks, progress=False)
         secs = time.perf_counter() - t
     return images / secs, secs, images
+
+
+def bench_pipeline_epoch(params, workdir: Path, images: int) -> tuple[float, float]:
+    """(e): one epoch of `onecycle train` as the pipeline runs it (its own MLflow run, system metrics, checkpoints,
+    reports) in ``workdir``; (``images`` / the epoch's seconds, those seconds) from its record in reports/history.csv
+    (training + validation, as the trainer row counts)."""
+    import csv
+
+    from onecycle.core.paths import Workspace
+    from onecycle.stages import train
+
+    data_root = Path(params.data.root)
+    p = params.replace(train={"epochs": 1}, schedule={"max_lr": 0.1},
+                       data={"root": str(data_root if data_root.is_absolute() else Path.cwd() / data_root)})
+    os.environ["DVC_ROOT"] = str(workdir)  # the run goes to the temporary workspace's store
+    assert train.run(p, Workspace(workdir), progress=False) == 0
+    row = next(csv.DictReader(open(Workspace(workdir).history_csv)))
+    return images / float(row["epoch_seconds"]), float(row["epoch_seconds"])
 
 
 def bench_lr_find(params, steps: int) -> float:
@@ -139,6 +161,8 @@ def main(argv=None) -> int:
     floor_before = bench_floor(params, setup, args.floor_steps)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, epoch_s, epoch_images = bench_trainer(params, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline, pipeline_s = bench_pipeline_epoch(params, Path(tmp), epoch_images)
     lr_find = bench_lr_find(params, args.lr_steps)
     evaluate = bench_evaluate(params, setup)
     floor_after = bench_floor(params, setup, args.floor_steps)
@@ -156,12 +180,15 @@ def main(argv=None) -> int:
     rows = [("(a) floor: bare loop, in memory", floor, train_flops),
             (f"(b) trainer: 1 epoch ({epoch_images} img) + val", trainer, train_flops),
             (f"(c) lr_find ({max(args.lr_steps, 10)} steps)", lr_find, train_flops),
-            ("(d) evaluate (test split)", evaluate, flops_fwd)]
+            ("(d) evaluate (test split)", evaluate, flops_fwd),
+            ("(e) pipeline: `onecycle train` epoch", pipeline, train_flops)]
     for name, ips, flops in rows:
         gf = ips * flops / 1e9
         print(f"{name:<40}{ips:>10.0f}{floor / ips:>10.3f}{gf:>10.1f}{gf / peak:>9.1%}")
     print(f"b/a (time per training image, trainer vs floor): {floor / trainer:.3f}   "
           f"c/a (lr_find vs plain steps): {floor / lr_find:.3f}   trainer epoch wall: {epoch_s:.1f}s")
+    print(f"e/a (the pipeline's epoch vs floor): {floor / pipeline:.3f}   e/b (pipeline vs trainer): "
+          f"{trainer / pipeline:.3f}   pipeline epoch: {pipeline_s:.1f}s")
     return 0
 
 

@@ -93,3 +93,26 @@ def test_every_lr_spread_perturbation_is_a_valid_change_of_the_default_params():
         for section, values in overrides.items():
             for key, value in values.items():
                 assert getattr(getattr(params, section), key) == value, label
+
+
+@pytest.mark.slow
+def test_make_bench_measures_the_trainer_and_the_pipelines_epoch_on_tiny_params(tmp_path, monkeypatch):
+    """bench.py's rows that run onecycle's own code (not timed here: only that they run and report an epoch)."""
+    import importlib.util
+
+    from onecycle.config import load_params
+    from tiny import tiny_params
+
+    spec = importlib.util.spec_from_file_location("bench_main", ROOT / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    write_fetched(tmp_path / "data", n_train=400, n_test=40)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    params = load_params(tiny_params(tmp_path, mlflow={"system_metrics": False}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "e").mkdir()
+    ips, secs, images = bench.bench_trainer(params, tmp_path / "b")
+    assert ips > 0 and secs > 0 and images == 400 - params.data.val_size
+    ips, secs = bench.bench_pipeline_epoch(params, tmp_path / "e", images)
+    assert ips > 0 and secs > 0 and (tmp_path / "e/models/model.pt").is_file()
