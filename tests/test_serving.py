@@ -27,7 +27,7 @@ from onecycle.core.paths import Workspace
 from onecycle.data.store import load_info
 from onecycle.stages import evaluate, predict, promote, publish, train
 from onecycle.stages.command import guarded
-from onecycle.tracking.registry import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_candidate, test_digest
+from onecycle.tracking.registry import CANDIDATE, CHAMPION, DIGEST, TOP1, TOP5, mark_version, test_digest
 from tiny import tiny_params, write_fetched
 
 pytestmark = pytest.mark.slow
@@ -74,10 +74,10 @@ def _promote(trained, capsys, force=False, version=None) -> tuple[int, str]:
 
 
 def _new_candidate(client, run_id: str, top1: float, digest: str) -> str:
-    """Another version of NAME (the same logged model), marked as evaluate marks one: its tags and @candidate."""
+    """Another version of NAME (the same logged model), marked as publish marks one: its tags and @candidate."""
     v1 = client.get_model_version(NAME, "1")
     mv = client.create_model_version(NAME, v1.source, run_id=run_id, model_id=v1.model_id)
-    assert mark_candidate(run_id, {"top1": top1, "top5": 1.0}, digest) == [f"{NAME}/{mv.version}"]
+    mark_version(NAME, mv.version, run_id, {"top1": top1, "top5": 1.0}, digest)
     return str(mv.version)
 
 

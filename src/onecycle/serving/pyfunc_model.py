@@ -1,4 +1,4 @@
-"""The served image classifier as MLflow loads it: a models-from-code file, logged by ``serving.log_final_model``.
+"""The served image classifier as MLflow loads it: a models-from-code file, logged by ``serving.publish``.
 
 MLflow runs this file when it loads the model (``mlflow models serve``, ``mlflow.pyfunc.load_model``);
 nothing is unpickled. The weights come from the logged ``model.pt`` artifact, read weights-only, and all

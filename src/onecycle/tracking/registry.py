@@ -25,18 +25,6 @@ def test_digest(info) -> str:
 test_digest.__test__ = False  # not a pytest test, whatever its name
 
 
-def mark_candidate(run_id: str, test_metrics: dict, digest: str) -> list[str]:
-    """Tag the newest version registered from ``run_id`` (per registered model) with its test results and
-    provenance, and alias it ``candidate``. Returns "NAME/VERSION" of each version marked."""
-    client = store.mlflow().MlflowClient()
-    newest: dict[str, int] = {}
-    for mv in client.search_model_versions(f"run_id='{run_id}'"):
-        newest[mv.name] = max(newest.get(mv.name, 0), int(mv.version))
-    for name, version in newest.items():
-        mark_version(name, version, run_id, test_metrics, digest)
-    return [f"{name}/{version}" for name, version in newest.items()]
-
-
 def mark_version(name: str, version: int | str, run_id: str, test_metrics: dict, digest: str,
                  extra: dict[str, str] | None = None) -> None:
     """Tag version ``version`` of ``name`` with its test results (``test_metrics``: evaluate's), the test split's
