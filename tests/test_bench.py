@@ -108,7 +108,7 @@ def test_make_bench_measures_the_trainer_and_the_pipelines_epoch_on_tiny_params(
     spec.loader.exec_module(bench)
     write_fetched(tmp_path / "data", n_train=400, n_test=40)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the bench functions set it: restored after the test
     params = load_params(tiny_params(tmp_path, mlflow={"system_metrics": False}))
     (tmp_path / "b").mkdir()
     (tmp_path / "e").mkdir()
