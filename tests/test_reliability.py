@@ -586,3 +586,30 @@ def test_a_storage_password_never_reaches_mlflow_logs_or_reports(tmp_path, monke
     leaks = [str(p.relative_to(tmp_path)) for p in stored if b"SECRET_PW_123" in p.read_bytes()]
     assert leaks == []
     assert "SECRET_PW_123" not in out.out + out.err + caplog.text
+
+
+@pytest.mark.slow
+def test_a_network_left_pending_by_a_kill_during_logging_is_replaced_not_duplicated(tmp_path, monkeypatch):
+    """kill -9 while the network uploads leaves a PENDING logged model and no record of the step: the rerun completes
+    the run with one READY network; killed after the upload but before the record, the rerun logs none again."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    params, ws = _tiny_train(tmp_path, monkeypatch)
+    assert _train(params, ws) == 0
+    run_id = ckpt.load(tmp_path / "checkpoints/last.pt")["mlflow_run_id"]
+    record = json.loads((tmp_path / "checkpoints/finalize.json").read_text())
+    undone = {"run_id": run_id, "done": {k: v for k, v in record["done"].items() if k not in ("network", "end_run")}}
+    client = _client(tmp_path)
+    (ready,) = [m.model_id for m in _logged_models(tmp_path, run_id) if m.name == "network"]
+    for case in ("killed during the upload", "killed after it"):
+        if case == "killed during the upload":
+            client.delete_logged_model(ready)
+            mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+            mlflow.initialize_logged_model(name="network", source_run_id=run_id)  # PENDING, as the kill left it
+        (tmp_path / "checkpoints/finalize.json").write_text(json.dumps(undone))
+        client.update_run(run_id, status="RUNNING")
+        assert _train(params, ws, step_fn=_no_training) == 0, case
+        networks = [m for m in _logged_models(tmp_path, run_id) if m.name == "network"]
+        assert [m.status for m in networks] == [LoggedModelStatus.READY], case
+        assert client.get_run(run_id).info.status == "FINISHED"

@@ -47,9 +47,14 @@ class ImageClassifier:
 
     def __call__(self, model_input, params: dict | None = None) -> list[dict]:
         """Answer every image of a request; a request whose images all fail is refused (HTTP 400)."""
+        from onecycle.data.images import release_memory
+
         k = int((params or {}).get("k") or DEFAULT_K)
         images = _images(model_input)
-        answers = [self.predict_one(img, k, name=f"image {i}") for i, img in enumerate(images)]
+        try:
+            answers = [self.predict_one(img, k, name=f"image {i}") for i, img in enumerate(images)]
+        finally:
+            release_memory()  # after a large image, the server gives the decoding memory back
         if not answers or all("error" in a for a in answers):
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import BAD_REQUEST

@@ -15,12 +15,17 @@ from onecycle.tracking import store
 
 
 def log_network(setup, state_dict: dict, *, model: ModelConfig, augment: AugmentConfig) -> str:
-    """Log the raw network to the active run; returns its model URI."""
+    """Log the raw network to the active run, unless it holds it already (a finalization run again after a kill);
+    returns its model URI."""
     import numpy as np
 
+    from onecycle.tracking.runs import finished_model
     from onecycle.training.models import build_model
 
     mlflow = store.mlflow()
+    logged = finished_model(mlflow.active_run().info.run_id, "network")
+    if logged is not None:
+        return f"models:/{logged}"
     from mlflow.models import infer_signature
 
     net = build_model(model, setup.info.num_classes, setup.info.in_channels)

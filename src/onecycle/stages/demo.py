@@ -36,7 +36,7 @@ import numpy as np
 
 from onecycle.core.errors import OneCycleError
 from onecycle.data import catalog
-from onecycle.data.images import MAX_BYTES, ImageError
+from onecycle.data.images import MAX_BYTES, ImageError, release_memory
 from onecycle.serving.inference import eval_transform, load_predictor, preprocess, top_k
 from onecycle.stages.command import run_command
 
@@ -184,6 +184,7 @@ def build_demo(predict, ds, augment_eval: list, *, k: int = 5, examples: Sequenc
             # as bytes (Gradio capped uploads at MAX_BYTES), so that no message names a server path
             blob = upload if isinstance(upload, bytes) else Path(upload).read_bytes()
             x = preprocess(blob, ds, augment_eval, transform, name=name)
+            release_memory()  # after a large image, the page's server gives the decoding memory back
         except OSError:
             raise gr.Error(f"{name}: the upload cannot be read, try again", print_exception=False) from None
         except ImageError as exc:

@@ -22,7 +22,7 @@ from onecycle.core.files import atomic_write_text
 from onecycle.core.paths import Workspace
 from onecycle.data.store import load_info
 from onecycle.stages.command import run_command
-from onecycle.tracking import store
+from onecycle.tracking import runs, store
 from onecycle.tracking.registry import CANDIDATE, mark_version, test_digest
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def run(params, ws: Workspace) -> dict:
     if same:  # published before (an interrupted publish, or a rerun): the same version, tagged again
         version = max(same)
     else:
+        runs.finished_model(run_id, "model")  # drops a classifier an interrupted publish left PENDING
         network = _network_of(client, run_id)  # what train logged: the raw network's URI goes in the metadata
         info = log_classifier(run_id, ws.model, name, tta, network_uri=f"models:/{network}" if network else None,
                               tags={RECIPE_TAG: recipe})

@@ -133,6 +133,22 @@ def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
             f"{Path(report).name}, not committed, from an LR finder run that is not in this store"}
 
 
+def finished_model(run_id: str, name: str) -> str | None:
+    """The id of the READY model named ``name`` that ``run_id`` logged, if any; one left PENDING or FAILED by an
+    interrupted log (``kill -9`` while uploading) is deleted, so that logging again leaves the run one model."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = mlflow().MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    ready = None
+    for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"):
+        if model.status == LoggedModelStatus.READY and ready is None:
+            ready = model.model_id
+        elif model.status != LoggedModelStatus.READY:
+            client.delete_logged_model(model.model_id)
+    return ready
+
+
 def model_of_run(run_id: str, name: str = "model") -> str | None:
     """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
     none has that name, the last one it logged that is not a checkpoint), or None."""
