@@ -11,8 +11,8 @@ from onecycle.config import load_params
 from onecycle.data.loaders import set_epoch, skip_batches
 from onecycle.training import checkpoint as ckpt
 from onecycle.training.engine import DivergenceError, build_setup, train_step
-from onecycle.training.loop import FitHooks, Interrupted, fit
-from tiny import tiny_params
+from onecycle.training.loop import FitHooks, Interrupted
+from tiny import fit_tiny, tiny_params
 
 
 def _batches(loader, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,13 +48,6 @@ def test_on_device_falls_back_with_a_warning_when_a_pipeline_is_listed(workdir, 
     assert "data.on_device needs" in caplog.text
 
 
-def _fit(workdir, *, hooks=None, resume_state=None, should_stop=None, step_fn=train_step, **train):
-    params = load_params(tiny_params(workdir, train={"epochs": 2, **train}))
-    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
-    return fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
-               resume_state=resume_state, should_stop=should_stop, progress=False, step_fn=step_fn), setup
-
-
 @pytest.mark.slow
 def test_a_nan_is_caught_at_the_next_check_names_its_step_and_is_never_checkpointed(workdir):
     calls = {"n": 0}
@@ -67,14 +60,14 @@ def test_a_nan_is_caught_at_the_next_check_names_its_step_and_is_never_checkpoin
     saved = []
     hooks = FitHooks(save_last=saved.append, save_best=saved.append)
     with pytest.raises(DivergenceError, match="the training loss became nan at epoch 1, step 6"):
-        _fit(workdir, hooks=hooks, step_fn=nan_at_step_6, check_every=4)
+        fit_tiny(workdir, hooks=hooks, step_fn=nan_at_step_6, check_every=4)
     assert calls["n"] == 8  # trained on to the check at step 8, the end of the epoch (8 steps of 64 images)
     assert saved == []  # nothing was checkpointed after the bad step
 
 
 @pytest.mark.slow
 def test_a_stop_waits_for_the_next_check_and_resumes_exactly(workdir):
-    straight, _ = _fit(workdir, check_every=4)
+    straight, _ = fit_tiny(workdir, check_every=4)
     steps = {"n": 0}
 
     def counting(*args, **kwargs):
@@ -83,10 +76,10 @@ def test_a_stop_waits_for_the_next_check_and_resumes_exactly(workdir):
 
     saved = []
     with pytest.raises(Interrupted, match="stopped at epoch 1, step 4 of 8"):
-        _fit(workdir, hooks=FitHooks(save_last=saved.append), should_stop=lambda: steps["n"] >= 2,
+        fit_tiny(workdir, hooks=FitHooks(save_last=saved.append), should_stop=lambda: steps["n"] >= 2,
              step_fn=counting, check_every=4)
     assert steps["n"] == 4 and saved[-1]["partial"]["step_in_epoch"] == 4
-    resumed, _ = _fit(workdir, resume_state=saved[-1], check_every=4)
+    resumed, _ = fit_tiny(workdir, resume_state=saved[-1], check_every=4)
     assert [r["val_top1"] for r in resumed.history] == [r["val_top1"] for r in straight.history]
     for k, v in straight.best_state.items():
         assert torch.equal(v, resumed.best_state[k]), k

@@ -14,8 +14,8 @@ import torch
 from onecycle.config import load_params, parse_params
 from onecycle.training import engine
 from onecycle.training.engine import build_setup, choose_precision, train_step
-from onecycle.training.loop import FitHooks, Interrupted, fit
-from tiny import tiny_params
+from onecycle.training.loop import FitHooks, Interrupted
+from tiny import fit_tiny, tiny_params
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -51,18 +51,11 @@ def test_auto_is_the_default_and_the_cpu_probe_decides_it(workdir, monkeypatch):
         assert engine.amp_dtype(params.train.amp, setup.device) == dtype  # what evaluate uses
 
 
-def _fit(workdir, *, hooks=None, resume_state=None, should_stop=None, step_fn=train_step, **train):
-    params = load_params(tiny_params(workdir, train={"epochs": 2, **train}))
-    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
-    return fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
-               resume_state=resume_state, should_stop=should_stop, progress=False, step_fn=step_fn), setup
-
-
 @pytest.mark.slow
 def test_auto_on_a_cpu_without_amx_trains_bit_for_bit_as_fp32(workdir, monkeypatch):
     monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
-    old, _ = _fit(workdir, amp=False)
-    auto, setup = _fit(workdir, amp="auto")
+    old, _ = fit_tiny(workdir, amp=False)
+    auto, setup = fit_tiny(workdir, amp="auto")
     assert setup.dtype is None
     assert [r["val_loss"] for r in auto.history] == [r["val_loss"] for r in old.history]
     for k, v in old.best_state.items():
@@ -72,7 +65,7 @@ def test_auto_on_a_cpu_without_amx_trains_bit_for_bit_as_fp32(workdir, monkeypat
 @pytest.mark.slow
 def test_bf16_on_cpu_trains_checkpoints_and_resumes_bit_for_bit(workdir):
     bf16 = {"amp": "bf16", "amp_on_cpu": True, "check_every": 4}
-    straight, setup = _fit(workdir, **bf16)
+    straight, setup = fit_tiny(workdir, **bf16)
     assert setup.dtype == torch.bfloat16 and setup.precision == "bf16 (train.amp bf16)"
     steps = {"n": 0}
 
@@ -84,10 +77,10 @@ def test_bf16_on_cpu_trains_checkpoints_and_resumes_bit_for_bit(workdir):
 
     saved = []
     with pytest.raises(Interrupted):  # stopped in epoch 2, after a full epoch was checkpointed
-        _fit(workdir, hooks=FitHooks(save_last=saved.append), should_stop=lambda: steps["n"] >= 10,
+        fit_tiny(workdir, hooks=FitHooks(save_last=saved.append), should_stop=lambda: steps["n"] >= 10,
              step_fn=counting, **bf16)
     assert saved[-1]["partial"]["step_in_epoch"] == 4
-    resumed, _ = _fit(workdir, resume_state=saved[-1], **bf16)
+    resumed, _ = fit_tiny(workdir, resume_state=saved[-1], **bf16)
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
     for k, v in straight.best_state.items():
         assert torch.equal(v, resumed.best_state[k]), k

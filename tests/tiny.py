@@ -65,3 +65,16 @@ def tiny_params(workdir: Path, **sections: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
 
+
+
+def fit_tiny(workdir: Path, *, hooks=None, resume_state=None, should_stop=None, step_fn=None, **train):
+    """``fit`` of tiny params (2 epochs, ``train`` overrides) in ``workdir`` with max_lr 0.05: ``(result, setup)``."""
+    from onecycle.config import load_params
+    from onecycle.training.engine import build_setup, train_step
+    from onecycle.training.loop import fit
+
+    params = load_params(tiny_params(workdir, train={"epochs": 2, **train}))
+    setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
+    return fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
+               resume_state=resume_state, should_stop=should_stop, progress=False,
+               step_fn=step_fn or train_step), setup
