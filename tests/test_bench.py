@@ -116,3 +116,67 @@ def test_make_bench_measures_the_trainer_and_the_pipelines_epoch_on_tiny_params(
     assert ips > 0 and secs > 0 and images == 400 - params.data.val_size
     ips, secs = bench.bench_pipeline_epoch(params, tmp_path / "e", images)
     assert ips > 0 and secs > 0 and (tmp_path / "e/models/model.pt").is_file()
+
+
+def _load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_compared_schedules_have_the_shapes_they_are_named_for():
+    """bench/schedules.py's cosine (warm-up, then to 0), step (/10 at 50% and 75%) and constant LRs per step."""
+    import torch
+
+    schedules = _load_bench("schedules")
+    from onecycle.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+
+    def lrs(name: str, total: int = 100) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4, momentum=0.9)
+        sched = schedules.make_scheduler(name, opt, params, 0.4, total, warmup=0.1)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cos = lrs("cosine")
+    assert cos[0] == pytest.approx(0.04) and cos[9] == pytest.approx(0.4) and max(cos) == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(cos[9:], cos[10:], strict=False)) and cos[-1] < 0.001
+    step = lrs("step")
+    assert step[49] == pytest.approx(0.4) and step[50] == pytest.approx(0.04) and step[75] == pytest.approx(0.004)
+    assert set(lrs("constant")) == {0.4}
+    one = lrs("onecycle", total=params.train.epochs * 25)
+    assert one[0] == pytest.approx(0.4 / params.schedule.div_factor) and max(one) == pytest.approx(0.4)
+
+
+@pytest.mark.slow
+def test_schedules_bench_trains_every_schedule_and_picks_each_ones_best_lr(tmp_path, capsys):
+    """Every schedule at every LR of its grid trains the same tiny model; Schedule-Free is scored at its averaged
+    weights; the summary keeps each schedule's best final validation top-1."""
+    from tiny import tiny_params
+
+    schedules = _load_bench("schedules")
+    write_fetched(tmp_path / "data", n_train=400, n_test=40)
+    path = tiny_params(tmp_path, mlflow={"system_metrics": False})
+    results = schedules.main(["--params", str(path), "--max-lr", "0.05", "--epochs", "2", "--target", "0.0"])
+    out = capsys.readouterr().out
+    assert [(r["schedule"], round(r["lr"], 6)) for r in results] == [
+        (name, round(0.05 * m, 6)) for name, grid in schedules.GRIDS.items() for m in grid]
+    for r in results:  # 2 evaluations an epoch, the last at the epoch's end; target 0: reached at the first
+        assert r["diverged"] or (0.0 <= r["final"] <= 1.0 and len(r["curve"]) == 4 and r["curve"][-1][0] == 2.0
+                                 and 0.0 < r["epochs_to_target"] == r["curve"][0][0] < 1.0)
+    summary = out.split("Each schedule at its best LR")[1].splitlines()
+    for name in schedules.GRIDS:
+        ok = [r for r in results if r["schedule"] == name and not r["diverged"]]
+        row = next(line for line in summary if line.startswith(f"| {name} |"))
+        if ok:
+            assert f"| {max(r['final'] for r in ok):.4f} |" in row, row
+    finals = {r["final"] for r in results if not r["diverged"]}
+    assert len(finals) > 1, "every schedule trained to the same accuracy: the schedules did not differ"
