@@ -8,7 +8,10 @@ bit-reproducible on a CPU, so a lever's row does not depend on when it ran (its 
 table row per lever: max_lr, val top-1 (plain, flip), val loss (flip), training seconds. Nothing else may
 train meanwhile (2 cores: two trainings slow each other ~8x).
 
-``python bench/quality.py [--levers default,steepest] [--seed 0]``
+``--test`` also scores the test split as the evaluate stage does (its TTA, the run's precision) and prints the
+epochs' mean images/s: ``python bench/quality.py --levers fp32,bf16_cpu --test`` is the README's precision table.
+
+``python bench/quality.py [--levers default,steepest] [--seed 0] [--test]``
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ LEVERS = {
     "whiten_short_sweep": {"model": {"whiten": True}, "schedule": {"max_lr": 0.2212}},
     "plain_prep": {"model": {"whiten": False}},  # today's default without the whitening conv
     "batch_128": {"data": {"batch_size": 128}, "max_lr_scale": 0.5},  # twice the steps; max_lr scaled linearly
+    # The CPU quality recipe (issue #25: 94% within 10 minutes), candidates chosen on validation:
+    "epochs_16": {"train": {"epochs": 16}},
+    "epochs_16_smooth": {"train": {"epochs": 16, "label_smoothing": 0.1}},
+    # Precision (README: the precision table): fp32, and bf16 autocast forced on the CPU (auto's choice with AMX)
+    "fp32": {"train": {"amp": False}},
+    "bf16_cpu": {"train": {"amp": "bf16", "amp_on_cpu": True}},
 }
 
 
@@ -66,7 +75,9 @@ def lever_params(name: str, seed: int):
     return parse_params(raw)
 
 
-def measure(name: str, seed: int) -> dict:
+def measure(name: str, seed: int, test: bool = False) -> dict:
+    import csv
+
     import torch
 
     from onecycle.core.paths import Workspace
@@ -74,7 +85,7 @@ def measure(name: str, seed: int) -> dict:
     from onecycle.data.store import load_info
     from onecycle.serving.modelfile import load_model_bundle
     from onecycle.stages import train
-    from onecycle.training.engine import evaluate
+    from onecycle.training.engine import amp_dtype, evaluate
 
     params = lever_params(name, seed)
     with tempfile.TemporaryDirectory(prefix="quality.") as tmp:
@@ -85,32 +96,51 @@ def measure(name: str, seed: int) -> dict:
         if rc != 0:
             raise SystemExit(f"{name}: training exited {rc}")
         model, _, _ = load_model_bundle(ws.model)
+        with ws.history_csv.open() as f:
+            rates = [float(row["images_per_second"]) for row in csv.DictReader(f)]
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    val = make_loader(build_split(params.data, params.augment, load_info(params.data), "val", train_augment=False,
-                                  seed=params.train.seed),
-                      params.data.batch_size, shuffle=False, seed=0, num_workers=0)
-    plain = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="none")
-    flip = evaluate(model, val, torch.device("cpu"), None, params.train.channels_last, tta="flip")
-    return {"lever": name, "max_lr": params.schedule.max_lr, "val_top1": plain["top1"],
-            "val_top1_flip": flip["top1"], "val_loss_flip": flip["loss"], "train_seconds": seconds}
+    cpu = torch.device("cpu")
+    dtype = amp_dtype(params.train.amp, cpu, params.train.amp_on_cpu)  # as the run trained (and evaluate scores)
+
+    def split(name: str):
+        ds = build_split(params.data, params.augment, load_info(params.data), name, train_augment=False,
+                         seed=params.train.seed)
+        return make_loader(ds, params.data.batch_size, shuffle=False, seed=0, num_workers=0)
+
+    val = split("val")
+    plain = evaluate(model, val, cpu, dtype, params.train.channels_last, tta="none")
+    flip = evaluate(model, val, cpu, dtype, params.train.channels_last, tta="flip")
+    out = {"lever": name, "max_lr": params.schedule.max_lr, "val_top1": plain["top1"],
+           "val_top1_flip": flip["top1"], "val_loss_flip": flip["loss"], "train_seconds": seconds,
+           "images_per_second": sum(rates) / len(rates)}
+    if test:
+        t = time.perf_counter()
+        out["test_top1"] = evaluate(model, split("test"), cpu, dtype, params.train.channels_last,
+                                    tta=params.evaluate.tta)["top1"]
+        out["test_seconds"] = time.perf_counter() - t
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levers", default="default,steepest", help=f"comma-separated, of: {', '.join(LEVERS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test", action="store_true", help="also score the test split as evaluate does")
     args = p.parse_args()
     names = [n.strip() for n in args.levers.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
-    print("| lever | max_lr | val top-1 | val top-1, flip TTA | val loss, flip | train seconds |")
-    print("|---|---|---|---|---|---|")
+    test_cols = " test top-1 | evaluate seconds |" if args.test else ""
+    print(f"| lever | max_lr | val top-1 | val top-1, flip TTA | val loss, flip | images/s | train seconds |{test_cols}")
+    print("|---|---|---|---|---|---|---|" + "---|---|" * args.test)
     for name in names:
-        r = measure(name, args.seed)
+        r = measure(name, args.seed, args.test)
+        test_cells = f" {r['test_top1']:.4f} | {r['test_seconds']:.1f} |" if args.test else ""
         print(f"| {r['lever']} | {r['max_lr']:.4f} | {r['val_top1']:.4f} | {r['val_top1_flip']:.4f} | "
-              f"{r['val_loss_flip']:.4f} | {r['train_seconds']:.1f} |", flush=True)
+              f"{r['val_loss_flip']:.4f} | {r['images_per_second']:.0f} | {r['train_seconds']:.1f} |{test_cells}",
+              flush=True)
 
 
 if __name__ == "__main__":
