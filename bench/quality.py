@@ -45,7 +45,6 @@ LEVERS = {
     "batch_128": {"data": {"batch_size": 128}, "max_lr_scale": 0.5},  # twice the steps; max_lr scaled linearly
     # The CPU quality recipe (issue #25: 94% within 10 minutes), candidates chosen on validation:
     "epochs_16": {"train": {"epochs": 16}},
-    "epochs_16_smooth": {"train": {"epochs": 16, "label_smoothing": 0.1}},
     # Precision (README: the precision table): fp32, and bf16 autocast forced on the CPU (auto's choice with AMX)
     "fp32": {"train": {"amp": False}},
     "bf16_cpu": {"train": {"amp": "bf16", "amp_on_cpu": True}},
