@@ -47,8 +47,8 @@ def forward_flops(model, shape) -> float:
 
 
 def bench_floor(params, setup, steps: int) -> float:
-    """(a): the same model/optimizer/batch on tensors already augmented and normalized, in memory."""
-    from onecycle.training.engine import build_optimizer
+    """(a): the same model/optimizer/batch/precision on tensors already augmented and normalized, in memory."""
+    from onecycle.training.engine import autocast, build_optimizer
 
     ds = setup.train_loader.dataset
     bs = params.data.batch_size
@@ -66,7 +66,9 @@ def bench_floor(params, setup, steps: int) -> float:
 
     def step(xb, yb):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(xb), yb).backward()
+        with autocast(setup.device, setup.dtype):  # train.amp as the trainer resolves it (bf16 on CPUs that have it)
+            loss = loss_fn(model(xb), yb)
+        loss.backward()
         opt.step()
 
     for xb, yb in batches[:4]:  # warm-up (oneDNN builds its kernels in the first steps)
@@ -137,7 +139,7 @@ def bench_evaluate(params, setup) -> float:
     test = build_split(params.data, params.augment, setup.info, "test", train_augment=False, seed=params.train.seed)
     loader = make_loader(test, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     t = time.perf_counter()
-    out = evaluate(setup.model, loader, setup.device, setup.dtype, params.train.channels_last, collect=True)
+    out = evaluate(setup.model, loader, setup.device, None, params.train.channels_last, collect=True)  # fp32, as the stage
     return out["n"] / (time.perf_counter() - t)
 
 
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {threads} threads; model {params.model.name} width {params.model.width}, "
-          f"batch {params.data.batch_size}, input {shape}, {flops_fwd / 1e6:.1f} MFLOP/image forward")
+          f"batch {params.data.batch_size}, input {shape}, {flops_fwd / 1e6:.1f} MFLOP/image forward; "
+          f"precision {setup.precision} (floor and trainer alike)")
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; floor measured first {floor_before:.0f} and last "
           f"{floor_after:.0f} images/s (the table uses their mean)")
     print(f"{'measurement':<40}{'images/s':>10}{'vs floor':>10}{'GFLOP/s':>10}{'of peak':>9}")

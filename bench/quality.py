@@ -8,7 +8,7 @@ bit-reproducible on a CPU, so a lever's row does not depend on when it ran (its 
 table row per lever: max_lr, val top-1 (plain, flip), val loss (flip), training seconds. Nothing else may
 train meanwhile (2 cores: two trainings slow each other ~8x).
 
-``--test`` also scores the test split as the evaluate stage does (its TTA, the run's precision) and prints the
+``--test`` also scores the test split as the evaluate stage does (its TTA, in fp32) and prints the
 epochs' mean images/s: ``python bench/quality.py --levers fp32,bf16_cpu --test`` is the README's precision table.
 
 ``python bench/quality.py [--levers default,steepest] [--seed 0] [--test]``
@@ -84,7 +84,7 @@ def measure(name: str, seed: int, test: bool = False) -> dict:
     from onecycle.data.store import load_info
     from onecycle.serving.modelfile import load_model_bundle
     from onecycle.stages import train
-    from onecycle.training.engine import amp_dtype, evaluate
+    from onecycle.training.engine import evaluate
 
     params = lever_params(name, seed)
     with tempfile.TemporaryDirectory(prefix="quality.") as tmp:
@@ -99,8 +99,7 @@ def measure(name: str, seed: int, test: bool = False) -> dict:
             rates = [float(row["images_per_second"]) for row in csv.DictReader(f)]
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cpu = torch.device("cpu")
-    dtype = amp_dtype(params.train.amp, cpu, params.train.amp_on_cpu)  # as the run trained (and evaluate scores)
+    cpu, dtype = torch.device("cpu"), None  # fp32, as the evaluate stage, predict and the served model score
 
     def split(name: str):
         ds = build_split(params.data, params.augment, load_info(params.data), name, train_augment=False,

@@ -1,7 +1,7 @@
 """``train.amp: auto`` picks the precision that fits the machine, says why, and changes nothing where fp32 fits.
 
-The machine's capabilities are injected (``choose_precision``'s ``amx``/``cuda_bf16`` arguments, or the
-``cpu_has_amx`` probe monkeypatched), so every case is checked on any machine.
+The machine's capabilities are injected (``choose_precision``'s ``cpu_bf16_kind``/``cuda_bf16`` arguments, or the
+``cpu_bf16`` probe monkeypatched), so every case is checked on any machine.
 """
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 
 @pytest.mark.parametrize(("amp", "device", "on_cpu", "caps", "dtype", "why"), [
-    ("auto", CPU, False, {"amx": True}, torch.bfloat16, "bf16 (auto: CPU with AMX)"),
-    ("auto", CPU, True, {"amx": False}, None, "fp32 (auto: CPU without AMX)"),
+    ("auto", CPU, False, {"cpu_bf16_kind": "AMX"}, torch.bfloat16, "bf16 (auto: CPU with AMX)"),
+    ("auto", CPU, False, {"cpu_bf16_kind": "AVX512-BF16"}, torch.bfloat16, "bf16 (auto: CPU with AVX512-BF16)"),
+    ("auto", CPU, True, {"cpu_bf16_kind": None}, None, "fp32 (auto: CPU without native bf16)"),
     ("auto", CUDA, False, {"cuda_bf16": True}, torch.bfloat16, "bf16 (auto: CUDA with bf16)"),
     ("auto", CUDA, False, {"cuda_bf16": False}, torch.float16, "fp16 (auto: CUDA without bf16, with GradScaler)"),
-    ("auto", MPS, False, {"amx": True, "cuda_bf16": True}, None, "fp32 (auto: mps, no mixed precision there)"),
+    ("auto", MPS, False, {"cpu_bf16_kind": "AMX", "cuda_bf16": True}, None, "fp32 (auto: mps, no mixed precision there)"),
     # the settings before auto keep their meaning
     (False, CUDA, False, {"cuda_bf16": True}, None, "fp32 (train.amp false)"),
-    (False, CPU, True, {"amx": True}, None, "fp32 (train.amp false)"),
+    (False, CPU, True, {"cpu_bf16_kind": "AMX"}, None, "fp32 (train.amp false)"),
     (True, CUDA, False, {}, torch.float16, "fp16 (train.amp True)"),
-    ("bf16", CPU, False, {"amx": True}, None, "fp32 (train.amp bf16 ignored: train.amp_on_cpu is false)"),
-    ("bf16", CPU, True, {"amx": False}, torch.bfloat16, "bf16 (train.amp bf16)"),
+    ("bf16", CPU, False, {"cpu_bf16_kind": "AMX"}, None, "fp32 (train.amp bf16 ignored: train.amp_on_cpu is false)"),
+    ("bf16", CPU, True, {"cpu_bf16_kind": None}, torch.bfloat16, "bf16 (train.amp bf16)"),
     ("fp16", CPU, True, {}, torch.float16, "fp16 (train.amp fp16)"),
     ("fp16", MPS, True, {}, None, "fp32 (train.amp fp16 ignored: no mixed precision on mps)"),
-], ids=["cpu-amx", "cpu-no-amx", "cuda-bf16", "cuda-fp16", "mps", "off-cuda", "off-cpu", "true-cuda",
+], ids=["cpu-amx", "cpu-avx512-bf16", "cpu-no-native-bf16", "cuda-bf16", "cuda-fp16", "mps", "off-cuda", "off-cpu", "true-cuda",
         "bf16-cpu-not-allowed", "bf16-cpu-allowed", "fp16-cpu-allowed", "fp16-mps"])
 def test_amp_resolves_per_machine_and_says_why(amp, device, on_cpu, caps, dtype, why):
     assert choose_precision(amp, device, on_cpu, **caps) == (dtype, why)
@@ -43,17 +44,18 @@ def test_amp_resolves_per_machine_and_says_why(amp, device, on_cpu, caps, dtype,
 def test_auto_is_the_default_and_the_cpu_probe_decides_it(workdir, monkeypatch):
     assert parse_params({}).train.amp == "auto"
     params = load_params(tiny_params(workdir))
-    for amx, dtype, why in ((True, torch.bfloat16, "bf16 (auto: CPU with AMX)"),
-                            (False, None, "fp32 (auto: CPU without AMX)")):
-        monkeypatch.setattr(engine, "cpu_has_amx", lambda amx=amx: amx)
+    for kind, dtype, why in (("AMX", torch.bfloat16, "bf16 (auto: CPU with AMX)"),
+                             ("AVX512-BF16", torch.bfloat16, "bf16 (auto: CPU with AVX512-BF16)"),
+                             (None, None, "fp32 (auto: CPU without native bf16)")):
+        monkeypatch.setattr(engine, "cpu_bf16", lambda kind=kind: kind)
         setup = build_setup(params.data, params.augment, params.model, params.train, root=workdir)
         assert (setup.dtype, setup.precision) == (dtype, why)
         assert engine.amp_dtype(params.train.amp, setup.device) == dtype  # what evaluate uses
 
 
 @pytest.mark.slow
-def test_auto_on_a_cpu_without_amx_trains_bit_for_bit_as_fp32(workdir, monkeypatch):
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
+def test_auto_on_a_cpu_without_native_bf16_trains_bit_for_bit_as_fp32(workdir, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: None)
     old, _ = fit_tiny(workdir, amp=False)
     auto, setup = fit_tiny(workdir, amp="auto")
     assert setup.dtype is None
@@ -92,11 +94,45 @@ def test_the_train_stage_says_which_precision_and_why(workdir, capsys, monkeypat
 
     from onecycle.stages.train import main
 
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: None)
     tiny_params(workdir, train={"epochs": 1})
     assert main(["--params", "params.yaml"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("train: ") and "fp32 (auto: CPU without AMX); MLflow run " in first
+    assert first.startswith("train: ") and "fp32 (auto: CPU without native bf16); MLflow run " in first
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     run = mlflow.MlflowClient().get_run(json.loads((workdir / "reports/runs.json").read_text())["train"])
-    assert run.data.tags["precision"] == "fp32 (auto: CPU without AMX)"
+    assert run.data.tags["precision"] == "fp32 (auto: CPU without native bf16)"
+
+
+@pytest.mark.parametrize(("caps", "kind"), [
+    ({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "AMX"),
+    ({"amx_bf16": False, "amx_tile": False, "avx512_bf16": True}, "AVX512-BF16"),  # AMD Zen 4+, Intel Cooper Lake
+    ({"amx_bf16": False, "amx_tile": False, "avx512_bf16": False, "avx512_f": True}, None),
+    ({"avx2": True}, None),
+], ids=["amx", "avx512-bf16", "avx512-without-bf16", "avx2"])
+def test_the_cpu_probe_reads_torchs_cpuinfo(monkeypatch, caps, kind):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert engine.cpu_bf16() == kind
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_bf16_trained_model_in_fp32_as_predict_and_serving_do(workdir):
+    """The test metrics of a model trained with bf16 autocast are its fp32 scores (what predict and the served
+    model answer), not a bf16 pass's."""
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.data.store import load_info
+    from onecycle.serving.modelfile import load_model_bundle
+    from onecycle.stages import evaluate, train
+    from onecycle.training.engine import evaluate as score
+
+    params = load_params(tiny_params(workdir, train={"epochs": 1, "amp": "bf16", "amp_on_cpu": True}))
+    assert train.main(["--params", "params.yaml"]) == 0
+    assert evaluate.main(["--params", "params.yaml"]) == 0
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())["test"]
+    model, _, _ = load_model_bundle(workdir / "models/model.pt")
+    test = make_loader(build_split(params.data, params.augment, load_info(params.data, workdir), "test",
+                                   train_augment=False, seed=params.train.seed), 64, shuffle=False, seed=0, num_workers=0)
+    fp32 = score(model, test, CPU, None, tta=params.evaluate.tta)
+    bf16 = score(model, test, CPU, torch.bfloat16, tta=params.evaluate.tta)
+    assert fp32["loss"] != bf16["loss"]  # the two precisions are told apart on these images
+    assert metrics["loss"] == pytest.approx(fp32["loss"], rel=1e-6) and metrics["top1"] == fp32["top1"]

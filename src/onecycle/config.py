@@ -201,8 +201,8 @@ class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # Precision: auto = what fits the machine (bf16 on a CPU with AMX, bf16 or else fp16 + GradScaler on CUDA, fp32
-    # elsewhere: CPUs without AMX, where autocast is slower than fp32, and MPS); false = fp32; fp16, bf16 (true = fp16)
+    # Precision: auto = what fits the machine (bf16 on a CPU with AMX or AVX512-BF16, bf16 or else fp16 + GradScaler on
+    # CUDA, fp32 elsewhere: other CPUs, where autocast is slower than fp32, and MPS); false = fp32; fp16, bf16 (true = fp16)
     # force autocast on CUDA, and on CPU only when amp_on_cpu is true.
     amp: Literal["auto", False, True, "fp16", "bf16"] = "auto"
     # Let an explicit amp (fp16/bf16/true) autocast on CPU too (e.g. tests of the mixed-precision path); auto ignores it.

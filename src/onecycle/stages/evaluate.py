@@ -133,7 +133,7 @@ def _csv(rows: list[dict]) -> str:
 def run(params, ws: Workspace) -> dict:
     """The evaluate stage in ``ws``: test metrics of ``ws.model``, reports, MLflow; returns metrics.json's dict."""
     from onecycle.data.loaders import build_split, make_loader
-    from onecycle.training.engine import amp_dtype, configure_threads, evaluate, resolve_device
+    from onecycle.training.engine import configure_threads, evaluate, resolve_device
 
     configure_threads(params.train.threads)
     device = resolve_device(params.train.device)
@@ -147,8 +147,9 @@ def run(params, ws: Workspace) -> dict:
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    out = evaluate(model, loader, device, amp_dtype(params.train.amp, device, params.train.amp_on_cpu),
-                   params.train.channels_last, collect=True, tta=params.evaluate.tta)
+    # fp32, whatever precision trained the model: predict and the served model score in fp32, so the metrics
+    # (and the registry's test top-1) describe what they answer
+    out = evaluate(model, loader, device, None, params.train.channels_last, collect=True, tta=params.evaluate.tta)
     logits, labels = out["logits"], out["labels"].numpy()
     probs = torch.softmax(logits, 1)
     preds = probs.argmax(1).numpy()
