@@ -24,25 +24,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from onecycle.core.errors import ConfigError, OneCycleError
-from onecycle.core.files import atomic_write_text, save_figure
+from onecycle.core.files import atomic_write_text
 from onecycle.core.paths import Workspace
 from onecycle.data.loaders import SPLIT_SEED
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
-from onecycle.training.loop import FitHooks, config_hash, fit
+from onecycle.training.loop import FitHooks, Interrupted, config_hash, fit
 from onecycle.training.lr_report import resolve_max_lr
 from onecycle.training.records import METRIC_KEYS
 from onecycle.training.schedule import check_fits
 from onecycle.tuning.params_edit import apply_best
+from onecycle.tuning.plots import write_plots
 from onecycle.tuning.reproduce import check_fixed, dvc_command, fixed_params, trial_sets
 from onecycle.tuning.space import Dimension, search_space, trial_params
 from onecycle.tuning.studies import (
+    StopOnSignal,
     build_pruner,
     fail_dead_trials,
     open_storage,
@@ -134,9 +135,9 @@ class Objective:
     """One trial: sample, build the trial's params, train with ``fit``, report each epoch, log a nested run."""
 
     def __init__(self, params, space: dict[str, Dimension], column: str, tags: dict[str, str], ws: Workspace,
-                 step_fn: Callable, repo_flat: dict[str, Any] | None):
+                 step_fn: Callable, repo_flat: dict[str, Any] | None, stop: StopOnSignal | None = None):
         self.params, self.space, self.column, self.tags, self.ws = params, space, column, tags, ws
-        self.step_fn = step_fn
+        self.step_fn, self.stop = step_fn, stop or StopOnSignal()
         self.repo_flat = repo_flat  # the repo's params.yaml, flat: what a trial's command must change
         self.metric = params.tune.metric
         self.maximize = params.tune.direction == "maximize"
@@ -147,6 +148,7 @@ class Objective:
         from onecycle.training.engine import DivergenceError, build_setup
 
         mlflow = store.mlflow()
+        self.stop.check()  # stopped between two trials: start none
         record_worker(trial)  # first: a worker killed from here on is found by the next one (fail_dead_trials)
         values = {key: dim.suggest(trial) for key, dim in self.space.items()}
         run = mlflow.start_run(nested=True, run_name=f"trial-{trial.number}")
@@ -173,9 +175,10 @@ class Objective:
                 check_fits(tparams.schedule, tparams.train.epochs, len(setup.train_loader))
             except ConfigError as exc:
                 raise _InvalidTrialError(f"trial {trial.number}: {exc}") from None
+            self.stop.check()  # a signal during the trial's setup
             result = fit(setup, max_lr, train=tparams.train, schedule=tparams.schedule, optimizer=tparams.optimizer,
                          hooks=FitHooks(on_epoch=self._on_epoch(trial, tparams.train.epochs, logger)),
-                         step_fn=self.step_fn)
+                         should_stop=self.stop, step_fn=self.step_fn)  # stops between two steps (Interrupted)
             seen = [row[self.column] for row in result.history
                     if row.get(self.column) is not None and math.isfinite(row[self.column])]
             if not seen:
@@ -198,9 +201,9 @@ class Objective:
             trial.set_user_attr("failure_reason", reason)
             _quietly("tag the failure", lambda: mlflow.set_tag("failure_reason", reason))
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             status = "KILLED"
-            raise
+            raise KeyboardInterrupt from None
         finally:
             logger.flush()
             _quietly("tag the trial's state", lambda: mlflow.set_tag("state", state))
@@ -298,53 +301,6 @@ def best_params_text(params, values: dict[str, Any], study, metric: str) -> str:
     return header + yaml.safe_dump(out, sort_keys=False)
 
 
-def write_plots(study, metric: str, out: Path) -> list[Path]:
-    """PNGs of the study: optimization history, intermediate values, parameter importances (>= 2 complete
-    trials with > 1 parameter varied), and a contour (>= 3 complete trials) or slice of max_lr vs pct_start.
-
-    A plot that cannot be drawn yet (too few trials) is skipped with a warning; it never stops the study.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as ovm
-
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    varied = sorted({k for t in complete for k in t.params
-                     if len({repr(u.params.get(k)) for u in complete}) > 1})
-    pair = [k for k in ("schedule.max_lr", "schedule.pct_start") if any(k in t.params for t in complete)]
-    jobs: list[tuple[str, Callable[[], Any]]] = []
-    if complete:
-        jobs.append(("optimization_history", lambda: ovm.plot_optimization_history(study, target_name=metric)))
-    if any(t.intermediate_values for t in trials):
-        jobs.append(("intermediate_values", lambda: ovm.plot_intermediate_values(study)))
-    if len(complete) >= 2 and len(varied) > 1:
-        jobs.append(("param_importances", lambda: ovm.plot_param_importances(study, target_name=metric)))
-    if len(pair) == 2 and len(complete) >= 3 and set(pair) <= set(varied):
-        jobs.append(("contour_max_lr_pct_start", lambda: ovm.plot_contour(study, params=pair, target_name=metric)))
-    elif pair and complete:
-        jobs.append(("slice_max_lr_pct_start", lambda: ovm.plot_slice(study, params=pair, target_name=metric)))
-    written = []
-    for name, draw in jobs:
-        # Optuna's plots switch matplotlib's style for the whole process; keep that inside this plot.
-        with matplotlib.rc_context(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                fig = np.ravel(draw())[0].figure
-            except Exception as exc:
-                log.warning("tune: skipped the %s plot (%s)", name, " ".join(str(exc).split())[:160])
-                plt.close("all")
-                continue
-            path = out / f"{name}.png"
-            save_figure(fig, path, dpi=110, bbox_inches="tight")
-        written.append(path)
-    return written
-
-
 # ------------------------------------------------------------------------------------------- the stage
 
 def _add_args(parser) -> None:
@@ -425,8 +381,9 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
         if new_parent:
             _quietly("log the study's params", lambda: runs.log_params_flat(params.flat()))
         if n_trials:
-            with sigterm_interrupts():
-                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step, _repo_params(ws)), n_trials=n_trials,
+            with sigterm_interrupts() as stop:
+                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step, _repo_params(ws), stop),
+                               n_trials=n_trials,
                                timeout=timeout, catch=(_InvalidTrialError,), callbacks=[_after_trial(tune.metric)],
                                gc_after_trial=True)
         values = _report(study, params, where, ws)

@@ -237,24 +237,49 @@ def fail_dead_trials(study) -> list[tuple[Any, str]]:
     return failed
 
 
+class StopOnSignal:
+    """A tune worker's stop request (see :func:`sigterm_interrupts`): ``fit``'s ``should_stop``, and :meth:`check`
+    at the points between a trial's steps where stopping cuts nothing in half."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a stopped worker leaves nothing RUNNING.
+    """SIGTERM and Ctrl-C stop the worker as KeyboardInterrupt, so a stopped worker leaves nothing RUNNING; yields the
+    :class:`StopOnSignal` that the trials poll.
 
-    Optuna marks the running trial FAIL on a KeyboardInterrupt and the trial's MLflow run ends KILLED;
+    The first signal only requests the stop; the trial honours it at its next safe point (before it starts, before
+    it trains, between two optimizer steps, after the study), so no MLflow write into an SQLite store is cut in half:
+    one cut mid-transaction left the store locked for the run's own end ("database is locked"). A second signal
+    raises KeyboardInterrupt at once. Optuna marks the running trial FAIL and the trial's MLflow run ends KILLED;
     killed by SIGTERM's default action instead, the trial would stay RUNNING in a journal file (which has no
     heartbeat) and its runs open, until the next worker on this machine found it (:func:`fail_dead_trials`).
     """
     import signal
 
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
+    stop = StopOnSignal()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    def interrupt(_signum, _frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield stop
+        stop.check()  # a signal during the last trial's bookkeeping still ends the worker as interrupted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_sampler(params, seed: int):
