@@ -598,3 +598,25 @@ def test_a_trials_command_sets_every_key_where_the_worker_differs_from_the_repos
     assert "-S data.batch_size=128 -S data.train_subset=2048" in command
     assert """-S 'augment.train=[{"HorizontalFlip": {"p": 0.5}}]'""" in command
     assert set(trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, None)) == {MAX_LR, PCT, "train.epochs"}
+
+
+def test_a_signal_to_a_tune_worker_is_honoured_at_the_next_safe_point_and_a_second_one_at_once():
+    """The first SIGTERM/SIGINT only requests the stop (no MLflow write is cut in half); the trial's checks, or the
+    end of the study, raise KeyboardInterrupt; a second signal raises at once."""
+    import signal
+
+    from onecycle.tuning.studies import sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), sigterm_interrupts() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() is True  # requested, nothing raised: the work in progress goes on
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()  # a safe point
+    with pytest.raises(KeyboardInterrupt), sigterm_interrupts() as stop:  # raised at the end of the study
+        os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the handlers are back
