@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("fetch", "lr_find", "train", "evaluate", "predict")
+STAGES = ("fetch", "lr_find", "train", "evaluate", "publish", "predict")  # modules of onecycle.stages
 LATER = {"mlflow": "import mlflow", "albumentations": "import albumentations", "torchvision": "import torchvision"}
 
 
@@ -31,6 +31,13 @@ def best_of(code: str, repeats: int) -> float:
     return min(times)
 
 
+def stage_code(stage: str) -> str:
+    """What a fresh process runs before ``stage``'s own work: its import, params, and torch (every stage but fetch
+    needs torch before its work, whether it imports it at module level or in run())."""
+    torch = "" if stage == "fetch" else "; import torch"
+    return f"import onecycle.stages.{stage}; from onecycle.config import load_params; load_params('params.yaml'){torch}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -38,10 +45,7 @@ def main() -> None:
     bare = best_of("pass", args.repeats)
     print(f"bare interpreter: {bare:.2f} s; import torch alone: {best_of('import torch', args.repeats):.2f} s")
     for stage in STAGES:
-        # every stage but fetch needs torch before its work, whether it imports it at module level or in run()
-        torch = "" if stage == "fetch" else "; import torch"
-        code = f"import onecycle.{stage}; from onecycle.config import load_params; load_params('params.yaml'){torch}"
-        print(f"{stage:<9} before its own work: {best_of(code, args.repeats):.2f} s")
+        print(f"{stage:<9} before its own work: {best_of(stage_code(stage), args.repeats):.2f} s")
     for name, code in LATER.items():
         print(f"later, when used: import {name}: {best_of(code, args.repeats) - bare:.2f} s")
 

@@ -180,3 +180,16 @@ def test_schedules_bench_trains_every_schedule_and_picks_each_ones_best_lr(tmp_p
             assert f"| {max(r['final'] for r in ok):.4f} |" in row, row
     finals = {r["final"] for r in results if not r["diverged"]}
     assert len(finals) > 1, "every schedule trained to the same accuracy: the schedules did not differ"
+
+
+def test_make_bench_startup_times_modules_that_exist():
+    """bench/startup.py (the second half of `make bench`) imports each stage by its module path: it broke once when
+    the stages moved under onecycle.stages."""
+    import importlib.util
+
+    startup = _load_bench("startup")
+    assert set(startup.STAGES) >= {"fetch", "lr_find", "train", "evaluate"}
+    for stage in startup.STAGES:
+        assert importlib.util.find_spec(f"onecycle.stages.{stage}") is not None, stage
+    code = startup.stage_code("train")
+    assert "import onecycle.stages.train" in code
