@@ -1,4 +1,4 @@
-"""runs.py against a real MLflow SQLite store: the legacy store's move, the experiment's kind, dataset digests, run names."""
+"""runs.py against a real MLflow SQLite store: the experiment's kind, dataset digests, run names."""
 
 from __future__ import annotations
 
@@ -20,69 +20,11 @@ def _client(root: Path):
     return mlflow.MlflowClient()
 
 
-def _legacy_repo(tmp_path: Path) -> tuple[Path, Path]:
-    """(a repo folder, its onecycle 0.1 store mlruns/mlflow.db), MLflow pointed at that store."""
-    import mlflow
-
-    root = tmp_path / "repo"
-    (root / ".git").mkdir(parents=True)
-    legacy = root / "mlruns" / "mlflow.db"
-    legacy.parent.mkdir()
-    mlflow.set_tracking_uri(f"sqlite:///{legacy}")
-    return root, legacy
-
-
-def test_a_legacy_store_moves_to_mlflows_default_and_keeps_its_runs(tmp_path):
-    import mlflow
-
-    root, legacy = _legacy_repo(tmp_path)
-    old = mlflow.MlflowClient()
-    exp = old.create_experiment("onecycle", artifact_location=(root / "mlruns/artifacts").as_uri())
-    run = old.create_run(exp, run_name="from-0.1")
-    old.log_metric(run.info.run_id, "val/top1", 0.5, step=1)
-    old.set_terminated(run.info.run_id)
-    mlflow.set_tracking_uri(None)
-
-    assert store.configure("onecycle", root) == exp
-    assert not legacy.exists() and (root / "mlflow.db").is_file()
-    moved = _client(root).get_run(run.info.run_id)
-    assert moved.info.run_name == "from-0.1" and moved.data.metrics["val/top1"] == 0.5
-    assert moved.info.artifact_uri.startswith((root / "mlruns/artifacts").as_uri())
-
-
-def test_an_empty_store_left_by_a_bare_mlflow_ui_gives_way_to_the_legacy_one(tmp_path):
-    import mlflow
-
-    root, legacy = _legacy_repo(tmp_path)
-    run = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("onecycle"))
-    # what a bare `mlflow ui` leaves: a store with no runs (made elsewhere: this process keeps no handle on it)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'bare.db'}")
-    mlflow.MlflowClient().search_experiments()
-    mlflow.set_tracking_uri(None)
-    shutil.copy(tmp_path / "bare.db", root / "mlflow.db")
-    assert (root / "mlflow.db").is_file()
-    store.configure("onecycle", root)
-    assert not legacy.exists() and (root / "mlflow.db.empty").is_file()
-    assert _client(root).get_run(run.info.run_id).info.experiment_id == run.info.experiment_id
-
-
-def test_a_store_with_runs_is_never_replaced_by_a_legacy_one(tmp_path):
-    root = tmp_path / "repo"
-    (root / ".git").mkdir(parents=True)
-    exp = store.configure("onecycle", root)
-    keep = _client(root).create_run(exp)
-    (root / "mlruns" / "mlflow.db").parent.mkdir(exist_ok=True)
-    (root / "mlruns" / "mlflow.db").write_bytes(b"legacy")
-    assert store.configure("onecycle", root) == exp
-    assert (root / "mlruns" / "mlflow.db").read_bytes() == b"legacy"
-    assert _client(root).get_run(keep.info.run_id)
-
-
 def test_the_experiment_is_a_model_training_experiment_and_the_ui_link_opens_its_runs(tmp_path, monkeypatch):
     root = tmp_path / "repo"
     (root / ".git").mkdir(parents=True)
     client = _client(root)
-    bare = client.create_experiment("made-elsewhere")  # an experiment of an earlier version: no kind tag
+    bare = client.create_experiment("made-elsewhere")  # made by MLflow's own client: no kind tag
     assert store.EXPERIMENT_KIND_TAG not in client.get_experiment(bare).tags
     assert store.configure("made-elsewhere", root) == bare
     exp_id = store.configure("onecycle", root)

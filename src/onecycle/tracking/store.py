@@ -3,10 +3,9 @@
 
 The store is MLflow's own default, so that a bare ``mlflow ui``, ``mlflow models serve`` and notebooks see
 the runs with no flags: ``mlflow.db`` (SQLite metadata) at the workspace root, artifacts under the
-top-level ``mlruns/`` (``mlruns/artifacts``). ``MLFLOW_TRACKING_URI`` overrides (a team server). A store in the older layout
-at ``mlruns/mlflow.db`` is moved to ``mlflow.db`` the first time it is opened (same SQLite file, same
-artifact locations). Experiments that DVC runs in a temporary copy of the repo (``dvc exp run --temp`` /
-``--queue``) still log to the workspace's store: DVC passes the workspace as ``DVC_ROOT``.
+top-level ``mlruns/`` (``mlruns/artifacts``). ``MLFLOW_TRACKING_URI`` overrides (a team server). Experiments that
+DVC runs in a temporary copy of the repo (``dvc exp run --temp`` / ``--queue``) still log to the workspace's store:
+DVC passes the workspace as ``DVC_ROOT``.
 
 No module imports ``mlflow`` at load time: :func:`mlflow` imports it on first use.
 """
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 STORE = "mlflow.db"          # MLflow 3's default store, relative to the workspace root
 ARTIFACTS = Path("mlruns") / "artifacts"  # under the top-level mlruns/ folder MLflow's users know
-LEGACY_STORE = Path("mlruns") / "mlflow.db"  # an older layout kept the store inside mlruns/: moved on first open
 # The experiment tag MLflow 3 reads for the experiment's kind: "Model training", not "GenAI apps & agents".
 # MLflow 3.17's UI follows its GenAI / Model-training switch instead (a new browser starts on GenAI), so
 # the link to the runs page (runs_page_url) also carries ?workflowType=machine_learning.
@@ -89,48 +87,6 @@ def user_tracking_uri() -> str | None:
     return uri if uri and uri not in _SET_BY_US else None
 
 
-def _sqlite_tables(db: Path) -> set[str] | None:
-    """The table names of an SQLite file (SQLite's own ``sqlite_master``, read-only), or None if it is not one."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:
-        return None
-
-
-def _holds_no_runs(db: Path) -> bool:
-    """Whether a SQLite file is an MLflow store with no runs, deleted ones included (what a bare ``mlflow ui``
-    leaves), or empty; asked through MLflow's client, never its tables."""
-    if db.stat().st_size == 0:
-        return True
-    if "experiments" not in (_sqlite_tables(db) or set()):  # not an MLflow store: leave it alone
-        return False
-    mlf = mlflow()
-    from mlflow.entities import ViewType
-
-    # A URI of its own for this file (the same path spelled with "/./"): MLflow keeps an engine open per URI,
-    # and this one, left on the file that may be moved aside next, must not be the one that logs to the path.
-    client = mlf.MlflowClient(tracking_uri=f"sqlite:///{db.parent}/./{db.name}")
-    try:
-        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-        return not experiments or not client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=1)
-    except Exception:  # a store MLflow cannot read: leave it alone
-        return False
-
-
-def _migrate_legacy_store(root: Path) -> None:
-    old, new = root / LEGACY_STORE, root / STORE
-    if old.is_file() and new.is_file() and _holds_no_runs(new):
-        # a bare `mlflow ui` created an empty ./mlflow.db before the store moved: the store with runs replaces it
-        os.replace(new, new.with_name(STORE + ".empty"))
-    if old.is_file() and new.exists():
-        log.warning("%s (the older layout's store) is not read: %s holds runs too", old, new)
-    elif old.is_file():
-        os.replace(old, new)
-        log.warning("moved the MLflow store %s to %s (MLflow's default location; artifacts stay in %s/)",
-                    old, new, ARTIFACTS)
-
-
 def mlflow():
     """The ``mlflow`` module, imported on first use (2 s) and quietened."""
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -153,7 +109,6 @@ def configure(experiment: str | None, root: Path | None = None) -> str | None:
     root = workspace_root(Path(root) if root is not None else None)
     if not uri:
         root.mkdir(parents=True, exist_ok=True)
-        _migrate_legacy_store(root)
         uri = default_tracking_uri(root)
         _SET_BY_US.add(uri)
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
