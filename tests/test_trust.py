@@ -324,7 +324,7 @@ def test_train_refuses_an_lr_report_measured_on_another_dataset(tmp_path, monkey
     assert not (tmp_path / "checkpoints/last.pt").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_what_an_lr_report_was_measured_on_decides_whether_train_uses_it(tmp_path, caplog):
+def test_what_an_lr_report_was_measured_on_decides_whether_train_uses_it(tmp_path):
     from onecycle.config import load_params
     from onecycle.core.errors import OneCycleError
     from onecycle.training.lr_report import resolve_max_lr
@@ -354,9 +354,10 @@ def test_what_an_lr_report_was_measured_on_decides_whether_train_uses_it(tmp_pat
     with pytest.raises(OneCycleError, match=r"measured on other fashion_mnist data, but the dataset has been "
                                             r"fetched again with other content since"):
         used()
-    path.write_text(json.dumps({"suggested_lr": 0.05}))  # written before reports recorded anything: used, warned
-    assert used() == 0.05
-    assert "does not record what it was measured on" in caplog.text
+    path.write_text(json.dumps({"suggested_lr": 0.05}))  # no record: not trusted to fit these params
+    with pytest.raises(OneCycleError, match=r"^.*lr_find.json does not record what it was measured on \(its "
+                                            r"`measured_on`\); run `onecycle lr-find`"):
+        used()
 
 
 @pytest.mark.slow

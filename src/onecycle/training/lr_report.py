@@ -9,13 +9,10 @@ as after switching ``data.dataset`` without running ``onecycle lr-find`` again.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from onecycle.core.errors import OneCycleError
-
-log = logging.getLogger(__name__)
 
 # the params that change what the range test measures and which LR it suggests (data.source and data.root
 # only say where the data lies: its content is the digest); device, seed, threads and workers do not
@@ -54,16 +51,15 @@ def measured_on(flat_params: dict[str, Any], data_digest: str) -> dict[str, Any]
 
 def check_measured_on(report: Path, now: dict[str, Any]) -> None:
     """Refuse ``report`` in one line when it was measured on other data or params than ``now`` (a
-    :func:`measured_on` record). A report without the record (written before it existed) is used, with a warning.
-    """
+    :func:`measured_on` record), or does not record what it was measured on."""
     try:
         recorded = json.loads(Path(report).read_text()).get("measured_on")
     except (OSError, ValueError, AttributeError):
         return  # read_suggestion says what is wrong with it
     if not isinstance(recorded, dict):
-        log.warning("%s does not record what it was measured on (an older onecycle wrote it); it is used as is: "
-                    "run `onecycle lr-find` to be sure it fits these params", report)
-        return
+        raise OneCycleError(f"{report} does not record what it was measured on (its `measured_on`); run "
+                            "`onecycle lr-find` (or `dvc repro lr_find`) to measure it again, or set schedule.max_lr "
+                            "to a number")
     keys = ["data.dataset", *sorted(k for k in set(now) | set(recorded) if k not in ("data.dataset", "data.digest")),
             "data.digest"]
     for key in keys:
