@@ -56,8 +56,7 @@ def load_model_bundle(path: Path, device: torch.device | str = "cpu"):
     if bundle.get("format") != FORMAT:
         raise OneCycleError(f"{path} is not a onecycle model file (no {FORMAT} format marker)")
     ds = bundle["dataset"]
-    # bundles written before model.whiten existed hold plain-prep networks
-    model = build_model(ModelConfig(**{"whiten": False, **bundle["model"]}), len(ds["classes"]), ds["image_shape"][2])
+    model = build_model(ModelConfig(**bundle["model"]), len(ds["classes"]), ds["image_shape"][2])
     model.load_state_dict(bundle["state_dict"])
     model.to(device).eval()
     return model, SimpleNamespace(**ds), bundle
