@@ -87,18 +87,6 @@ def test_ctrl_c_while_evaluate_logs_leaves_the_training_run_finished_and_a_rerun
                                                                            "evaluate/per_class.json"}
 
 
-@pytest.mark.slow
-def test_evaluate_repairs_a_finished_training_run_an_older_interrupted_evaluate_left_failed(tmp_path, monkeypatch):
-    params, ws, run_id = _trained(tmp_path, monkeypatch)
-    client = _client(tmp_path)
-    client.set_terminated(run_id, "FAILED")  # what Ctrl-C in an older evaluate left (kill -9: RUNNING)
-    assert _evaluate(params, ws) == 0
-    client = _client(tmp_path)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert _publish(params, ws) == 0
-    assert _candidate(_client(tmp_path)) == "1"
-
-
 # ------------------------------------------------------------------ item 3: the store busy, down or broken
 
 def _one_error_line(err: str) -> str:

@@ -213,7 +213,7 @@ def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, tabl
     """
     mlflow = store.mlflow()
     client = mlflow.MlflowClient()
-    status = _repaired_status(client, ws, run_id)
+    status = client.get_run(run_id).info.status
     test_set = runs.datasets(params.data, ws.root, ["test"])
     runs.log_datasets(test_set, run_id=run_id)
     # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
@@ -226,22 +226,6 @@ def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, tabl
         runs.log_artifact(path, "evaluate", run_id=run_id)
     if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
         log.info("the training run %s ended %s; its evaluation is logged, and it is not published", run_id, status)
-
-
-def _repaired_status(client, ws: Workspace, run_id: str) -> str:
-    """How the training run ended. An older evaluate interrupted while logging left a finished training's run
-    FAILED or KILLED (Ctrl-C) or RUNNING (kill -9); the checkpoint folder's finalization record says it had
-    ended FINISHED (its last step, ``end_run``, done), so it is set FINISHED again."""
-    from onecycle.training.resume import read_finalize
-
-    status = client.get_run(run_id).info.status
-    record = read_finalize(ws.checkpoints)
-    if status != "FINISHED" and record.get("run_id") == run_id and "end_run" in record["done"]:
-        client.set_terminated(run_id, "FINISHED")
-        log.warning("the training's MLflow run %s had ended FINISHED but was left %s (an interrupted evaluate): "
-                    "set FINISHED again", run_id, status)
-        return "FINISHED"
-    return status
 
 
 PER_CLASS_TABLE = "evaluate/per_class.json"
