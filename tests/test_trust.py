@@ -244,6 +244,7 @@ def test_labels_beyond_the_classes_and_a_meta_json_that_disagrees_are_named(tmp_
         return _lr_find_error(tmp_path, monkeypatch, capsys).removeprefix("onecycle lr-find: error: ")
 
     assert error(std=None).startswith(f"{out / 'meta.json'} has no `std`: run `onecycle fetch`")
+    assert error(num_classes=None).startswith(f"{out / 'meta.json'} has no `num_classes`: run `onecycle fetch`")
     assert error(classes=meta["classes"][:9]).startswith(
         f"{out / 'meta.json'}: `num_classes` is 10 but `classes` lists 9: ")
     assert error(classes=meta["classes"][:9], num_classes=9).startswith(

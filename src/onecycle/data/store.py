@@ -71,8 +71,8 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# what every fetched meta.json holds (num_classes too, checked when there: older fetches may lack it)
-META_KEYS = ("classes", "num_train", "num_test", "image_shape", "mean", "std", "source", "files")
+# what every fetched meta.json holds
+META_KEYS = ("classes", "num_classes", "num_train", "num_test", "image_shape", "mean", "std", "source", "files")
 # a file's stamp is trusted only once its mtime is this old: a change within the filesystem's timestamp
 # granularity would otherwise keep the same (size, mtime) and pass unseen (git's "racy clean" problem)
 _SETTLED_NS = 2_000_000_000
@@ -89,7 +89,7 @@ def meta_problem(out: Path, meta: dict) -> str | None:
     classes, shape = meta["classes"], meta["image_shape"]
     if not isinstance(classes, list) or len(classes) < 2:
         return f"{path}: `classes` must list at least 2 class names"
-    if "num_classes" in meta and meta["num_classes"] != len(classes):
+    if meta["num_classes"] != len(classes):
         return f"{path}: `num_classes` is {meta['num_classes']} but `classes` lists {len(classes)}"
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
         return f"{path}: `image_shape` must be [height, width, channels], got {shape!r}"
