@@ -51,7 +51,8 @@ def sweep(label: str, overrides: dict, base) -> dict:
 
 
 def table(curves: list[dict], default: str) -> str:
-    from onecycle.training.rangetest import SUGGESTERS, RangeTestResult
+    from onecycle.training.rangetest import RangeTestResult
+    from onecycle.training.suggest import SUGGESTERS
 
     names = list(SUGGESTERS)
     rows = [f"| sweep | steps | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]

@@ -1,4 +1,4 @@
-"""One home per piece of knowledge: the schedule's arithmetic equals torch's OneCycleLR step for step, the
+"""One home per piece of knowledge: the one_cycle policy equals torch's OneCycleLR step for step, the
 per-epoch record drives history.csv and the MLflow metrics, and every dataset record is complete."""
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from onecycle.config import parse_params
 from onecycle.data import catalog
 from onecycle.training import records
 from onecycle.training.engine import build_optimizer
-from onecycle.training.schedule import build_scheduler, current_momentum, lr_and_momentum_at, peak_fraction
+from onecycle.training.schedule import (
+    build_scheduler,
+    current_momentum,
+    lr_and_momentum_at,
+    peak_fraction,
+    resolve_pct_start,
+)
 
 
 @pytest.mark.parametrize("schedule", [
@@ -24,18 +30,27 @@ from onecycle.training.schedule import build_scheduler, current_momentum, lr_and
     {"three_phase": True, "anneal_strategy": "linear", "base_momentum": 0.8, "max_momentum": 0.9},
 ])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_the_schedule_arithmetic_is_onecyclelr_step_for_step(schedule, optimizer):
+def test_one_cycle_is_torchs_onecyclelr_step_for_step(schedule, optimizer):
     params = parse_params({"schedule": {"max_lr": 0.4, **schedule}, "optimizer": {"name": optimizer},
                            "train": {"epochs": 3}})
-    max_lr, epochs, steps_per_epoch = 0.4, 3, 7
-    opt = build_optimizer(params.optimizer, torch.nn.Linear(2, 2), lr=max_lr / params.schedule.div_factor)
-    scheduler = build_scheduler(opt, params.schedule, max_lr, epochs, steps_per_epoch)
+    s, max_lr, epochs, steps_per_epoch = params.schedule, 0.4, 3, 7
+    ours = build_optimizer(params.optimizer, torch.nn.Linear(2, 2), lr=max_lr / s.div_factor)
+    torchs = build_optimizer(params.optimizer, torch.nn.Linear(2, 2), lr=max_lr / s.div_factor)
+    scheduler = build_scheduler(ours, s, max_lr, epochs, steps_per_epoch)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        torchs, max_lr=max_lr, total_steps=epochs * steps_per_epoch, pct_start=resolve_pct_start(s, epochs),
+        anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum, base_momentum=s.base_momentum,
+        max_momentum=s.max_momentum, div_factor=s.div_factor, final_div_factor=s.final_div_factor,
+        three_phase=s.three_phase)
     own = params.optimizer.betas[0] if optimizer == "adamw" else params.optimizer.momentum
     for step in range(epochs * steps_per_epoch):
-        expected = (opt.param_groups[0]["lr"], current_momentum(opt))
-        assert lr_and_momentum_at(params.schedule, max_lr, epochs, steps_per_epoch, step, own) == expected, step
-        opt.step()
+        expected = (torchs.param_groups[0]["lr"], current_momentum(torchs))
+        assert (ours.param_groups[0]["lr"], current_momentum(ours)) == expected, step  # exactly, not approx
+        assert lr_and_momentum_at(s, max_lr, epochs, steps_per_epoch, step, own) == expected, step
+        for opt in (ours, torchs):
+            opt.step()
         scheduler.step()
+        reference.step()
 
 
 def test_the_peak_fraction_is_pct_start_or_the_peak_epoch():

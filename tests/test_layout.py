@@ -15,6 +15,10 @@ STAGES = ("fetch", "lr_find", "train", "evaluate", "publish", "predict", "promot
 DVC_STAGES = ("fetch", "lr_find", "train", "evaluate", "publish")
 # The layers, bottom to top: a module may import its own package and the layers below it, never one above.
 LAYERS = ("core", "data", "config", "training", "tracking", "serving", "tuning", "stages", "cli")
+# The registries of swappable parts: config takes its allowed values from them, so they sit beside their users but
+# import nothing of onecycle beyond core (see test_the_registries_import_only_core).
+REGISTRIES = {m.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
+              for m in PKG.rglob("*.py") if "onecycle.core.registry import Registry" in m.read_text()}
 
 
 def all_modules() -> list[str]:
@@ -83,10 +87,17 @@ def test_every_module_imports_only_its_own_layer_and_those_below():
             continue  # onecycle/__init__.py and __main__.py: the package's door
         mine = LAYERS.index(layer(module))
         above = sorted(m for m in imported_modules(module)
-                       if layer(m) in LAYERS and LAYERS.index(layer(m)) > mine)
+                       if layer(m) in LAYERS and LAYERS.index(layer(m)) > mine
+                       and m not in REGISTRIES | {f"{layer(r)}.__init__" for r in REGISTRIES})
         if above:
             wrong[module] = above
     assert wrong == {}
+
+
+def test_the_registries_import_only_core():
+    assert {"training.policies", "training.suggest", "training.optimizers"} <= REGISTRIES
+    assert {m: sorted(imported_modules(m)) for m in REGISTRIES
+            if any(layer(i) != "core" and i != f"{layer(m)}.__init__" for i in imported_modules(m))} == {}
 
 
 def test_no_stage_module_imports_another_stage_and_nothing_imports_the_cli():

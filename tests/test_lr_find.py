@@ -22,11 +22,8 @@ from onecycle.training.rangetest import (
     range_test,
     run_range_test,
     smooth_losses,
-    suggest_minimum,
-    suggest_robust,
-    suggest_steepest,
-    suggest_valley,
 )
+from onecycle.training.suggest import suggest_minimum, suggest_robust, suggest_steepest, suggest_valley
 from tiny import tiny_params
 
 

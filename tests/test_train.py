@@ -186,7 +186,8 @@ def test_a_long_schedule_is_downsampled_keeping_the_first_peak_and_last_step():
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("policy", ["one_cycle", "step"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, policy):
     from onecycle.config import load_params
     from onecycle.core.paths import Workspace
     from onecycle.stages import train
@@ -197,7 +198,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     for name in ("straight", "interrupted"):
         work = tmp_path / name
         write_fetched(work / "data", n_train=600, n_test=100)
-        tiny_params(work, train={"epochs": 3})
+        tiny_params(work, train={"epochs": 3}, schedule={"policy": policy})
         params, ws = load_params(work / "params.yaml"), Workspace(work)
         if name == "interrupted":
             calls = {"n": 0}
@@ -235,6 +236,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert b["runs"] == 1
     assert b["schedule"] == a["schedule"]  # every step's LR, the ones before the interruption included
     assert [int(line.split(",")[0]) for line in a["schedule"].splitlines()[1:]] == list(range(24))
+    lrs = [float(line.split(",")[1]) for line in a["schedule"].splitlines()[1:]]
+    if policy == "step":  # the policy trained is the one in reports/schedule.csv: /10 at steps 12 and 18 of 24
+        assert lrs[:12] == [0.05] * 12 and lrs[12:18] == pytest.approx([0.005] * 6) and lrs[18:] == pytest.approx([0.0005] * 6)
+    else:
+        assert max(lrs) == pytest.approx(0.05) and lrs.index(max(lrs)) == 5  # pct_start 0.25 of 24 steps, less one
 
 
 @pytest.mark.slow

@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from onecycle.core.errors import ConfigError
 from onecycle.data import catalog
+from onecycle.training import model_registry
+from onecycle.training.optimizers import OPTIMIZERS
+from onecycle.training.policies import POLICIES
+from onecycle.training.suggest import SUGGESTERS
 
 
 class _Section(BaseModel):
@@ -87,7 +91,9 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["resnet9", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet9"
+    # A registered model (onecycle.training.model_registry: resnet9, resnet18 ... resnet152) or your own, as an
+    # import path "package.module:factory" (factory(num_classes, in_channels) -> torch.nn.Module, from the workspace).
+    name: str = "resnet9"
     # Multiplies every layer's channel count (resnet9: 1.0 = 64-128-256-512; 0.25 = 16-32-64-128).
     width: float = Field(0.25, gt=0, le=8)
     # cifar: 3x3 stride-1 conv, no max-pool (small images); imagenet: 7x7/2 conv + max-pool.
@@ -97,21 +103,34 @@ class ModelConfig(_Section):
     # layer (its gain is measured in README: Performance). Read as false for models without that layer.
     whiten: bool = True
 
+    @field_validator("name")
+    @classmethod
+    def _registered_or_import_path(cls, v: str) -> str:
+        return model_registry.check_name(v)
+
     @model_validator(mode="after")
-    def _resnet9_only_options(self) -> ModelConfig:
-        if self.name != "resnet9" or self.stem != "cifar":
+    def _options_the_model_takes(self) -> ModelConfig:
+        takes = model_registry.options_of(self.name)
+        if model_registry.WHITEN not in takes or self.stem != "cifar":
             # only resnet9's cifar prep conv has a whitening form: params.yaml's `whiten: true` must not stop
             # `-S model.name=resnet50`, and the logged params say what was trained
             object.__setattr__(self, "whiten", False)
-        if self.name != "resnet9" and "width" not in self.model_fields_set:
+        if model_registry.WIDTH not in takes and "width" not in self.model_fields_set:
             object.__setattr__(self, "width", 1.0)  # the default width is resnet9's; the others are full width
-        if self.name != "resnet9" and self.width != 1.0:
-            raise ValueError(f"model.width must be 1 for {self.name} (only resnet9 scales its width), got {self.width:g}")
+        if model_registry.WIDTH not in takes and self.width != 1.0:
+            scaled = [n for n, kind in model_registry.MODELS.items() if model_registry.WIDTH in kind.options]
+            raise ValueError(f"model.width must be 1 for {self.name} (only {', '.join(scaled)} scales its width), "
+                             f"got {self.width:g}")
+        for key in (model_registry.STEM, model_registry.ZERO_INIT):  # a user's factory takes neither: not ignored
+            default = type(self).model_fields[key].default
+            if key not in takes and getattr(self, key) != default:
+                raise ValueError(f"model.{key} must be {str(default).lower()} for {self.name} (it is built as "
+                                 f"factory(num_classes, in_channels)), got {getattr(self, key)!r}")
         return self
 
 
 class OptimizerConfig(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal[OPTIMIZERS.names()] = "sgd"  # one entry each in onecycle.training.optimizers
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
@@ -144,8 +163,9 @@ class LRFindConfig(_Section):
     smooth: float = Field(0.9, ge=0, lt=1)
     # Stop when the smoothed loss exceeds diverge x the best smoothed loss.
     diverge: float = Field(5.0, gt=1)
-    # robust: between the steepest descent and the bottom of the loss smoothed both ways (stable to noise, README)
-    suggestion: Literal["steepest", "valley", "minimum", "robust"] = "steepest"
+    # Which suggestion schedule.max_lr auto uses: one entry each in onecycle.training.suggest (robust: between the
+    # steepest descent and the bottom of the loss smoothed both ways, stable to noise)
+    suggestion: Literal[SUGGESTERS.names()] = "steepest"
 
     @model_validator(mode="after")
     def _range(self) -> LRFindConfig:
@@ -164,6 +184,9 @@ class LRFindConfig(_Section):
 
 
 class ScheduleConfig(_Section):
+    # The LR policy, one entry each in onecycle.training.policies: one_cycle (LR and momentum cycled), cosine or linear
+    # (linear warm-up over pct_start, then down to the final LR), step (/10 at 50% and 75%), constant (max_lr).
+    policy: Literal[POLICIES.names()] = "one_cycle"
     # Peak learning rate of the cycle, or "auto" = lr_find's chosen suggestion.
     max_lr: float | Literal["auto"] = "auto"
     # Fraction of total steps spent warming up; ignored when peak_epoch is set.

@@ -35,15 +35,15 @@ def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
-    colors = {"steepest": "C1", "valley": "C2", "minimum": "C3", "robust": "C4"}
     sm = np.asarray(result.smoothed)
-    for name, lr in result.suggestions.items():
+    for i, (name, lr) in enumerate(result.suggestions.items()):
         if lr is None:
             continue
+        color = f"C{(i + 1) % 10}"  # C0 is the smoothed loss
         y = float(np.interp(np.log(lr), np.log(result.lrs), np.nan_to_num(sm, nan=np.nanmax(sm))))
         style = "-" if name == chosen else "--"
-        ax.axvline(lr, color=colors[name], ls=style, lw=1.5 if name == chosen else 1)
-        ax.plot([lr], [y], "o", color=colors[name],
+        ax.axvline(lr, color=color, ls=style, lw=1.5 if name == chosen else 1)
+        ax.plot([lr], [y], "o", color=color,
                 label=f"{name}: {lr:.2e}" + (" (used)" if name == chosen else ""))
     ax.set_xscale("log")
     finite = sm[np.isfinite(sm)]

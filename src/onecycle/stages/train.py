@@ -44,6 +44,7 @@ from onecycle.training import distributed as dist
 from onecycle.training.engine import DivergenceError, Setup, build_setup, device_name, train_step
 from onecycle.training.loop import FitHooks, FitResult, Interrupted, StopSignals, config_hash, fit
 from onecycle.training.lr_report import lr_find_run_id, measured_on, resolve_max_lr
+from onecycle.training.optimizers import OPTIMIZERS
 from onecycle.training.records import Step, history_csv, row_metrics, schedule_csv
 from onecycle.training.resume import FINALIZE_STATE, find_resume_state, read_finalize, resume_identity, workspace_lock
 from onecycle.training.schedule import check_fits, lr_and_momentum_at
@@ -173,11 +174,11 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
         raise
     except Interrupted as exc:
         logger.flush()
-        _end_run_quietly("KILLED")
+        runs.end_run_quietly("KILLED")
         raise Interrupted(f"{exc}; the state is in {ws.checkpoints / 'last.pt'}: {_how_to_resume(ws)}") from None
     except BaseException as exc:
         logger.flush()
-        _end_run_quietly("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        runs.end_run_quietly("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         dist.sync_or_leave()
@@ -217,14 +218,6 @@ def _how_to_resume(ws: Workspace) -> str:
                 "cannot be resumed: run the experiment again to start it over, or use `dvc exp run` in the "
                 "workspace to be able to resume")
     return "run `onecycle train` (or `dvc repro`) again to resume"
-
-
-def _end_run_quietly(status: str) -> None:
-    """End the active MLflow run; MLflow trouble here must not replace the error being reported."""
-    try:
-        store.mlflow().end_run(status=status)
-    except Exception as exc:
-        log.warning("could not mark the MLflow run %s (%s)", status, one_line(exc)[:200])
 
 
 def _reusable_run(run_id: str | None, experiment_id: str | None) -> str | None:
@@ -269,8 +262,7 @@ def reconcile_metrics(params, max_lr: float, steps_per_epoch: int, state: dict, 
         logger.log(row_metrics(row), step=int(row["epoch"]))
     done_steps = int(state["epoch"]) * steps_per_epoch
     missing_steps = sorted(set(range(done_steps)) - logger.existing_steps("lr"))
-    opt = params.optimizer
-    momentum = opt.betas[0] if opt.name in ("adam", "adamw") else opt.momentum
+    momentum = OPTIMIZERS.lookup(params.optimizer.name).momentum(params.optimizer)
     for step in missing_steps:
         lr, m = lr_and_momentum_at(params.schedule, max_lr, params.train.epochs, steps_per_epoch, step, momentum)
         logger.log({"lr": lr, "momentum": m}, step=step)
@@ -380,7 +372,7 @@ def _finish(params, setup: Setup, ws: Workspace, result: FitResult, run_id: str,
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt | Interrupted)
         logger.flush()
-        _end_run_quietly("KILLED" if interrupted else "FAILED")
+        runs.end_run_quietly("KILLED" if interrupted else "FAILED")
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else one_line(exc)[:300] or type(exc).__name__
         again = ("run the experiment again" if in_dvc_temp_copy(ws) else
                  "run `onecycle train` (or `dvc repro`) again to complete it without training again")
@@ -411,7 +403,7 @@ def _finish_failed(params, setup: Setup, ws: Workspace, run_id: str, reason: str
         mlflow.set_tag("failure_reason", reason)
     except Exception as exc:
         log.warning("could not tag the MLflow run's failure (%s)", one_line(exc)[:200])
-    _end_run_quietly("FAILED")
+    runs.end_run_quietly("FAILED")
 
 
 def _main(params, args) -> int:

@@ -38,6 +38,7 @@ from onecycle.training.loop import FitHooks, Interrupted, config_hash, fit
 from onecycle.training.lr_report import resolve_max_lr
 from onecycle.training.records import METRIC_KEYS
 from onecycle.training.schedule import check_fits
+from onecycle.training.suggest import SUGGESTERS
 from onecycle.tuning.params_edit import apply_best
 from onecycle.tuning.plots import write_plots
 from onecycle.tuning.reproduce import check_fixed, dvc_command, fixed_params, trial_sets
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 # Trial user attr (a trials.csv column) and nested-run tag: the command that re-runs the trial as a DVC experiment.
 DVC_COMMAND_ATTR = "dvc_command"
-SUGGESTIONS = ("steepest", "valley", "minimum")
 MAX_LR_KEY = "schedule.max_lr"
 
 
@@ -73,7 +73,7 @@ def suggestion_ratios(best_max_lr: float, lr_find_json: Path) -> dict[str, float
         suggestions = json.loads(Path(lr_find_json).read_text()).get("suggestions") or {}
     except (OSError, ValueError):
         return {}
-    return {name: best_max_lr / suggestions[name] for name in SUGGESTIONS if suggestions.get(name)}
+    return {name: best_max_lr / suggestions[name] for name in SUGGESTERS if suggestions.get(name)}
 
 
 class _InvalidTrialError(ConfigError):

@@ -141,13 +141,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
 
 
 def build_optimizer(opt_cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov), Adam or AdamW with weight decay per ``optimizer.*``."""
+    """The registered optimizer ``optimizer.name`` (:mod:`onecycle.training.optimizers`) over ``model``'s
+    parameters, with weight decay per ``optimizer.*``."""
+    from onecycle.training.optimizers import OPTIMIZERS
+
     groups = param_groups(model, opt_cfg.weight_decay, opt_cfg.no_decay_norm_bias)
-    if opt_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=opt_cfg.momentum,
-                               nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0)
-    cls = torch.optim.Adam if opt_cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=lr, betas=opt_cfg.betas)
+    return OPTIMIZERS.lookup(opt_cfg.name).build(groups, lr, opt_cfg)
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):

@@ -4,8 +4,8 @@ the suggestions, run by the lr_find stage.
 The learning rate grows from ``lr_find.start_lr`` to ``end_lr`` over ``num_iter`` mini-batches of the
 training split, with the model, optimizer, augmentations, batch size and precision that ``train`` uses.
 The loss is smoothed by a bias-corrected exponential moving average; the sweep stops early when the
-smoothed loss exceeds ``diverge`` x its best, or is not finite. Four suggestions are computed
-(``steepest``, ``valley``, ``minimum`` from the EMA; ``robust`` from the raw losses, smoothed both ways); ``lr_find.suggestion`` picks the one ``train`` uses when
+smoothed loss exceeds ``diverge`` x its best, or is not finite. Every registered suggestion is computed
+(:mod:`onecycle.training.suggest`); ``lr_find.suggestion`` picks the one ``train`` uses when
 ``schedule.max_lr`` is ``auto`` (read back by :mod:`onecycle.training.lr_report`). Model, optimizer and RNG
 states are restored bit-for-bit afterwards.
 """
@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onecycle.config import LRFindConfig, OptimizerConfig, TrainConfig
-
-# fastai trims the first tenth and the last 5 points of the curve before suggesting (noisy ends).
-SKIP_END = 5
+from onecycle.training.suggest import SUGGESTERS
 
 
 def lr_schedule(start_lr: float, end_lr: float, num_iter: int, mode: str = "exp") -> np.ndarray:
@@ -49,89 +47,6 @@ def smooth_losses(losses, beta: float) -> np.ndarray:
     return np.asarray([smoother(loss) for loss in losses], dtype=np.float64)
 
 
-def _window(lrs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Drop the noisy ends (first tenth, last 5 points) when the curve is long enough."""
-    n = len(losses)
-    start = n // 10
-    end = n - SKIP_END if n - SKIP_END - start >= 3 else n
-    return lrs[start:end], losses[start:end], start
-
-
-def suggest_steepest(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """LR at the most negative slope of loss against log LR (forward differences, as fastai's ``steep``)."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    grads = np.diff(loss_w) / np.diff(np.log(lr_w))
-    return float(lr_w[int(np.argmin(grads))])
-
-
-def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """fastai's ``valley``: the longest steadily decreasing stretch, a little past its middle."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    n = len(loss_w)
-    lds = [1] * n  # length of the longest decreasing subsequence ending at each point
-    max_start = max_end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if loss_w[i] < loss_w[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[max_end] < lds[i]:
-                max_end = i
-                max_start = max_end - lds[max_end]
-    sections = (max_end - max_start) / 3
-    idx = max_start + int(sections) + int(sections / 2)
-    return float(lr_w[min(idx, n - 1)])
-
-
-def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """The LR of the lowest loss, divided by 10 (fastai's ``minimum``)."""
-    lr_w, loss_w, _ = _window(lrs, losses)
-    return float(lr_w[int(np.argmin(loss_w))] / 10)
-
-
-ROBUST_BANDWIDTH = 0.2  # decades of LR: the Gaussian kernel's standard deviation in suggest_robust
-ROBUST_CLIP = 2.0  # losses above this x the starting loss count as this (a diverged step's 1e3 would swamp the fit)
-
-
-def kernel_smooth(lrs: np.ndarray, losses: np.ndarray, grid: np.ndarray, bandwidth: float) -> np.ndarray:
-    """Local-linear Gaussian kernel regression of ``losses`` against log10(lr), evaluated at log10-LR ``grid``.
-
-    Unlike the EMA it looks both ways (no lag to the right) and is defined between the sweep's steps; local-linear
-    rather than a plain weighted mean, so the ends of the sweep are not pulled flat.
-    """
-    x = np.log10(lrs)
-    d = x[None, :] - grid[:, None]
-    w = np.exp(-0.5 * (d / bandwidth) ** 2)
-    s0, s1, s2 = w.sum(1), (w * d).sum(1), (w * d * d).sum(1)
-    t0, t1 = (w * losses).sum(1), (w * losses * d).sum(1)
-    det = s0 * s2 - s1 * s1
-    return np.where(det > 1e-12 * s0 * s0, (s2 * t0 - s1 * t1) / np.where(det > 0, det, 1), t0 / s0)
-
-
-def suggest_robust(lrs: np.ndarray, raw_losses: np.ndarray, bandwidth: float = ROBUST_BANDWIDTH) -> float:
-    """Halfway in log LR between the steepest descent and the bottom of the raw loss, smoothed both ways.
-
-    The raw losses (clipped at ``ROBUST_CLIP`` x the starting loss) are smoothed by :func:`kernel_smooth` with a
-    ``bandwidth``-decade kernel on a fine grid, so the answer moves continuously with the data instead of jumping
-    between the sweep's steps (37% apart in the default sweep), and the EMA's lag does not push the steepest
-    point towards the minimum. Either point alone still moves with the noise (the steepest descent of a curve
-    that falls faster and faster up to its bottom sits next to that bottom); their geometric middle moved least
-    under other seeds, 10% more or fewer steps and bf16 (bench/lr_spread.py, README: The LR range test).
-    """
-    lrs, y = np.asarray(lrs, dtype=np.float64), np.asarray(raw_losses, dtype=np.float64)
-    start = float(np.median(y[:max(3, len(y) // 10)]))
-    y = np.minimum(y, ROBUST_CLIP * start) if start > 0 else y
-    grid = np.linspace(np.log10(lrs[0]), np.log10(lrs[-1]), 1000)
-    smooth = kernel_smooth(lrs, y, grid, bandwidth)
-    bottom = int(np.argmin(smooth))
-    steepest = int(np.argmin(np.gradient(smooth[:bottom + 1], grid[:bottom + 1]))) if bottom >= 2 else bottom
-    return float(10 ** ((grid[bottom] + grid[steepest]) / 2))
-
-
-SUGGESTERS = {"steepest": suggest_steepest, "valley": suggest_valley, "minimum": suggest_minimum,
-              "robust": suggest_robust}
-FROM_RAW = {"robust"}  # suggesters that read the raw losses (they smooth them themselves); the others the EMA
-
-
 def descends(smoothed: np.ndarray, tolerance: float = 0.01) -> bool:
     """Whether the smoothed loss ever fell at least ``tolerance`` (relative) below where it started."""
     finite = smoothed[np.isfinite(smoothed)]
@@ -154,8 +69,8 @@ class RangeTestResult:
         self.descended = descends(sm)
         ok = np.isfinite(sm)
         lrs, sm, raw = lrs[ok], sm[ok], np.asarray(self.losses, dtype=np.float64)[ok]
-        self.suggestions = {name: (fn(lrs, raw if name in FROM_RAW else sm) if self.descended and len(sm) >= 3
-                                   else None) for name, fn in SUGGESTERS.items()}
+        self.suggestions = {name: (s.suggest(lrs, raw if s.reads_raw else sm) if self.descended and len(sm) >= 3
+                                   else None) for name, s in SUGGESTERS.items()}
 
 
 def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -> RangeTestResult:

@@ -1,25 +1,24 @@
-"""The One Cycle policy (Smith & Topin): its arithmetic, in one place, and the scheduler built on
-``torch.optim.lr_scheduler.OneCycleLR``.
+"""The LR schedule of a training: ``schedule.*`` resolved into a :class:`~onecycle.training.policies.Plan`, and the
+scheduler that applies the chosen policy (:data:`~onecycle.training.policies.POLICIES`) to an optimizer.
 
-The scheduler is stepped once per optimizer step, right after ``optimizer.step()``, in the training
-loop's one place for it (:func:`onecycle.training.loop.train_one_epoch`). Step ``i`` (0-based) uses the LR
-the scheduler holds after ``i`` calls to ``scheduler.step()``; the LR peaks at step
+The scheduler is stepped once per optimizer step, right after ``optimizer.step()``, in the training loop's one
+place for it (:func:`onecycle.training.loop.train_one_epoch`). Step ``i`` (0-based) runs at the LR (and momentum)
+the policy gives for ``i``; for ``one_cycle`` that is exactly torch's ``OneCycleLR``: the LR peaks at step
 ``pct_start * total_steps - 1`` and the last step runs at ``max_lr / div_factor / final_div_factor``.
-:func:`lr_and_momentum_at` computes the same values without an optimizer (resume's reconciliation),
+:func:`lr_and_momentum_at` gives the same values without an optimizer (resume's reconciliation);
 :func:`resolve_pct_start` and :func:`peak_fraction` say where the peak is (tune's search space and pruner).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from onecycle.core.errors import ConfigError
+from onecycle.training.policies import POLICIES, Plan
 
 
 class ScheduleTooShortError(ConfigError):
-    """The One Cycle phases do not fit in the run's optimizer steps (OneCycleLR would divide by zero)."""
+    """The policy's phases do not fit in the run's optimizer steps."""
 
 
 def peak_overrides_pct_start(sched_cfg) -> bool:
@@ -42,81 +41,88 @@ def peak_fraction(sched_cfg, epochs: int, pct_start: float | None = None) -> flo
     return min(resolve_pct_start(sched_cfg, epochs), 1.0)
 
 
-def _phases(sched_cfg, max_lr: float, total: int, pct: float) -> list[tuple[float, float, float, str, str]]:
-    """(end step, start LR, end LR, start momentum, end momentum) of each phase, as OneCycleLR builds them."""
-    initial = max_lr / sched_cfg.div_factor
-    final = initial / sched_cfg.final_div_factor
-    if sched_cfg.three_phase:
-        return [(float(pct * total) - 1, initial, max_lr, "max", "base"),
-                (float(2 * pct * total) - 2, max_lr, initial, "base", "max"),
-                (total - 1, initial, final, "max", "max")]
-    return [(float(pct * total) - 1, initial, max_lr, "max", "base"), (total - 1, max_lr, final, "base", "max")]
-
-
-def _anneal(strategy: str, start: float, end: float, pct: float) -> float:
-    if strategy == "cos":
-        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-    return (end - start) * pct + start
+def make_plan(sched_cfg, max_lr: float, epochs: int, steps_per_epoch: int) -> Plan:
+    """The ``schedule`` section, for a run of ``epochs * steps_per_epoch`` optimizer steps peaking at ``max_lr``."""
+    return Plan(max_lr=float(max_lr), total_steps=epochs * steps_per_epoch,
+                pct_start=resolve_pct_start(sched_cfg, epochs), div_factor=sched_cfg.div_factor,
+                final_div_factor=sched_cfg.final_div_factor, three_phase=sched_cfg.three_phase,
+                anneal_strategy=sched_cfg.anneal_strategy, cycle_momentum=sched_cfg.cycle_momentum,
+                base_momentum=sched_cfg.base_momentum, max_momentum=sched_cfg.max_momentum)
 
 
 def lr_and_momentum_at(sched_cfg, max_lr: float, epochs: int, steps_per_epoch: int, step: int,
                        momentum: float) -> tuple[float, float]:
-    """The LR and momentum (SGD's momentum or Adam's beta1) that optimizer step ``step`` (0-based) runs at:
-    what :func:`build_scheduler`'s scheduler holds after ``step`` calls, computed as OneCycleLR does.
-    ``momentum`` is the optimizer's own, used when ``cycle_momentum`` is off."""
-    total = epochs * steps_per_epoch
-    momenta = {"max": sched_cfg.max_momentum, "base": sched_cfg.base_momentum}
-    phases = _phases(sched_cfg, max_lr, total, resolve_pct_start(sched_cfg, epochs))
-    start = 0.0
-    for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
-        if step <= end or i == len(phases) - 1:
-            pct = (step - start) / (end - start)
-            lr = _anneal(sched_cfg.anneal_strategy, lr0, lr1, pct)
-            if sched_cfg.cycle_momentum:
-                momentum = _anneal(sched_cfg.anneal_strategy, momenta[m0], momenta[m1], pct)
-            return lr, momentum
-        start = end
-    raise AssertionError("unreachable: the last phase takes every later step")
+    """The LR and momentum (SGD's momentum or Adam's beta1) that optimizer step ``step`` (0-based) runs at, as
+    :func:`build_scheduler`'s scheduler sets them. ``momentum`` is the optimizer's own, for policies (and
+    ``cycle_momentum: false``) that leave it alone."""
+    lr, m = POLICIES.lookup(sched_cfg.policy).lr_at(step, make_plan(sched_cfg, max_lr, epochs, steps_per_epoch))
+    return lr, momentum if m is None else m
+
+
+class PolicyScheduler:
+    """Sets every parameter group's LR (and momentum or Adam's beta1, where the policy cycles it) for the next
+    optimizer step. ``step()`` after each optimizer step; the state is the number of steps taken."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: str, plan: Plan):
+        self.optimizer, self.plan = optimizer, plan
+        self.lr_at = POLICIES.lookup(policy).lr_at
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        # after the last optimizer step the next LR is never used: hold the last one
+        lr, momentum = self.lr_at(min(self.last_step, self.plan.total_steps - 1), self.plan)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if momentum is None:
+                continue
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            else:
+                group["momentum"] = momentum
+
+    def step(self) -> None:
+        """Move to the next optimizer step's LR."""
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        """The LR of each parameter group for the next optimizer step."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """What resumes the schedule: the steps taken."""
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after ``state['last_step']`` steps."""
+        self.last_step = int(state["last_step"])
+        self._apply()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, max_lr: float, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """OneCycleLR over ``epochs * steps_per_epoch`` optimizer steps with every knob of ``schedule.*``."""
+                    steps_per_epoch: int) -> PolicyScheduler:
+    """``schedule.policy`` over ``epochs * steps_per_epoch`` optimizer steps with every knob of ``schedule.*``."""
     check_fits(sched_cfg, epochs, steps_per_epoch)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=max_lr,
-        total_steps=epochs * steps_per_epoch,
-        pct_start=resolve_pct_start(sched_cfg, epochs),
-        anneal_strategy=sched_cfg.anneal_strategy,
-        cycle_momentum=sched_cfg.cycle_momentum,
-        base_momentum=sched_cfg.base_momentum,
-        max_momentum=sched_cfg.max_momentum,
-        div_factor=sched_cfg.div_factor,
-        final_div_factor=sched_cfg.final_div_factor,
-        three_phase=sched_cfg.three_phase,
-    )
+    return PolicyScheduler(optimizer, sched_cfg.policy, make_plan(sched_cfg, max_lr, epochs, steps_per_epoch))
 
 
 def check_fits(sched_cfg, epochs: int, steps_per_epoch: int) -> None:
-    """Refuse, in one line naming the keys, a schedule whose warm-up or annealing is at most one step.
-
-    ``OneCycleLR`` ends phase i at step ``end_i`` (warm-up: ``pct * T - 1``) and divides by ``end_i - end_{i-1}``:
-    a phase of length zero is a ZeroDivisionError mid-training, a negative one a meaningless curve.
-    """
+    """Refuse, in one line naming the keys, a schedule whose phases do not fit in the run's optimizer steps
+    (One Cycle: a warm-up or annealing of at most one step would divide by zero mid-training)."""
     total = epochs * steps_per_epoch
-    pct = resolve_pct_start(sched_cfg, epochs)
-    ends = [phase[0] for phase in _phases(sched_cfg, 1.0, total, pct)]
-    lengths = [ends[0], *(b - a for a, b in zip(ends, ends[1:], strict=False))]
-    if min(lengths) > 0:
+    plan = make_plan(sched_cfg, 1.0, epochs, steps_per_epoch)
+    check = POLICIES.lookup(sched_cfg.policy).check
+    problem = check(plan) if check is not None and total > 0 else None
+    if total > 0 and problem is None:
         return
     pct_key = (f"schedule.peak_epoch {sched_cfg.peak_epoch:g}" if peak_overrides_pct_start(sched_cfg)
-               else f"schedule.pct_start {pct:g}")
+               else f"schedule.pct_start {plan.pct_start:g}")
     raise ScheduleTooShortError(
-        f"the One Cycle schedule does not fit in {total} optimizer step{'s' if total != 1 else ''} (train.epochs "
-        f"{epochs} x {steps_per_epoch} steps an epoch from data.train_subset/data.batch_size): with {pct_key}"
-        f"{' and schedule.three_phase' if sched_cfg.three_phase else ''} the warm-up needs more than 1 step and the "
-        f"annealing at least 1; raise train.epochs or the steps an epoch, or change {pct_key.split()[0]}")
+        f"the {sched_cfg.policy} schedule does not fit in {total} optimizer step{'s' if total != 1 else ''} "
+        f"(train.epochs {epochs} x {steps_per_epoch} steps an epoch from data.train_subset/data.batch_size): with "
+        f"{pct_key}{' and schedule.three_phase' if sched_cfg.three_phase else ''} {problem or 'there is no step'}; "
+        f"raise train.epochs or the steps an epoch, or change {pct_key.split()[0]}")
 
 
 def current_momentum(optimizer: torch.optim.Optimizer) -> float:
