@@ -1,4 +1,6 @@
-"""The ResNet family: the DAWNBench ResNet9 and torchvision's ResNet-18 ... ResNet-152.
+"""The networks: the built-in ResNets (the DAWNBench ResNet9 and torchvision's ResNet-18 ... ResNet-152), each a
+factory :data:`onecycle.training.model_registry.MODELS` registers, and :func:`build_model`, which builds what
+``model.name`` names: a registered model, or a user's own ``"package.module:factory"``.
 
 ``resnet9`` is the "custom ResNet" of the DAWNBench CIFAR-10 entries (Myrtle.ai): prep 64, layer1 128
 with a residual block, layer2 256, layer3 512 with a residual block, global max-pool, linear with the
@@ -13,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from onecycle.core.errors import ConfigError
+from onecycle.training import model_registry
 
 WHITEN_KERNEL = 3  # the whitening convolution's patch size: 2 x channels x 3 x 3 filters (18 for grey images)
 WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench94)
@@ -72,17 +77,21 @@ class ResNet9(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
 
 
-def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
-    """The network ``model.name`` names, sized for the dataset's classes and channels."""
-    name = model_cfg.name
-    if name == "resnet9":
-        return ResNet9(num_classes, in_channels, model_cfg.width, model_cfg.stem, model_cfg.zero_init_residual,
-                       model_cfg.whiten)
+def resnet9(num_classes: int, in_channels: int, *, width: float, stem: str, zero_init_residual: bool,
+            whiten: bool) -> nn.Module:
+    """The registered ``resnet9``: :class:`ResNet9`."""
+    return ResNet9(num_classes, in_channels, width, stem, zero_init_residual, whiten)
+
+
+def torchvision_resnet(num_classes: int, in_channels: int, *, arch: str, stem: str,
+                       zero_init_residual: bool) -> nn.Module:
+    """The registered ``resnet18`` ... ``resnet152``: torchvision's ``arch``, its first convolution made for the
+    stem (``cifar``: 3x3 stride 1, no max-pool) and the dataset's channels."""
     import torchvision  # 1.7 s: only for the torchvision ResNets
 
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
-                                              zero_init_residual=model_cfg.zero_init_residual)
-    if model_cfg.stem == "cifar":
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                              zero_init_residual=zero_init_residual)
+    if stem == "cifar":
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
@@ -90,6 +99,23 @@ def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
     if model.conv1 is not None:
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def build_model(model_cfg, num_classes: int, in_channels: int) -> nn.Module:
+    """The network ``model.name`` names, sized for the dataset's classes and channels: a registered model, built
+    with the ``model.*`` options it takes, or ``factory(num_classes, in_channels)`` of a user's import path (any
+    failure to import, call it or get a torch.nn.Module is one line naming model.name)."""
+    name = model_cfg.name
+    kind = model_registry.MODELS.get(name)
+    if kind is not None:
+        options = {k: getattr(model_cfg, k) for k in kind.options}
+        return kind.factory_function()(num_classes, in_channels, **options, **kind.fixed)
+    net = model_registry.call_factory(name, model_registry.import_factory(name), num_classes, in_channels)
+    if not isinstance(net, nn.Module):
+        module, _, attr = name.partition(":")
+        raise ConfigError(f"model.name {name!r}: {module}.{attr}({num_classes}, {in_channels}) returned a "
+                          f"{type(net).__name__}, not a torch.nn.Module")
+    return net
 
 
 @torch.no_grad()
