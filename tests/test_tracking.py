@@ -163,6 +163,36 @@ def test_a_checkpoint_model_is_logged_once_at_its_epoch_and_an_interrupted_one_i
     assert runs.model_of_run(run_id) is None
 
 
+def test_a_runs_models_are_found_by_name_and_an_interrupted_one_is_dropped(tmp_path):
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    exp = store.configure("onecycle", tmp_path)
+    client = mlflow.MlflowClient()
+
+    def model(run_id: str, name: str, status=LoggedModelStatus.READY, model_type=None) -> str:
+        made = client.create_logged_model(exp, name=name, source_run_id=run_id, model_type=model_type)
+        if status != LoggedModelStatus.PENDING:
+            client.finalize_logged_model(made.model_id, status)
+        return made.model_id
+
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        checkpoint = model(run_id, "checkpoint-best", model_type=runs.CHECKPOINT_MODEL_TYPE)
+        network = model(run_id, "network")
+        pending = model(run_id, "network", LoggedModelStatus.PENDING)  # a log cut by kill -9
+    with mlflow.start_run() as other:
+        model(other.info.run_id, "network")
+    assert {m.model_id for m in runs.run_models(run_id)} == {checkpoint, network, pending}
+    assert [m.model_id for m in runs.run_models(run_id, "checkpoint-best", runs.CHECKPOINT_MODEL_TYPE)] == [checkpoint]
+    assert runs.model_of_run(run_id) == network  # no classifier yet: the newest READY model that is no checkpoint
+    assert runs.model_of_run(run_id, "checkpoint-best") == checkpoint
+    assert runs.finished_model(run_id, "network") == network
+    assert {m.model_id for m in runs.run_models(run_id, "network")} == {network}  # the PENDING one is deleted
+    classifier = model(run_id, "model")
+    assert runs.model_of_run(run_id) == classifier and runs.model_of_run(run_id, "network") == network
+
+
 def test_no_module_queries_mlflows_tables_only_its_client_does():
     """MLflow's schema is MLflow's (it migrates it between versions): runs, experiments and models are read
     through MlflowClient. SQLite's own sqlite_master (the store's lock and corruption check) is not MLflow's."""

@@ -37,18 +37,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise OneCycleError(f"{path} is missing or unreadable: run `onecycle {what}` (or `dvc repro`) first") from None
 
 
-def _network_of(client, run_id: str) -> str | None:
-    """The id of the raw network the training run logged (``network``), if any."""
-    outputs = client.get_run(run_id).outputs
-    for output in reversed(outputs.model_outputs if outputs else []):
-        try:
-            if client.get_logged_model(output.model_id).name == "network":
-                return output.model_id
-        except Exception:  # a model the store cannot return
-            continue
-    return None
-
-
 def _recipe_of(client, version) -> str | None:
     """The recipe a version serves: its tag, or its logged model's (a publish stopped before tagging the version)."""
     if version.tags.get(RECIPE_TAG):
@@ -95,7 +83,7 @@ def run(params, ws: Workspace) -> dict:
         version = max(same)
     else:
         runs.finished_model(run_id, "model")  # drops a classifier an interrupted publish left PENDING
-        network = _network_of(client, run_id)  # what train logged: the raw network's URI goes in the metadata
+        network = runs.finished_model(run_id, "network")  # train's raw network: its URI goes in the metadata
         info = log_classifier(run_id, ws.model, name, tta, network_uri=f"models:/{network}" if network else None,
                               tags={RECIPE_TAG: recipe})
         version = int(info.registered_model_version)

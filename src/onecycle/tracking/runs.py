@@ -1,5 +1,6 @@
-"""What every MLflow run carries and how it is logged: run names, provenance tags, params, datasets, the
-logged model of a run, checkpoints as MLflow 3 logged models (:func:`log_checkpoint_model`), and metrics, buffered
+"""What every MLflow run carries and how it is logged: run names, provenance tags, params, datasets, a run's
+logged models (:func:`run_models`, the one look-up), checkpoints as MLflow 3 logged models
+(:func:`log_checkpoint_model`), ending a run when something failed (:func:`end_run_quietly`), and metrics, buffered
 (:class:`RunLogger`) and sent in batches; if the store is locked or unreachable they are kept and retried at the
 next flush. :func:`log_epoch` is the one way an epoch is logged.
 """
@@ -133,15 +134,26 @@ def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
             f"{Path(report).name}, not committed, from an LR finder run that is not in this store"}
 
 
+def run_models(run_id: str, name: str | None = None, model_type: str | None = None) -> list:
+    """The logged models ``run_id`` logged (their ``source_run_id``), newest first, whatever their status (an upload
+    cut by a kill leaves one PENDING); only those named ``name`` and of ``model_type`` when given. Every look-up of a
+    run's models goes through here."""
+    mlf = mlflow()
+    experiment = mlf.MlflowClient().get_run(run_id).info.experiment_id
+    conditions = [f"source_run_id = '{run_id}'", *(f"{key} = '{value}'" for key, value in
+                                                   (("name", name), ("model_type", model_type)) if value)]
+    return mlf.search_logged_models(experiment_ids=[experiment], filter_string=" AND ".join(conditions),
+                                    output_format="list")
+
+
 def finished_model(run_id: str, name: str) -> str | None:
     """The id of the READY model named ``name`` that ``run_id`` logged, if any; one left PENDING or FAILED by an
     interrupted log (``kill -9`` while uploading) is deleted, so that logging again leaves the run one model."""
     from mlflow.entities import LoggedModelStatus
 
     client = mlflow().MlflowClient()
-    experiment = client.get_run(run_id).info.experiment_id
     ready = None
-    for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"):
+    for model in run_models(run_id, name):
         if model.status == LoggedModelStatus.READY and ready is None:
             ready = model.model_id
         elif model.status != LoggedModelStatus.READY:
@@ -150,22 +162,24 @@ def finished_model(run_id: str, name: str) -> str | None:
 
 
 def model_of_run(run_id: str, name: str = "model") -> str | None:
-    """The id of the model named ``name`` that a run logged (the registered image classifier by default; if
-    none has that name, the last one it logged that is not a checkpoint), or None."""
-    client = mlflow().MlflowClient()
-    outputs = client.get_run(run_id).outputs
-    ids = [m.model_id for m in (outputs.model_outputs if outputs else [])]
-    fallback = None
-    for model_id in reversed(ids):
-        try:
-            model = client.get_logged_model(model_id)
-        except Exception:  # a model the store cannot return: fall back to the last one
-            return fallback or ids[-1]
-        if model.name == name:
-            return model_id
-        if fallback is None and model.model_type != CHECKPOINT_MODEL_TYPE:
-            fallback = model_id
-    return fallback
+    """The id of the READY model named ``name`` that a run logged (the registered image classifier by default; if
+    none has that name, the newest READY one it logged that is not a checkpoint), or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    ready = [m for m in run_models(run_id) if m.status == LoggedModelStatus.READY]
+    found = [m for m in ready if m.name == name] or [m for m in ready if m.model_type != CHECKPOINT_MODEL_TYPE]
+    return found[0].model_id if found else None
+
+
+def end_run_quietly(status: str) -> None:
+    """End the active MLflow run with ``status``; MLflow trouble here is logged, never raised, so that it cannot
+    replace the error being reported."""
+    from onecycle.core.redact import one_line
+
+    try:
+        mlflow().end_run(status=status)
+    except Exception as exc:
+        log.warning("could not mark the MLflow run %s (%s)", status, one_line(exc)[:200])
 
 
 def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics: dict[str, float],
@@ -185,9 +199,7 @@ def log_checkpoint_model(path: Path, run_id: str, name: str, step: int, metrics:
 
     client = mlf.MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id
-    found = client.search_logged_models(
-        experiment_ids=[experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}' AND model_type = '{CHECKPOINT_MODEL_TYPE}'")
+    found = run_models(run_id, name, CHECKPOINT_MODEL_TYPE)
     ready = [m for m in found if m.status == LoggedModelStatus.READY]
     if ready:
         return ready[0].model_id
