@@ -18,7 +18,7 @@ gr = pytest.importorskip("gradio")
 def test_the_classify_event_skips_gradios_image_preprocessing_and_patches_nothing():
     import torch
 
-    from onecycle.stages.demo import build_demo
+    from onecycle.serving.demo_app import build_demo
 
     ds = SimpleNamespace(name="fashion_mnist", classes=["a", "b"], image_shape=(28, 28, 1), mean=[0.3], std=[0.3])
     demo = build_demo(lambda x: torch.full((x.shape[0], 2), 0.5), ds, [], k=2)
@@ -29,7 +29,7 @@ def test_the_classify_event_skips_gradios_image_preprocessing_and_patches_nothin
 
 
 def test_upload_source_hands_over_a_path_or_the_inline_bytes():
-    from onecycle.stages.demo import upload_source
+    from onecycle.serving.demo_app import upload_source
 
     png = b"\x89PNG\r\n\x1a\nnot really"
     assert upload_source({"path": None, "url": "data:image/png;base64," + base64.b64encode(png).decode()}) == png

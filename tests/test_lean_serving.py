@@ -129,7 +129,7 @@ def test_the_lean_eval_transforms_compute_what_albumentations_does(spec, shape):
 def test_an_exported_spaces_requirements_list_albumentations_only_when_the_model_needs_it():
     from importlib.metadata import version
 
-    from onecycle.stages.demo import space_requirements
+    from onecycle.serving.space_export import space_requirements
 
     gradio = version("gradio")
     lean = space_requirements(gradio, catalog.kind("imagefolder").eval_spec())
