@@ -14,62 +14,21 @@ It prints the change (old -> new, with scores). Serving and ``onecycle predict -
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 from onecycle.core.errors import OneCycleError
 from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
 from onecycle.tracking import store
-from onecycle.tracking.registry import CANDIDATE, CHAMPION, DIGEST, TOP1
-
-
-def _version_by_alias(client, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception:  # MLflow raises for an alias that is not set
-        return None
-
-
-def _top1(version) -> float | None:
-    try:
-        return float(version.tags[TOP1])
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
-@dataclass
-class Version:
-    """A registered version as promotion judges it."""
-
-    number: int
-    top1: float | None  # test top-1 from evaluate; None: never evaluated
-    digest: str | None  # the test split it was evaluated on
-    subset: str | None  # data.train_subset of its training run; None: all the training data; "?": run not found
-    epochs: str
-    experiment: str
-    aliases: list[str]
-
-    def describe(self) -> str:
-        score = "not evaluated" if self.top1 is None else f"test top-1 {self.top1:.4f}"
-        return f"version {self.number} ({score})"
-
-
-def _versions(client, name: str) -> list[Version]:
-    aliases: dict[int, list[str]] = {}  # from the registered model: search results do not always carry them
-    for alias, number in (client.get_registered_model(name).aliases or {}).items():
-        aliases.setdefault(int(number), []).append(alias)
-    out = []
-    for mv in client.search_model_versions(f"name='{name}'"):
-        try:
-            run_params = client.get_run(mv.run_id).data.params if mv.run_id else {}
-            subset = run_params.get("data.train_subset", "null")
-            subset = None if subset in ("null", "None", "") else subset
-        except Exception:  # the training run was deleted from the store: nothing says what it trained on
-            run_params, subset = {}, "?"
-        out.append(Version(int(mv.version), _top1(mv), mv.tags.get(DIGEST), subset, run_params.get("train.epochs", "?"),
-                           mv.tags.get("dvc_experiment", "-"), sorted(aliases.get(int(mv.version), []))))
-    return sorted(out, key=lambda v: -v.number)
+from onecycle.tracking.registry import (
+    CANDIDATE,
+    CHAMPION,
+    TOP1,
+    Version,
+    registered_model_exists,
+    registered_versions,
+    set_champion,
+)
 
 
 def _table(name: str, versions: list[Version]) -> str:
@@ -98,25 +57,51 @@ def _why_not(v: Version, digest: str | None, champ: Version | None) -> str | Non
     return None
 
 
-def run(params, ws: Workspace, force: bool = False, version: int | None = None) -> dict:
-    """Move ``@champion`` to the best eligible evaluated version (or ``version``); return what was done."""
-    name = params.mlflow.registered_model
+def _open_registry(name: str | None, ws: Workspace) -> str:
+    """The registered model's name, once the store that holds it is configured; one line if either is missing."""
     if not name:
         raise OneCycleError("mlflow.registered_model is not set, so there is no registered model to promote")
     db = store.workspace_root(ws.root) / store.STORE
     if not store.user_tracking_uri() and not db.is_file():
         raise OneCycleError(f"no MLflow store at {db}: run `onecycle train` and `onecycle evaluate` "
                             "(or `dvc repro`) first")
-    mlflow = store.mlflow()
     store.configure(None, ws.root)
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        raise OneCycleError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}: run `onecycle train` "
-                            "and `onecycle evaluate` (or `dvc repro`) first") from None
-    versions = _versions(client, name)
-    by_number = {v.number: v for v in versions}
+    if not registered_model_exists(name):
+        raise OneCycleError(f"no registered model {name!r} in {store.tracking_uri()}: run `onecycle train` "
+                            "and `onecycle evaluate` (or `dvc repro`) first")
+    return name
+
+
+def _choose(name: str, versions: list[Version], champ: Version | None, cand: Version | None, digest: str | None,
+            version: int | None, force: bool) -> Version:
+    """The version to be champion: ``version`` (refused if ineligible unless ``force``), the candidate when only
+    ``force`` is given, else the best eligible one (the champion keeps it on a tie)."""
+    if version is not None:
+        by_number = {v.number: v for v in versions}
+        if version not in by_number:
+            raise OneCycleError(f"{name} has no version {version} (versions: "
+                                f"{', '.join(str(v.number) for v in reversed(versions)) or 'none'})")
+        chosen = by_number[version]
+        why = _why_not(chosen, digest, champ)
+        if why and not force:
+            raise OneCycleError(f"refused: {why} (--force promotes it anyway)")
+        return chosen
+    if force:  # --force alone: the candidate, whatever it is
+        return cand
+    eligible = [v for v in versions if _why_not(v, digest, champ) is None]
+    if not eligible:
+        raise OneCycleError(f"refused: no version of {name} is evaluated, trained on all the training data and "
+                            f"tested on {digest}: {_why_not(cand, digest, champ) if cand else ''} "
+                            "(`--version N --force` promotes one anyway)")
+    best = max(v.top1 for v in eligible)
+    return champ if champ in eligible and champ.top1 == best else \
+        max((v for v in eligible if v.top1 == best), key=lambda v: v.number)
+
+
+def run(params, ws: Workspace, force: bool = False, version: int | None = None) -> dict:
+    """Move ``@champion`` to the best eligible evaluated version (or ``version``); return what was done."""
+    name = _open_registry(params.mlflow.registered_model, ws)
+    versions = registered_versions(name)
     champ = next((v for v in versions if CHAMPION in v.aliases), None)
     cand = next((v for v in versions if CANDIDATE in v.aliases), None)
     if version is None and cand is None:
@@ -125,25 +110,7 @@ def run(params, ws: Workspace, force: bool = False, version: int | None = None) 
     digest = champ.digest if champ is not None else (cand.digest if cand is not None else None)
     result = {"model": name, "previous_champion": champ.number if champ else None,
               "champion_top1": champ.top1 if champ else None}
-    if version is not None:
-        if version not in by_number:
-            raise OneCycleError(f"{name} has no version {version} (versions: "
-                                f"{', '.join(str(v.number) for v in reversed(versions)) or 'none'})")
-        chosen = by_number[version]
-        why = _why_not(chosen, digest, champ)
-        if why and not force:
-            raise OneCycleError(f"refused: {why} (--force promotes it anyway)")
-    elif force:  # as before --version existed: the candidate, whatever it is
-        chosen = cand
-    else:
-        eligible = [v for v in versions if _why_not(v, digest, champ) is None]
-        if not eligible:
-            raise OneCycleError(f"refused: no version of {name} is evaluated, trained on all the training data and "
-                                f"tested on {digest}: {_why_not(cand, digest, champ) if cand else ''} "
-                                "(`--version N --force` promotes one anyway)")
-        best = max(v.top1 for v in eligible)
-        chosen = champ if champ in eligible and champ.top1 == best else \
-            max((v for v in eligible if v.top1 == best), key=lambda v: v.number)
+    chosen = _choose(name, versions, champ, cand, digest, version, force)
     result.update(candidate=chosen.number, candidate_top1=chosen.top1)
     if champ is not None and champ.number == chosen.number:
         note = ""
@@ -153,7 +120,7 @@ def run(params, ws: Workspace, force: bool = False, version: int | None = None) 
                                                               "does not beat it"))
         print(f"promote: {name} {chosen.describe()} stays @{CHAMPION}, the best eligible version{note}")
         return {**result, "promoted": False}
-    client.set_registered_model_alias(name, CHAMPION, str(chosen.number))
+    set_champion(name, chosen.number)
     old = "no champion" if champ is None else f"{champ.describe()}"
     how = " (forced)" if force else ""
     print(f"promote: {name} @{CHAMPION}: {old} -> {chosen.describe()}{how}; serve it with "

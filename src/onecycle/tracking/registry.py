@@ -1,12 +1,14 @@
 """The model registry's side of a trained model: the aliases (``candidate``, ``champion``), the tags a
 version carries after ``evaluate`` (its test metrics, the test split's digest, git commit, DVC experiment),
-and the digest that says two versions were tested on the same data. ``onecycle promote`` reads them.
+the digest that says two versions were tested on the same data, and the registered versions as ``onecycle
+promote`` judges them (:class:`Version`, :func:`registered_versions`) and moves ``@champion`` among them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from onecycle.tracking import store
@@ -38,3 +40,61 @@ def mark_version(name: str, version: int | str, run_id: str, test_metrics: dict,
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, CANDIDATE, str(version))
+
+
+@dataclass
+class Version:
+    """A registered version as promotion judges it."""
+
+    number: int
+    top1: float | None  # test top-1 from evaluate; None: never evaluated
+    digest: str | None  # the test split it was evaluated on
+    subset: str | None  # data.train_subset of its training run; None: all the training data; "?": run not found
+    epochs: str
+    experiment: str
+    aliases: list[str]
+
+    def describe(self) -> str:
+        """``version N (test top-1 0.9123)``, or ``(not evaluated)``."""
+        score = "not evaluated" if self.top1 is None else f"test top-1 {self.top1:.4f}"
+        return f"version {self.number} ({score})"
+
+
+def _top1(version) -> float | None:
+    try:
+        return float(version.tags[TOP1])
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def registered_model_exists(name: str) -> bool:
+    """Whether the store holds a registered model ``name``."""
+    try:
+        store.mlflow().MlflowClient().get_registered_model(name)
+    except Exception:
+        return False
+    return True
+
+
+def registered_versions(name: str) -> list[Version]:
+    """Every version of the registered model ``name``, newest first, with what promotion judges it by."""
+    client = store.mlflow().MlflowClient()
+    aliases: dict[int, list[str]] = {}  # from the registered model: search results do not always carry them
+    for alias, number in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(int(number), []).append(alias)
+    out = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        try:
+            run_params = client.get_run(mv.run_id).data.params if mv.run_id else {}
+            subset = run_params.get("data.train_subset", "null")
+            subset = None if subset in ("null", "None", "") else subset
+        except Exception:  # the training run was deleted from the store: nothing says what it trained on
+            run_params, subset = {}, "?"
+        out.append(Version(int(mv.version), _top1(mv), mv.tags.get(DIGEST), subset, run_params.get("train.epochs", "?"),
+                           mv.tags.get("dvc_experiment", "-"), sorted(aliases.get(int(mv.version), []))))
+    return sorted(out, key=lambda v: -v.number)
+
+
+def set_champion(name: str, version: int) -> None:
+    """Give version ``version`` of ``name`` the alias ``champion`` (taken from the version that had it)."""
+    store.mlflow().MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
