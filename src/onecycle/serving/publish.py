@@ -21,6 +21,7 @@ from onecycle.serving.classifier import DEFAULT_K, IMAGE_COLUMN
 from onecycle.serving.modelfile import bundle_metadata
 from onecycle.tracking import store
 from onecycle.training import checkpoint as ckpt
+from onecycle.training import model_registry
 
 
 def _example_png(image_shape) -> bytes:
@@ -54,18 +55,29 @@ def log_classifier(run_id: str, model_file: Path, registered_model: str | None, 
     with tempfile.TemporaryDirectory() as tmp:
         served_file = Path(tmp) / "model.pt"
         ckpt.save(bundle, served_file)  # models/model.pt plus its recipe's test-time augmentation
-        code = Path(tmp) / "onecycle"  # the package as the model's own code, without caches
-        shutil.copytree(Path(onecycle.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code = [_copy_code(Path(onecycle.__file__).parent, Path(tmp))]  # the package as the model's own code
+        own = model_registry.code_of(bundle["model"]["name"])
+        if own is not None:  # a user's model: its factory's package, importable where the workspace is not
+            code.append(_copy_code(own, Path(tmp) / "user"))
         return Model.log(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"model_file": str(served_file)}, code_paths=[str(code)],
+            artifacts={"model_file": str(served_file)}, code_paths=[str(c) for c in code],
             signature=signature,
             input_example=pd.DataFrame({IMAGE_COLUMN: [_example_png(bundle["dataset"]["image_shape"])]}),
             registered_model_name=registered_model or None,
             metadata={"onecycle": {**bundle_metadata(bundle), **({"network_uri": network_uri} if network_uri else {})}},
             pip_requirements=served_requirements(eval_spec), tags=tags,
         )
+
+
+def _copy_code(source: Path, folder: Path) -> Path:
+    """A copy of a package folder (without caches) or a module file in ``folder``, under its own name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        return Path(shutil.copytree(source, folder / source.name,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+    return Path(shutil.copy2(source, folder / source.name))
 
 
 def served_requirements(eval_spec: list) -> list[str]:
