@@ -172,22 +172,31 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only request a stop, honoured between two optimizer steps so that
-    the checkpoint written then is consistent. A second SIGINT interrupts at once."""
+    """While active (a ``with`` block), SIGINT and SIGTERM only request a stop, which the work honours at its next
+    safe point, where stopping cuts nothing in half: ``fit`` between two optimizer steps (the object is its
+    ``should_stop``), so the checkpoint written then is consistent; other code at :meth:`check`. A second signal
+    raises KeyboardInterrupt at once. Leaving the block restores the previous handlers. Signals reach the main
+    thread only: in another thread nothing is installed. ``then`` says, in the warning a first signal logs, what
+    happens next."""
 
-    def __init__(self):
+    def __init__(self, then: str = "stopping after this step and writing a checkpoint"):
         self.received: int | None = None
+        self.then = then
         self._old: dict = {}
 
     def __call__(self) -> bool:
         return self.received is not None
 
+    def check(self) -> None:
+        """A safe point: raise KeyboardInterrupt if a stop was requested."""
+        if self.received is not None:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: %s (Ctrl-C again to abort)", signal.Signals(signum).name, self.then)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
