@@ -18,11 +18,13 @@ import numpy as np
 from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
-from onecycle.tracking import runs, store
+from onecycle.tracking.lr_find_run import log_range_test, lr_find_run
 from onecycle.training.lr_report import NoDescentError, measured_on
 from onecycle.training.rangetest import RangeTestResult, run_range_test
 
 log = logging.getLogger(__name__)
+
+LOGGED_SECTIONS = ("data", "augment", "model", "optimizer", "lr_find", "train")  # the params the sweep reads
 
 
 def plot(result: RangeTestResult, chosen: str, path: Path) -> None:
@@ -71,40 +73,11 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
                             progress=progress)
     chosen = cfg.suggestion
-    suggested = result.suggestions.get(chosen)
-
-    mlflow = store.mlflow()
-    store.configure(params.mlflow.experiment, ws.root)
-    with mlflow.start_run(run_name="lr_find") as active:
-        mlflow.set_tags({**runs.provenance_tags(params.data.dataset, device_name(setup.device), ws.root),
-                         "stage": "lr_find", "precision": setup.precision})
-        runs.log_params_flat({k: v for k, v in params.flat().items()
-                                  if k.split(".")[0] in ("data", "augment", "model", "optimizer", "lr_find", "train")})
-        report = {
-            **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": active.info.run_id,
-            "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
-            # train refuses this report for other data or params (lr_report.check_measured_on)
-            "measured_on": measured_on(params.flat(), setup.info.digest),
-        }
-        # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
-        curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,
-                                                                          strict=True)]
-        # suggested_lr/suggestion (the same on every row): the LR schedule.max_lr auto uses, which the
-        # `dvc plots` template .dvc/plots/lr_range_log.json marks on its log x axis
-        mark = f",{'' if suggested is None else repr(suggested)},{chosen}"
-        atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
-            f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}{mark}\n" for lr, loss, sm in curve))
-        report["losses"] = [_finite(v) for v in result.losses]
-        report["smoothed"] = [_finite(v) for v in result.smoothed]
-        atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")
-        plot(result, chosen, ws.lr_find_png)
-        logger = runs.RunLogger(active.info.run_id)
-        logger.log_series({"lr_find/lr": result.lrs, "lr_find/loss": result.losses,
-                           "lr_find/smoothed_loss": result.smoothed})
-        logger.log({f"lr_find/suggested_{name}": lr for name, lr in result.suggestions.items() if lr is not None}, 0)
-        logger.flush()
-        runs.log_artifact(ws.lr_find_json)
-        runs.log_artifact(ws.lr_find_png)
+    logged = {k: v for k, v in params.flat().items() if k.split(".")[0] in LOGGED_SECTIONS}
+    with lr_find_run(params.mlflow.experiment, ws.root, params.data.dataset, device_name(setup.device),
+                     setup.precision, logged) as run_id:
+        _write_reports(params, ws, result, setup.info.digest, run_id)
+        log_range_test(run_id, result, [ws.lr_find_json, ws.lr_find_png])
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
           f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")
@@ -115,6 +88,31 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
             raise NoDescentError(msg)
         log.warning("%s (schedule.max_lr = %s is used)", msg, params.schedule.max_lr)
     return result
+
+
+def _write_reports(params, ws: Workspace, result: RangeTestResult, data_digest: str, run_id: str) -> None:
+    """reports/lr_find.csv (for ``dvc plots``), reports/lr_find.json and reports/lr_find.png."""
+    cfg = params.lr_find
+    chosen = cfg.suggestion
+    suggested = result.suggestions.get(chosen)
+    report = {
+        **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": run_id,
+        "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
+        # train refuses this report for other data or params (lr_report.check_measured_on)
+        "measured_on": measured_on(params.flat(), data_digest),
+    }
+    # DVC plots read the per-step rows; NaN is not JSON, so a diverged point is null.
+    curve = [(lr, _finite(loss), _finite(sm)) for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed,
+                                                                      strict=True)]
+    # suggested_lr/suggestion (the same on every row): the LR schedule.max_lr auto uses, which the
+    # `dvc plots` template .dvc/plots/lr_range_log.json marks on its log x axis
+    mark = f",{'' if suggested is None else repr(suggested)},{chosen}"
+    atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
+        f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}{mark}\n" for lr, loss, sm in curve))
+    report["losses"] = [_finite(v) for v in result.losses]
+    report["smoothed"] = [_finite(v) for v in result.smoothed]
+    atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")
+    plot(result, chosen, ws.lr_find_png)
 
 
 def _finite(v: float) -> float | None:
