@@ -128,6 +128,30 @@ def test_a_factory_in_the_workspace_is_built_with_the_datasets_classes_and_chann
     assert code_of("resnet9") is None and code_of("onecycle.training.models:resnet9") is None
 
 
+@pytest.mark.slow
+def test_an_exported_space_holds_the_factorys_package(workspace, tmp_path_factory):
+    pytest.importorskip("gradio")
+    from types import SimpleNamespace
+
+    from onecycle.config import AugmentConfig
+    from onecycle.serving.modelfile import save_model
+    from onecycle.serving.space_export import export_space
+
+    write(workspace, {"userspace_pkg/__init__.py": "", "userspace_pkg/net.py": NET})
+    model = ModelConfig(name="userspace_pkg.net:build")
+    info = SimpleNamespace(name="fashion_mnist", classes=[f"c{i}" for i in range(10)], image_shape=(28, 28, 1),
+                           mean=[0.5], std=[0.25])
+    save_model(model, AugmentConfig(), info, build_model(model, 10, 1).state_dict(), workspace / "model.pt")
+    space = export_space(tmp_path_factory.mktemp("space"), workspace / "model.pt", info, [], 3, "model.pt")
+    code = ("import sys; sys.path.insert(0, '.'); import torch; from pathlib import Path; "  # as the Space's app.py
+            "from onecycle.serving.inference import load_predictor; "
+            "load_predictor(Path('model.pt'), None, torch.device('cpu')); print(sys.modules['userspace_pkg.net'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=space, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.strip()) == space / "userspace_pkg/net.py"
+
+
 BAD = {  # case -> (files written into the workspace, model.name, the one line build_model gives)
     "no-module": ({}, "userbad_none.net:build",
                   "model.name 'userbad_none.net:build': no module userbad_none.net in the workspace {ws} or the "

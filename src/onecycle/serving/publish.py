@@ -55,10 +55,11 @@ def log_classifier(run_id: str, model_file: Path, registered_model: str | None, 
     with tempfile.TemporaryDirectory() as tmp:
         served_file = Path(tmp) / "model.pt"
         ckpt.save(bundle, served_file)  # models/model.pt plus its recipe's test-time augmentation
-        code = [_copy_code(Path(onecycle.__file__).parent, Path(tmp))]  # the package as the model's own code
-        own = model_registry.code_of(bundle["model"]["name"])
+        code = [Path(tmp) / "onecycle"]  # the package as the model's own code, without caches
+        shutil.copytree(Path(onecycle.__file__).parent, code[0], ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        own = model_registry.copy_code(bundle["model"]["name"], Path(tmp) / "user")
         if own is not None:  # a user's model: its factory's package, importable where the workspace is not
-            code.append(_copy_code(own, Path(tmp) / "user"))
+            code.append(own)
         return Model.log(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -69,15 +70,6 @@ def log_classifier(run_id: str, model_file: Path, registered_model: str | None, 
             metadata={"onecycle": {**bundle_metadata(bundle), **({"network_uri": network_uri} if network_uri else {})}},
             pip_requirements=served_requirements(eval_spec), tags=tags,
         )
-
-
-def _copy_code(source: Path, folder: Path) -> Path:
-    """A copy of a package folder (without caches) or a module file in ``folder``, under its own name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        return Path(shutil.copytree(source, folder / source.name,
-                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
-    return Path(shutil.copy2(source, folder / source.name))
 
 
 def served_requirements(eval_spec: list) -> list[str]:

@@ -1,6 +1,7 @@
 """A Hugging Face Space (Gradio SDK) that runs the demo page of :mod:`onecycle.serving.demo_app` without onecycle
 installed: :func:`export_space` writes ``app.py``, a pinned ``requirements.txt``, the model file, the example
-images and a copy of this package's source, so the Space needs no install of onecycle from source control;
+images and a copy of this package's source (and of a user's model's factory package), so the Space needs no install
+of onecycle from source control;
 :func:`space_demo` is the page that ``app.py`` builds from that folder. ``python app.py`` in it runs it.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from onecycle.core.errors import OneCycleError
 from onecycle.serving.demo_app import Example, build_demo
 from onecycle.serving.inference import load_predictor
+from onecycle.training import checkpoint as ckpt
+from onecycle.training import model_registry
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ def export_space(out: Path, model_path: Path, ds, examples: Sequence[Example], k
     package = Path(onecycle.__file__).resolve().parent
     shutil.rmtree(out / "onecycle", ignore_errors=True)
     shutil.copytree(package, out / "onecycle", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    model_registry.copy_code(ckpt.load(model_path)["model"]["name"], out)  # a user's model: its factory's package
     shutil.copyfile(model_path, out / "model.pt")
     shutil.rmtree(out / "examples", ignore_errors=True)
     (out / "examples").mkdir()

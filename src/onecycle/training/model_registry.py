@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
 import traceback
@@ -158,3 +159,18 @@ def code_of(name: str) -> Path | None:
     if spec.submodule_search_locations:  # a package (or a namespace package's first folder)
         return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin)
+
+
+def copy_code(name: str, folder: Path) -> Path | None:
+    """Copy :func:`code_of` ``name`` (without caches) into ``folder`` under its own name, replacing an older copy: what
+    a served or exported model puts on its path. Returns the copy, or None when there is nothing to ship."""
+    source = code_of(name)
+    if source is None:
+        return None
+    target = Path(folder) / source.name
+    if target.is_dir():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        return Path(shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+    return Path(shutil.copyfile(source, target))
