@@ -77,15 +77,15 @@ def options_of(name: str) -> tuple[str, ...]:
 
 
 def _workspace_on_path() -> None:
-    """Make the workspace (the cwd) importable, after what is importable already (the installed packages, a served
-    model's own code), as ``python -m`` does for the cwd."""
+    """Make the workspace (the cwd) importable, as ``python -m`` does, but after what is importable already (a served
+    model's own copy of the code, the installed packages)."""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
     importlib.invalidate_caches()  # a module written since the last import is seen
 
 
-def where(exc: BaseException) -> str:
+def _where(exc: BaseException) -> str:
     """`` (file:line)`` of the user code an exception came from (its innermost frame outside onecycle), or ''."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" ({_short(exc.filename)}:{exc.lineno})"
@@ -105,7 +105,12 @@ def _short(path: str) -> str:
 
 
 def _failure(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split()) + where(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split()) + _where(exc)
+
+
+def _no_module(name: str, module: str) -> ConfigError:
+    return ConfigError(f"model.name {name!r}: no module {module} in the workspace {os.getcwd()} or the installed "
+                       f"packages")
 
 
 def import_factory(path: str) -> Callable:
@@ -119,8 +124,7 @@ def import_factory(path: str) -> Callable:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name + ".").startswith(exc.name + "."):
-            raise ConfigError(f"{head}: no module {module_name} in the workspace {os.getcwd()} or the installed "
-                              f"packages") from None
+            raise _no_module(path, module_name) from None
         raise ConfigError(f"{head}: importing {module_name} failed: {_failure(exc)}") from None
     except Exception as exc:  # the user's module raised on import (a syntax error, a missing name, ...)
         raise ConfigError(f"{head}: importing {module_name} failed: {_failure(exc)}") from None
@@ -154,8 +158,7 @@ def code_of(name: str) -> Path | None:
     _workspace_on_path()
     spec = importlib.util.find_spec(top)
     if spec is None:
-        raise ConfigError(f"model.name {name!r}: no module {top} in the workspace {os.getcwd()} or the installed "
-                          f"packages")
+        raise _no_module(name, top)
     if spec.submodule_search_locations:  # a package (or a namespace package's first folder)
         return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin)
