@@ -45,6 +45,7 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
         add_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    workspace_importable()
 
     def body_with_params() -> int | None:
         if params_optional and args.params == "params.yaml" and not Path(args.params).exists():
@@ -54,6 +55,13 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
         return body(params, args)
 
     return guarded(name, body_with_params)
+
+
+def workspace_importable() -> None:
+    """Put the workspace (the cwd: the DVC repository's root) on the import path, as ``python -m`` does but after the
+    installed packages: a user's ``model.name: "package.module:factory"`` is imported from there."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 # The module a missing optional dependency shows up as -> the extra of pyproject.toml that installs it.

@@ -9,8 +9,9 @@ standard library (params load without torch). Adding a built-in model is its fac
 :mod:`onecycle.training.models` and its record here.
 
 A user's factory is called as ``factory(num_classes, in_channels)`` and returns a ``torch.nn.Module``. Its module is
-imported from the workspace (the current directory: the DVC repository's root, where the stages run) or the
-installed packages; the served model ships its top-level package (:func:`code_of`).
+imported from the import path: the installed packages, and the workspace, which every onecycle command puts on it
+(:func:`onecycle.stages.command.run_command`); a served or exported model ships its top-level package
+(:func:`copy_code`).
 """
 
 from __future__ import annotations
@@ -76,32 +77,20 @@ def options_of(name: str) -> tuple[str, ...]:
     return kind.options if kind else ()
 
 
-def _workspace_on_path() -> None:
-    """Make the workspace (the cwd) importable, as ``python -m`` does, but after what is importable already (a served
-    model's own copy of the code, the installed packages)."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    importlib.invalidate_caches()  # a module written since the last import is seen
-
-
 def _where(exc: BaseException) -> str:
     """`` (file:line)`` of the user code an exception came from (its innermost frame outside onecycle), or ''."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" ({_short(exc.filename)}:{exc.lineno})"
     skip = ("<", str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"])  # importlib, onecycle
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
-    mine = [f for f in frames if not Path(_short(f.filename)).is_absolute()]  # in the workspace: not torch's
-    frame = (mine or frames or [None])[-1]
-    return f" ({_short(frame.filename)}:{frame.lineno})" if frame else ""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)
+              and not {"site-packages", "dist-packages"} & set(Path(f.filename).parts)]  # torch's
+    return f" ({_short(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
 def _short(path: str) -> str:
-    """A path relative to the workspace when it lies inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path
+    """A file as its module is named: relative to the import path's folder it was found under (``pkg/net.py``)."""
+    roots = [p for p in sys.path if p and path.startswith(os.path.join(p, ""))]
+    return os.path.relpath(path, max(roots, key=len)) if roots else path
 
 
 def _failure(exc: BaseException) -> str:
@@ -109,17 +98,16 @@ def _failure(exc: BaseException) -> str:
 
 
 def _no_module(name: str, module: str) -> ConfigError:
-    return ConfigError(f"model.name {name!r}: no module {module} in the workspace {os.getcwd()} or the installed "
-                       f"packages")
+    return ConfigError(f"model.name {name!r}: no module {module} in the workspace (the folder onecycle runs in) or "
+                       f"the installed packages")
 
 
 def import_factory(path: str) -> Callable:
-    """The callable an import path ``"module:attr"`` names, its module imported from the installed packages or the
-    workspace; a module that is missing or fails to import, or a name that is missing or not callable, raises
-    ConfigError in one line naming model.name and the module."""
+    """The callable an import path ``"module:attr"`` names; a module that is missing or fails to import, or a name
+    that is missing or not callable, raises ConfigError in one line naming model.name and the module."""
     module_name, _, attr = path.partition(":")
     head = f"model.name {path!r}"
-    _workspace_on_path()
+    importlib.invalidate_caches()  # a module written since the last import is seen
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -155,7 +143,6 @@ def code_of(name: str) -> Path | None:
     top = name.partition(":")[0].split(".")[0]
     if not is_import_path(name) or top == "onecycle":
         return None
-    _workspace_on_path()
     spec = importlib.util.find_spec(top)
     if spec is None:
         raise _no_module(name, top)
