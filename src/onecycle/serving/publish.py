@@ -6,7 +6,9 @@ publish stage (after evaluate), so the registered version is the model evaluate 
 ``models/model.pt`` (read weights-only) that also records the test-time augmentation evaluate used. It takes
 encoded images (PNG, JPEG, ... as base64 in the JSON, column ``image``) and answers each with its top-k class
 names and probabilities, after the model's own eval preprocessing and test-time augmentation
-(:class:`onecycle.serving.classifier.ImageClassifier`), the same code path as ``onecycle predict``.
+(:class:`onecycle.serving.classifier.ImageClassifier`), the same code path as ``onecycle predict``. Its code is a
+copy of onecycle and, for a user's model (``model.name: "package.module:factory"``), of the factory's top-level
+package, so the network is rebuilt where the workspace is not importable (``mlflow models serve`` anywhere).
 """
 
 from __future__ import annotations
