@@ -25,7 +25,7 @@ from onecycle.data import catalog
 from onecycle.data.store import class_difference, load_info
 from onecycle.serving.modelfile import load_model_bundle
 from onecycle.stages.command import run_command
-from onecycle.tracking import runs, store
+from onecycle.tracking.evaluation import log_evaluation, require_training_run
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +132,37 @@ def _csv(rows: list[dict]) -> str:
 
 def run(params, ws: Workspace) -> dict:
     """The evaluate stage in ``ws``: test metrics of ``ws.model``, reports, MLflow; returns metrics.json's dict."""
-    from onecycle.data.loaders import build_split, make_loader
-    from onecycle.training.engine import configure_threads, evaluate, resolve_device
+    from onecycle.training.engine import configure_threads, resolve_device
 
     configure_threads(params.train.threads)
     device = resolve_device(params.train.device)
+    model, info = _model_for_the_data(params, ws, device)
+    run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
+    test_ds, out = _score(params, model, info, device)
+    metrics, table = _write_reports(params, ws, info, test_ds, out)
+    if run_id:
+        log_evaluation(run_id, params.data, ws.root, metrics, table,
+                       [ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png])
+    print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
+          f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
+    return metrics
+
+
+def _model_for_the_data(params, ws: Workspace, device):
+    """``ws.model`` on ``device`` and the fetched dataset's info; a model of other classes is refused in one line."""
     model, ds_meta, _ = load_model_bundle(ws.model, device)
     info = load_info(params.data, ws.root)
     if (difference := class_difference(ds_meta.name, ds_meta.classes, info)) is not None:
         raise OneCycleError(f"{ws.model} does not fit the data: {difference}; "
                             "retrain or point data.dataset at the model's dataset")
-    run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
+    return model, info
+
+
+def _score(params, model, info, device) -> tuple:
+    """The test split and the model's loss, top-1/top-5, logits and labels on it (with ``evaluate.tta``)."""
+    from onecycle.data.loaders import build_split, make_loader
+    from onecycle.training.engine import evaluate
+
     test_ds = build_split(params.data, params.augment, info, "test", train_augment=False, seed=params.train.seed)
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
@@ -150,6 +170,11 @@ def run(params, ws: Workspace) -> dict:
     # fp32, whatever precision trained the model: predict and the served model score in fp32, so the metrics
     # (and the registry's test top-1) describe what they answer
     out = evaluate(model, loader, device, None, params.train.channels_last, collect=True, tta=params.evaluate.tta)
+    return test_ds, out
+
+
+def _write_reports(params, ws: Workspace, info, test_ds, out: dict) -> tuple[dict, list[dict]]:
+    """metrics.json, per_class.csv, predictions.csv and the two figures; returns the metrics and per-class table."""
     logits, labels = out["logits"], out["labels"].numpy()
     probs = torch.softmax(logits, 1)
     preds = probs.argmax(1).numpy()
@@ -169,11 +194,7 @@ def run(params, ws: Workspace) -> dict:
     plot_misclassified([_raw_test_image(params, test_ds, int(i)) for i in wrong],
                        [f"{info.classes[labels[i]]} -> {info.classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
                         for i in wrong], ws.misclassified_png)
-    if run_id:
-        _log_to_training_run(params, ws, run_id, metrics, table)
-    print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
-          f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
-    return metrics
+    return metrics, table
 
 
 def _training_run(params, ws: Workspace) -> str | None:
@@ -188,63 +209,8 @@ def _training_run(params, ws: Workspace) -> str | None:
     if not run_id:
         log.warning("%s names no training MLflow run; test metrics are not logged to MLflow", ws.runs_json)
         return None
-    store.configure(params.mlflow.experiment, ws.root)
-    mlflow = store.mlflow()
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        run = None
-    if run is None or run.info.lifecycle_stage == "deleted":
-        raise OneCycleError(f"the training's MLflow run {run_id} (named in {ws.runs_json}) "
-                            f"{'was deleted' if run else 'is not'} in the store {store.tracking_uri()}: restore it "
-                            f"in the MLflow UI (or `mlflow runs restore --run-id {run_id}`), or train again")
+    require_training_run(run_id, ws.runs_json, params.mlflow.experiment, ws.root)
     return run_id
-
-
-def _log_to_training_run(params, ws: Workspace, run_id: str, metrics: dict, table: list[dict]) -> None:
-    """Add the test metrics and images to the training's MLflow run (``onecycle publish`` then registers the
-    evaluated model and marks it @candidate).
-
-    Logged by run id (MlflowClient), never by re-opening the run with ``mlflow.start_run(run_id=...)``, which
-    sets it RUNNING and ends it FINISHED/FAILED/KILLED: an evaluate interrupted here must not change how the
-    training ended. Everything is safe to log again, so running evaluate again completes an interrupted one.
-    """
-    mlflow = store.mlflow()
-    client = mlflow.MlflowClient()
-    status = client.get_run(run_id).info.status
-    test_set = runs.datasets(params.data, ws.root, ["test"])
-    runs.log_datasets(test_set, run_id=run_id)
-    # linked to the logged model and the test dataset (the model's page and the metric's dataset column);
-    # unprefixed like mlflow.evaluate's, so the run page shows them after the learning curves (loop.METRIC_KEYS)
-    mlflow.log_metrics({f"test_{k}": v for k, v in metrics["test"].items() if k != "n" and isinstance(v, int | float)},
-                       run_id=run_id, model_id=runs.model_of_run(run_id), dataset=test_set["test"])
-    client.set_tag(run_id, "test/worst_class", metrics["test"]["worst_class"])
-    _log_per_class_table(run_id, table)
-    for path in (ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png):
-        runs.log_artifact(path, "evaluate", run_id=run_id)
-    if status != "FINISHED":  # a FAILED (diverged) or KILLED training stays so: evaluating it finishes nothing
-        log.info("the training run %s ended %s; its evaluation is logged, and it is not published", run_id, status)
-
-
-PER_CLASS_TABLE = "evaluate/per_class.json"
-
-
-def _log_per_class_table(run_id: str, table: list[dict]) -> None:
-    """The per-class results as one MLflow table (not a metric per class: ImageNet would make 1,000 charts)."""
-    import tempfile
-
-    client = store.mlflow().MlflowClient()
-    columns = {key: [r[key] for r in table] for key in table[0]}
-    if PER_CLASS_TABLE not in {f.path for f in client.list_artifacts(run_id, "evaluate")}:
-        client.log_table(run_id, data=columns, artifact_file=PER_CLASS_TABLE)
-        return
-    # evaluated again: log_table would append the rows to the old table, so replace the file (same format)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(PER_CLASS_TABLE).name
-        path.write_text(json.dumps({"columns": list(columns), "data": [list(r.values()) for r in table]}))
-        runs.log_artifact(path, str(Path(PER_CLASS_TABLE).parent), run_id=run_id)
 
 
 def main(argv=None) -> int:
