@@ -23,11 +23,9 @@ from onecycle.core.paths import Workspace
 from onecycle.data.store import load_info
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store
-from onecycle.tracking.registry import CANDIDATE, mark_version, test_digest
+from onecycle.tracking.registry import CANDIDATE, RECIPE_TAG, mark_version, tag_recipe, test_digest, versions_serving
 
 log = logging.getLogger(__name__)
-
-RECIPE_TAG = "model_digest"  # a version's tag: the digest of the model file and test-time augmentation it serves
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -35,16 +33,6 @@ def _read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         raise OneCycleError(f"{path} is missing or unreadable: run `onecycle {what}` (or `dvc repro`) first") from None
-
-
-def _recipe_of(client, version) -> str | None:
-    """The recipe a version serves: its tag, or its logged model's (a publish stopped before tagging the version)."""
-    if version.tags.get(RECIPE_TAG):
-        return version.tags[RECIPE_TAG]
-    try:
-        return client.get_logged_model(version.model_id).tags.get(RECIPE_TAG)
-    except Exception:  # a version without a logged model (registered by hand from a path)
-        return None
 
 
 def run(params, ws: Workspace) -> dict:
@@ -65,20 +53,17 @@ def run(params, ws: Workspace) -> dict:
         atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
         return out
     store.configure(params.mlflow.experiment, ws.root)
-    client = store.mlflow().MlflowClient()
-    try:
-        status = client.get_run(run_id).info.status
-    except Exception:
+    status = runs.run_status(run_id)
+    if status is None:
         raise OneCycleError(f"the training's MLflow run {run_id} (named in {ws.runs_json}) is not in the store "
-                            f"{store.tracking_uri()}: train again (or point MLFLOW_TRACKING_URI at its store)") from None
+                            f"{store.tracking_uri()}: train again (or point MLFLOW_TRACKING_URI at its store)")
     if status != "FINISHED":  # a diverged (FAILED) or unfinished training is evaluated, never offered for serving
         print(f"publish: the training run {run_id} is {status}; nothing registered")
         atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
         return out
     if "top1" not in test:
         raise OneCycleError(f"{ws.metrics_json} has no test top-1: run `onecycle evaluate` (or `dvc repro`) first")
-    same = [int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-            if _recipe_of(client, v) == recipe]
+    same = versions_serving(name, run_id, recipe)
     if same:  # published before (an interrupted publish, or a rerun): the same version, tagged again
         version = max(same)
     else:
@@ -87,7 +72,7 @@ def run(params, ws: Workspace) -> dict:
         info = log_classifier(run_id, ws.model, name, tta, network_uri=f"models:/{network}" if network else None,
                               tags={RECIPE_TAG: recipe})
         version = int(info.registered_model_version)
-        client.set_model_version_tag(name, str(version), RECIPE_TAG, recipe)
+        tag_recipe(name, version, recipe)
     mark_version(name, version, run_id, test, test_digest(load_info(params.data, ws.root)))
     out.update(version=version, model_uri=f"models:/{name}/{version}")
     atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """The model registry's side of a trained model: the aliases (``candidate``, ``champion``), the tags a
 version carries after ``evaluate`` (its test metrics, the test split's digest, git commit, DVC experiment),
-the digest that says two versions were tested on the same data, and the registered versions as ``onecycle
-promote`` judges them (:class:`Version`, :func:`registered_versions`) and moves ``@champion`` among them.
+the digest that says two versions were tested on the same data, the recipe a version serves (so that publishing
+the same model again finds its version), and the registered versions as ``onecycle promote`` judges them
+(:class:`Version`, :func:`registered_versions`) and moves ``@champion`` among them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from onecycle.tracking import store
 
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases
 TOP1, TOP5, DIGEST = "test/top1", "test/top5", "test/dataset_digest"  # model-version tags
+RECIPE_TAG = "model_digest"  # a version's tag: the digest of the model file and test-time augmentation it serves
 
 
 def test_digest(info) -> str:
@@ -40,6 +42,28 @@ def mark_version(name: str, version: int | str, run_id: str, test_metrics: dict,
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, CANDIDATE, str(version))
+
+
+def _recipe_of(client, version) -> str | None:
+    """The recipe a version serves: its tag, or its logged model's (a publish stopped before tagging the version)."""
+    if version.tags.get(RECIPE_TAG):
+        return version.tags[RECIPE_TAG]
+    try:
+        return client.get_logged_model(version.model_id).tags.get(RECIPE_TAG)
+    except Exception:  # a version without a logged model (registered by hand from a path)
+        return None
+
+
+def versions_serving(name: str, run_id: str, recipe: str) -> list[int]:
+    """The versions of ``name`` registered from the run ``run_id`` that serve ``recipe`` (published before)."""
+    client = store.mlflow().MlflowClient()
+    return [int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+            if _recipe_of(client, v) == recipe]
+
+
+def tag_recipe(name: str, version: int | str, recipe: str) -> None:
+    """Tag version ``version`` of ``name`` with the recipe it serves (:data:`RECIPE_TAG`)."""
+    store.mlflow().MlflowClient().set_model_version_tag(name, str(version), RECIPE_TAG, recipe)
 
 
 @dataclass

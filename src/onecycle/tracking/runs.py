@@ -122,6 +122,14 @@ def run_exists(run_id: str | None) -> bool:
         return False
 
 
+def run_status(run_id: str) -> str | None:
+    """The status of ``run_id`` in the current store (``FINISHED``, ``FAILED``...), or None if it cannot be read."""
+    try:
+        return mlflow().MlflowClient().get_run(run_id).info.status
+    except Exception:  # not in this store (another store's run), or the store refused to answer
+        return None
+
+
 def lr_report_provenance(report: Path, run_id: str | None) -> dict[str, str]:
     """Where a training's LR report came from, as tags that resolve: its LR finder run when that run is in this
     store; otherwise the git commit the report was committed in (as when a fresh clone reuses the repo's)."""
