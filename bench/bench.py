@@ -84,9 +84,9 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     import mlflow
 
     from onecycle.core.paths import Workspace
-    from onecycle.stages.train import stage_hooks
     from onecycle.tracking.runs import RunLogger
     from onecycle.tracking.store import configure
+    from onecycle.tracking.training_run import checkpointing_hooks
     from onecycle.training.engine import build_setup
     from onecycle.training.loop import fit
 
@@ -97,7 +97,7 @@ def bench_trainer(params, workdir: Path) -> tuple[float, float, int]:
     configure("bench")
     with mlflow.start_run() as run:
         t = time.perf_counter()
-        hooks = stage_hooks(Workspace(workdir), "bench", run.info.run_id, RunLogger(run.info.run_id), resumed=False)
+        hooks = checkpointing_hooks(Workspace(workdir), "bench", run.info.run_id, RunLogger(run.info.run_id), resumed=False)
         fit(setup, 0.1, train=p.train, schedule=p.schedule, optimizer=p.optimizer, hooks=hooks, progress=False)
         secs = time.perf_counter() - t
     return images / secs, secs, images

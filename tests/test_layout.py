@@ -173,12 +173,15 @@ def test_no_module_re_exports_a_helper_for_compatibility():
 
 def test_modules_below_the_stages_receive_params_sections_not_the_whole_params():
     """A stage loads params.yaml and hands each function the typed sections (or values) it reads; only the tuning
-    package, whose search space spans every section, and the config module itself see the whole ``Params``."""
+    package, whose search space spans every section, the tracked fit, which logs and hashes every section, and the
+    config module itself see the whole ``Params``."""
     # MLflow's own inference ``params`` (a dict) in the served model's predict signature
     mlflow_inference = {("serving/pyfunc_model.py", "predict"), ("serving/classifier.py", "__call__")}
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
         if layer(rel.removesuffix(".py").replace("/", ".")) not in ("core", "data", "training", "tracking", "serving"):
+            continue
+        if rel == "tracking/training_run.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (rel, node.name) not in mlflow_inference:

@@ -21,6 +21,7 @@ from onecycle.config import ScheduleConfig, load_params, parse_params
 from onecycle.core.errors import ConfigError
 from onecycle.stages import tune as tune_mod
 from onecycle.tuning import space as space_mod
+from onecycle.tuning.studies import pruner_cannot_prune
 from tiny import tiny_params, write_fetched
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -330,7 +331,7 @@ def test_the_optuna_cli_reads_the_default_journal_and_each_trial_names_its_dvc_e
     assert study.metric_names == ["val/top1"]
     # a pruner that cannot prune 1-epoch trials is said once, plainly
     assert [r.getMessage() for r in caplog.records].count(
-        tune_mod.pruner_cannot_prune(params, space_mod.search_space(params))) == 1
+        pruner_cannot_prune(params, space_mod.search_space(params))) == 1
     assert "median cannot stop any trial" in caplog.text
 
     journal = "reports/tune/study.journal"
@@ -369,14 +370,14 @@ def test_the_optuna_cli_reads_the_default_journal_and_each_trial_names_its_dvc_e
 def test_a_pruner_that_cannot_prune_is_named_and_one_that_can_is_not():
     two = parse_params({"schedule": {"max_lr": 0.1}})  # tune.epochs 2, pct_start searched up to 0.5
     space = space_mod.search_space(two)
-    assert "median cannot stop any trial" in tune_mod.pruner_cannot_prune(two, space)
-    assert "tune.epochs >= 3" in tune_mod.pruner_cannot_prune(two, space)
+    assert "median cannot stop any trial" in pruner_cannot_prune(two, space)
+    assert "tune.epochs >= 3" in pruner_cannot_prune(two, space)
     four = parse_params({"schedule": {"max_lr": 0.1}, "tune": {"epochs": 4}})
-    assert tune_mod.pruner_cannot_prune(four, space_mod.search_space(four)) is None
-    assert tune_mod.pruner_cannot_prune(two.replace(tune={"pruner": "none"}), space) is None
-    assert tune_mod.pruner_cannot_prune(two.replace(tune={"pruner": "hyperband"}), space) is None
+    assert pruner_cannot_prune(four, space_mod.search_space(four)) is None
+    assert pruner_cannot_prune(two.replace(tune={"pruner": "none"}), space) is None
+    assert pruner_cannot_prune(two.replace(tune={"pruner": "hyperband"}), space) is None
     one = parse_params({"schedule": {"max_lr": 0.1}, "tune": {"epochs": 1, "pruner": "hyperband"}})
-    assert "hyperband cannot stop any trial" in tune_mod.pruner_cannot_prune(one, space_mod.search_space(one))
+    assert "hyperband cannot stop any trial" in pruner_cannot_prune(one, space_mod.search_space(one))
 
 
 @pytest.mark.slow
