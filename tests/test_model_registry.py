@@ -78,7 +78,6 @@ def test_config_refuses_what_is_not_an_import_path(name):
 
 
 @pytest.mark.parametrize(("options", "line"), [
-    ({"width": 0.25}, "model.width must be 1 for mymodels.net:build (only resnet9 scales its width), got 0.25"),
     ({"stem": "imagenet"}, "model.stem must be cifar for mymodels.net:build (it is built as "
                            "factory(num_classes, in_channels)), got 'imagenet'"),
     ({"zero_init_residual": True}, "model.zero_init_residual must be false for mymodels.net:build (it is built as "
@@ -88,8 +87,9 @@ def test_a_user_factory_refuses_the_resnet_options_it_does_not_take(options, lin
     with pytest.raises(ConfigError) as err:
         parse_params({"model": {"name": "mymodels.net:build", **options}})
     assert str(err.value) == line
-    model = parse_params({"model": {"name": "mymodels.net:build", "whiten": True, "width": 1}}).model
-    assert model.whiten is False  # params.yaml's whiten: true does not stop a user's model, and is logged as false
+    model = parse_params({"model": {"name": "mymodels.net:build", "whiten": True, "width": 0.25}}).model
+    # params.yaml's resnet9 options (whiten: true, width: 0.25) do not stop a user's model, and are logged as used
+    assert model.whiten is False and model.width == 1.0
 
 
 def test_params_load_without_torch():

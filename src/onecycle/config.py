@@ -115,8 +115,11 @@ class ModelConfig(_Section):
             # only resnet9's cifar prep conv has a whitening form: params.yaml's `whiten: true` must not stop
             # `-S model.name=resnet50`, and the logged params say what was trained
             object.__setattr__(self, "whiten", False)
-        if model_registry.WIDTH not in takes and "width" not in self.model_fields_set:
-            object.__setattr__(self, "width", 1.0)  # the default width is resnet9's; the others are full width
+        if model_registry.WIDTH not in takes and ("width" not in self.model_fields_set
+                                                  or model_registry.is_import_path(self.name)):
+            # the default width is resnet9's; the built-ins are full width, and a user's factory builds its own
+            # (it takes num_classes and in_channels only): params.yaml's resnet9 width must not stop it
+            object.__setattr__(self, "width", 1.0)
         if model_registry.WIDTH not in takes and self.width != 1.0:
             scaled = [n for n, kind in model_registry.MODELS.items() if model_registry.WIDTH in kind.options]
             raise ValueError(f"model.width must be 1 for {self.name} (only {', '.join(scaled)} scales its width), "
