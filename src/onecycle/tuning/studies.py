@@ -237,25 +237,10 @@ def fail_dead_trials(study) -> list[tuple[Any, str]]:
     return failed
 
 
-class StopOnSignal:
-    """A tune worker's stop request (see :func:`sigterm_interrupts`): ``fit``'s ``should_stop``, and :meth:`check`
-    at the points between a trial's steps where stopping cuts nothing in half."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM and Ctrl-C stop the worker as KeyboardInterrupt, so a stopped worker leaves nothing RUNNING; yields the
-    :class:`StopOnSignal` that the trials poll.
+    :class:`~onecycle.training.loop.StopSignals` that the trials poll.
 
     The first signal only requests the stop; the trial honours it at its next safe point (before it starts, before
     it trains, between two optimizer steps, after the study), so no MLflow write into an SQLite store is cut in half:
@@ -264,22 +249,11 @@ def sigterm_interrupts():
     killed by SIGTERM's default action instead, the trial would stay RUNNING in a journal file (which has no
     heartbeat) and its runs open, until the next worker on this machine found it (:func:`fail_dead_trials`).
     """
-    import signal
+    from onecycle.training.loop import StopSignals
 
-    stop = StopOnSignal()
-
-    def interrupt(_signum, _frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with StopSignals(then="the study stops at the trial's next safe point") as stop:
         yield stop
         stop.check()  # a signal during the last trial's bookkeeping still ends the worker as interrupted
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def build_sampler(params, seed: int):
