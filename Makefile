@@ -13,7 +13,7 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 endif
 
-.PHONY: setup system vega test test-fast repro ui demo tune bench lint lock clean
+.PHONY: setup system vega test test-fast repro ui demo tune bench lint lock clean dvc-deps
 
 setup: $(VENV)/.installed system vega  ## .venv with the pinned requirements and the package (all its extras); Debian's Fashion-MNIST and PostgreSQL; Vega for offline DVC plots
 
@@ -91,7 +91,10 @@ bench:  ## the trainer vs a bare loop, lr_find, evaluate; then each stage's star
 	$(PY) bench/startup.py
 
 lint:
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
+
+dvc-deps:  ## rewrite each DVC stage's src/ deps in dvc.yaml to the modules it runs (after changing a stage's imports)
+	$(PY) tools/dvc_deps.py
 
 # Re-pin requirements.txt (runtime with every extra: demo, postgres, s3; every platform: Linux with or without CUDA, macOS,
 # Windows; Python 3.11-3.13) and requirements-dev.txt (test and lint tools) from pyproject.toml. Keeps the current pins where they still

@@ -7,7 +7,7 @@ Prints images/s for:
   (e) pipeline  the epoch as `dvc repro` runs it: `onecycle train` itself (the MLflow run with its system
                 metrics and per-step logging, checkpoints, reports), timed by the epoch's own record
                 (history.csv's epoch_seconds: training + validation, as the trainer row);
-  (c) lr_find   the LR range test (issue 3 asks lr_find / plain steps < 1.1);
+  (c) lr_find   the LR range test (goal: lr_find / plain steps < 1.1);
   (d) evaluate  test-split inference as the evaluate stage runs it;
 and the machine's fp32 matmul GFLOP/s, the achieved training GFLOP/s and the ratios. Figures only, no
 assertions. Run from the repo root after `onecycle fetch`; `--steps` trades time for precision.

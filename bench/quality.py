@@ -43,7 +43,7 @@ LEVERS = {
     "whiten_short_sweep": {"model": {"whiten": True}, "schedule": {"max_lr": 0.2212}},
     "plain_prep": {"model": {"whiten": False}},  # today's default without the whitening conv
     "batch_128": {"data": {"batch_size": 128}, "max_lr_scale": 0.5},  # twice the steps; max_lr scaled linearly
-    # The CPU quality recipe (issue #25: 94% within 10 minutes), candidates chosen on validation:
+    # The CPU quality recipe (goal: 94% within 10 minutes), candidates chosen on validation:
     "epochs_16": {"train": {"epochs": 16}},
     # Precision (README: the precision table): fp32, and bf16 autocast forced on the CPU (auto's choice with AMX)
     "fp32": {"train": {"amp": False}},

@@ -1,4 +1,4 @@
-"""The serving environment's size and `onecycle predict`'s start-up: what issue 27 measured before/after.
+"""The serving environment's size and `onecycle predict`'s start-up, with and without the training stack.
 
 * Install size: the served model's pip requirements (``serving.publish.served_requirements``) and everything
   they pull in, summed from the installed distributions' file lists in this environment (nothing is

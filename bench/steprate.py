@@ -1,6 +1,6 @@
 """Optimizer steps per second with per-step bookkeeping (before) vs StepGuard checks every N steps (after).
 
-Before = what the loop did until #17: after every optimizer step a device-to-host read of the loss
+Before = per-step bookkeeping: after every optimizer step a device-to-host read of the loss
 (NaN/inf check) and two all-reduces (the NaN flag, the stop flag). After = ``loop.StepGuard``: the loss
 checked on the device each step, one read and one all-reduce every ``--check-every`` steps. Same model,
 same batches, same run: the ratio is what the change buys. Single process::

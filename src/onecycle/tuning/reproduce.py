@@ -61,7 +61,7 @@ def fixed_params(trial_flat: dict[str, Any], varied: set[str]) -> dict[str, Any]
 
 def check_fixed(study, fixed: dict[str, Any], force: bool = False) -> None:
     """Record ``fixed`` in a new study; refuse (one line naming the keys) to join one whose fixed params differ,
-    unless ``force``. A study from before this record gets it from the first worker that checks."""
+    unless ``force``. A study without the record gets it from the first worker that checks."""
     recorded = study.user_attrs.get(FIXED_ATTR)
     if recorded is None:
         study.set_user_attr(FIXED_ATTR, fixed)

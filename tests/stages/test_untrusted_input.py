@@ -1,4 +1,4 @@
-"""Issue #28's trust findings: secrets in odd URLs, tampered or inconsistent data, a stale LR report, 16-bit
+"""Untrusted input: secrets in odd URLs, tampered or inconsistent data, a stale LR report, 16-bit
 images and params files that say nothing."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import pytest
 import tiny
 from conftest import make_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 HOOK = textwrap.dedent('''

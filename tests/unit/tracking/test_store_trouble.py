@@ -1,4 +1,4 @@
-"""Issue #28: the tracking store interrupted, busy, down or broken, a full disk, and tune workers killed."""
+"""The tracking store interrupted, busy, down or broken, a full disk, and tune workers killed."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INTENDED = {"LR range test", "Loss", "Top-1 accuracy", "Learning rate", "Momentum", "reports/predictions.csv",
             "reports/lr_find.png", "reports/confusion_matrix.png", "reports/misclassified.png"}

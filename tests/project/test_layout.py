@@ -4,76 +4,23 @@ params.yaml and the code's defaults agree, no module grows past ~500 lines, ever
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "src" / "onecycle"
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from dvc_deps import DVC_STAGES, PKG, all_modules, closure, imported_modules  # noqa: E402
+
 STAGES = ("fetch", "lr_find", "train", "evaluate", "publish", "predict", "promote", "tune", "demo")
-DVC_STAGES = ("fetch", "lr_find", "train", "evaluate", "publish")
 # The layers, bottom to top: a module may import its own package and the layers below it, never one above.
 LAYERS = ("core", "data", "config", "training", "tracking", "serving", "tuning", "stages", "cli")
 # The registries of swappable parts: config takes its allowed values from them, so they sit beside their users but
 # import nothing of onecycle beyond core (see test_the_registries_import_only_core).
 REGISTRIES = {m.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
               for m in PKG.rglob("*.py") if "onecycle.core.registry import Registry" in m.read_text()}
-
-
-def all_modules() -> list[str]:
-    """Every module of the package, dotted below ``onecycle`` (``training.loop``, ``data.__init__``, ``cli``)."""
-    return sorted(p.relative_to(PKG).with_suffix("").as_posix().replace("/", ".") for p in PKG.rglob("*.py"))
-
-
-def module_file(name: str) -> Path:
-    return PKG / f"{name.replace('.', '/')}.py"
-
-
-def _resolve(dotted: str) -> str | None:
-    """A dotted name below onecycle (``training.loop``, ``data``) as a module of the package, if it is one."""
-    if module_file(dotted).is_file():
-        return dotted
-    if (PKG / dotted.replace(".", "/") / "__init__.py").is_file():
-        return f"{dotted}.__init__"
-    return None
-
-
-def imported_modules(name: str) -> set[str]:
-    """The onecycle modules ``name`` imports directly, at module level or inside functions, or names as a file."""
-    path = module_file(name)
-    tree = ast.parse(path.read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "onecycle":
-            base = node.module.split(".", 1)[1] if "." in node.module else ""
-            if base:
-                found.add(base)
-            for alias in node.names:  # from onecycle.training import loop: a module
-                found.add(f"{base}.{alias.name}" if base else alias.name)
-        elif isinstance(node, ast.ImportFrom) and node.level:
-            raise AssertionError(f"{name}: relative import; onecycle imports absolutely")
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("onecycle."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            found.add(str(path.parent.relative_to(PKG) / node.value[:-3]).replace("/", "."))  # a file run by name
-    modules = {m for m in map(_resolve, found) if m}
-    # importing a.b.c runs the __init__ of every package on the way
-    for m in list(modules):
-        parts = m.split(".")
-        modules.update(".".join([*parts[:i], "__init__"]) for i in range(1, len(parts)) if parts[i - 1] != "__init__")
-    return {m for m in modules if module_file(m).is_file()} - {name}
-
-
-def closure(name: str) -> set[str]:
-    """Every onecycle module that running ``name`` can import (the package's __init__ and cli included)."""
-    seen, todo = set(), [name, "cli", "__init__"]
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo.extend(imported_modules(mod))
-    return seen
 
 
 def layer(module: str) -> str:
@@ -117,7 +64,16 @@ def test_dvc_yaml_deps_are_exactly_the_modules_the_stage_runs(stage):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     listed = {d for d in dvc["deps"] if d.startswith("src/")}
     expected = {f"src/onecycle/{m.replace('.', '/')}.py" for m in closure(f"stages.{stage}")}
-    assert listed == expected, f"dvc.yaml stages.{stage}.deps should list: {sorted(expected)}"
+    assert listed == expected, f"dvc.yaml stages.{stage}.deps should list: {sorted(expected)} (run make dvc-deps)"
+
+
+def test_make_dvc_deps_leaves_the_committed_dvc_yaml_as_it_is(tmp_path):
+    from dvc_deps import write_dvc_deps
+
+    copy = tmp_path / "dvc.yaml"
+    copy.write_text((ROOT / "dvc.yaml").read_text())
+    write_dvc_deps(copy)
+    assert copy.read_text() == (ROOT / "dvc.yaml").read_text(), "dvc.yaml's src/ deps are stale: run make dvc-deps"
 
 
 def test_the_import_walk_sees_lazy_imports_and_package_inits():
@@ -200,36 +156,3 @@ def test_no_dataset_is_branched_on_by_name_outside_its_record():
                 consts += [e.value for c in node.comparators if isinstance(c, ast.Tuple | ast.List | ast.Set)
                            for e in c.elts if isinstance(e, ast.Constant)]
                 assert not set(consts) & set(names), f"{rel}:{node.lineno} compares with a dataset name"
-
-
-def write_dvc_deps(path: Path = ROOT / "dvc.yaml") -> None:
-    """Rewrite each DVC stage's ``src/`` deps in dvc.yaml to the modules it runs (keeps everything else)."""
-    out, stage, other, indent = [], None, None, ""
-
-    def flush() -> None:
-        out.extend(other)
-        if stage in DVC_STAGES:
-            out.extend(f"{indent}- src/onecycle/{m.replace('.', '/')}.py\n"
-                       for m in sorted(closure(f"stages.{stage}"), key=lambda m: m.replace(".", "/")))
-
-    for line in path.read_text().splitlines(keepends=True):
-        stripped = line.strip()
-        if other is not None:
-            if stripped.startswith("- "):
-                if not stripped.startswith("- src/"):
-                    other.append(line)
-                continue
-            flush()
-            other = None
-        if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
-            stage = stripped[:-1]
-        out.append(line)
-        if stripped == "deps:":
-            other, indent = [], line[: len(line) - len(line.lstrip())] + "  "
-    if other is not None:
-        flush()
-    path.write_text("".join(out))
-
-
-if __name__ == "__main__":  # python tests/test_layout.py: update dvc.yaml after changing a stage's imports
-    write_dvc_deps()

@@ -278,7 +278,7 @@ def test_what_changes_the_sweep_is_a_dvc_param_of_lr_find_and_recorded_in_the_re
     from onecycle.core.errors import OneCycleError
     from onecycle.training.lr_report import check_measured_on, measured_on
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     stage_params = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["lr_find"]["params"]
     # the range test clips gradients as train does (run_range_test), and train.seed sets the initial weights and
     # the sweep's data order (bench/lr_spread.py: seed 1 moved steepest from 0.22 to 0.30)

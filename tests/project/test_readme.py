@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_code_blocks_and_tables_fit_160_columns():

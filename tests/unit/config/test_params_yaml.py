@@ -18,7 +18,7 @@ import pytest
 from onecycle.config import load_params, read_yaml
 from onecycle.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
 PROBE = """\

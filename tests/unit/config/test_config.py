@@ -12,7 +12,7 @@ from conftest import PYTHON, _write_params, defaults
 from onecycle.config import Params, load_params, parse_params
 from onecycle.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_defaults_load_with_the_documented_values():

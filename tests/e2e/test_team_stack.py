@@ -32,7 +32,7 @@ import yaml
 from conftest import free_port, fresh_database
 from tiny import tiny_params, write_fetched
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # made at run time, so that no file (this one included) holds them and a leak anywhere is a leak
 S3_KEY, S3_SECRET = "AKIATEAMSTACK0000001", f"s3-{secrets.token_hex(12)}"

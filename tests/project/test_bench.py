@@ -14,7 +14,7 @@ import yaml
 
 from tiny import write_fetched
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DEV_TOOLS = {"pytest", "pytest-timeout", "ruff", "uv"}
 CUDA_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")
@@ -95,7 +95,7 @@ def test_the_pins_satisfy_pyproject_toml():
     assert {name: runtime[name] for name in both} == {name: dev[name] for name in both}
 
 
-def test_the_pins_the_issue_names():
+def test_torch_and_torchvision_are_pinned_to_the_disk_served_builds():
     runtime = pins(RUNTIME)
     assert runtime["torch"] == {"2.14.1"} and runtime["torchvision"] == {"0.29.1"}
     assert runtime["psycopg"] == runtime["psycopg-binary"] == {"3.3.9"}

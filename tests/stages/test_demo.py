@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from test_offline import Offline
 
 import tiny
-from test_offline import Offline
 
 pytestmark = pytest.mark.slow  # each server takes 10-20 s to start on 2 cores
 

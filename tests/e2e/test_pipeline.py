@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
@@ -537,6 +537,46 @@ def test_dvc_plots_show_the_per_step_schedule_and_a_log_x_lr_range_test(repo, tm
     run([BIN / "dvc", "plots", "show", "-o", str(out)], cwd=clone)
     html = (out / "index.html").read_text()
     assert '"type": "log"' in html and "suggested_lr" in html and "optimizer step" in html
+
+
+FACTORY = """from torch import nn
+
+
+def build(num_classes, in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+"""
+
+
+def test_dvc_exp_run_trains_every_schedule_policy_and_a_model_factory(repo):
+    """Runs last on the shared clone: it leaves the workspace at its own experiments."""
+    from onecycle.training.policies import POLICIES
+
+    clone = repo["path"]
+    steps = 2 * (2048 // 128)  # tiny_pipeline_params: 2 epochs of train_subset 2048 in batches of 128
+    for policy in POLICIES:
+        run([BIN / "dvc", "exp", "run", "-S", f"schedule.policy={policy}", "-S", "schedule.max_lr=0.1"], cwd=clone,
+            timeout=900)
+        rows = (clone / "reports/schedule.csv").read_text().splitlines()[1:]
+        lrs = [float(r.split(",")[1]) for r in rows]
+        assert [int(r.split(",")[0]) for r in rows] == list(range(steps)), policy
+        expected = {"one_cycle": (0.004, 7, 4e-7), "cosine": (0.004, 7, 4e-7), "linear": (0.004, 7, 4e-7),
+                    "step": (0.1, 0, 0.001), "constant": (0.1, 0, 0.1)}[policy]  # first LR, peak step, last LR
+        assert (lrs[0], lrs.index(max(lrs)), lrs[-1]) == pytest.approx(expected), policy
+        assert max(lrs) == pytest.approx(0.1), policy
+        assert json.loads((clone / "reports/metrics.json").read_text())["test"]["n"] == 10000
+    (clone / "mymodels").mkdir()
+    (clone / "mymodels/__init__.py").write_text("")
+    (clone / "mymodels/tiny.py").write_text(FACTORY)
+    run([BIN / "dvc", "exp", "run", "-S", "model.name=mymodels.tiny:build", "-S", "schedule.policy=one_cycle",
+         "-S", "schedule.max_lr=auto"], cwd=clone, timeout=900)
+    trained = json.loads((clone / "reports/train.json").read_text())
+    assert trained["epochs"] == 2 and trained["best_val_top1"] > 0.3  # learns (10 classes: chance is 0.1)
+    assert json.loads((clone / "reports/publish.json").read_text())["version"] >= 2
+    from onecycle.training import checkpoint as ckpt
+
+    assert ckpt.load(clone / "models/model.pt")["model"]["name"] == "mymodels.tiny:build"
+    assert "test" in json.loads((clone / "reports/metrics.json").read_text())
 
 
 def test_dvc_repro_re_indexes_an_image_folder_when_images_are_added_and_a_moved_clone_finds_it(tmp_path):

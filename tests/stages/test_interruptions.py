@@ -227,7 +227,7 @@ def test_an_unreachable_tracking_store_does_not_lose_epochs(tmp_path, monkeypatc
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(24))
 
 
-# --- issue #14: the edges of a run (finalization, short schedules, resume identity, locks, MLflow trouble) ---
+# --- the edges of a run (finalization, short schedules, resume identity, locks, MLflow trouble) ---
 
 def _tiny_train(tmp_path, monkeypatch, epochs: int = 2, **sections):
     from onecycle.config import load_params
