@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from onecycle.core import values
 from onecycle.core.errors import ConfigError
 from onecycle.data import catalog
 from onecycle.training import model_registry
@@ -26,7 +27,13 @@ from onecycle.training.suggest import SUGGESTERS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+    # allow_inf_nan=False: every float key is finite; every int key fits what torch and NumPy take (core.values)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _usable_ints(cls, v: Any, info: ValidationInfo) -> Any:
+        return values.check_int(v, cls.model_fields[info.field_name].metadata)
 
 
 class DataConfig(_Section):
@@ -40,7 +47,7 @@ class DataConfig(_Section):
     train_subset: int | None = Field(None, gt=0)
     batch_size: int = Field(256, gt=0)
     # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, see README).
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)  # each one a process
     # Hold an array dataset on the training device as uint8 and augment whole batches there (no DataLoader).
     on_device: bool = False
     # Folder that fetch writes data/<dataset>/ under.
@@ -141,6 +148,9 @@ class OptimizerConfig(_Section):
     no_decay_norm_bias: bool = True
     # Adam/AdamW only: (beta1, beta2). With cycle_momentum, beta1 follows the momentum cycle.
     betas: tuple[float, float] = (0.9, 0.999)
+    # muon only: the Muon parameters (conv and hidden linear weights) step at this x the schedule's LR; the rest
+    # (norms, biases, the classifier head) at the schedule's LR itself.
+    muon_lr_ratio: float = Field(1.0, gt=0)
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -176,6 +186,8 @@ class LRFindConfig(_Section):
             raise ValueError(f"lr_find.step_mult only applies when lr_find.mode is exp (got {self.mode}); set it to null")
         if self.step_mult is None and self.start_lr >= self.end_lr:
             raise ValueError(f"lr_find.start_lr: must be below lr_find.end_lr ({self.end_lr:g}), got {self.start_lr:g}")
+        if self.step_mult is not None and (why := values.sweep_end_problem(self.start_lr, self.step_mult, self.num_iter)):
+            raise ValueError(why)
         return self
 
     @property
@@ -225,7 +237,7 @@ class ScheduleConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=values.SEED_MAX)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Precision: auto = what fits the machine (bf16 on a CPU with AMX or AVX512-BF16, bf16 or else fp16 + GradScaler on
     # CUDA, fp32 elsewhere: other CPUs, where autocast is slower than fp32, and MPS); false = fp32; fp16, bf16 (true = fp16)
@@ -245,9 +257,9 @@ class TrainConfig(_Section):
     # Deterministic algorithms (bit-reproducible on CPU; slower on GPU).
     deterministic: bool = False
     # torch intra-op threads; 0 = one per physical core torch detects.
-    threads: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, le=1024)
     # Processes to train with (DDP). >1 re-launches `onecycle train` under torchrun on this machine.
-    nproc_per_node: int = Field(1, gt=0)
+    nproc_per_node: int = Field(1, gt=0, le=256)
     # Under DDP: synchronize BatchNorm statistics across processes.
     sync_bn: bool = False
     # Optimizer steps between NaN/inf and stop-request checks (each is one device sync + one all-reduce).
@@ -276,6 +288,11 @@ class MLflowConfig(_Section):
     # MLflow system metrics (CPU, memory, GPU via nvidia-ml-py) for training runs.
     system_metrics: bool = True
 
+    @field_validator("experiment", "registered_model", mode="before")
+    @classmethod
+    def _names_mlflow_takes(cls, v: Any, info: ValidationInfo) -> Any:
+        return values.checked_name(v, f"mlflow.{info.field_name}")
+
 
 class EvaluateConfig(_Section):
     # Test-time augmentation: average the class probabilities of each image and its horizontal flip.
@@ -290,10 +307,43 @@ class TuneConfig(_Section):
     study_name: str = Field("onecycle", min_length=1)
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
-    metric: str = "val/top1"
-    direction: Literal["maximize", "minimize"] = "maximize"
-    seed: int = 0
+    # What a trial scores: a per-epoch metric (val/top1, val/loss ...; its best epoch) or a trial's cost
+    # (train/seconds, train/epochs, train/images), or a list of them: a multi-objective study (Pareto front).
+    metric: str | list[str] = "val/top1"
+    # One direction per metric (a list when metric is a list).
+    direction: Literal["maximize", "minimize"] | list[Literal["maximize", "minimize"]] = "maximize"
+    seed: int = Field(0, ge=0, le=values.SEED_MAX)
     space: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("study_name", "storage", mode="before")
+    @classmethod
+    def _strings_optuna_takes(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "storage" and isinstance(v, str) and (why := values.storage_problem(v)):
+            raise ValueError(f"tune.storage {why}")
+        return values.checked_name(v, "tune.study_name") if info.field_name == "study_name" else v
+
+    @model_validator(mode="after")
+    def _one_direction_per_metric(self) -> TuneConfig:
+        if isinstance(self.metric, list):
+            if not self.metric:
+                raise ValueError("tune.metric must name one metric or a list of them, got []")
+            twice = [m for i, m in enumerate(self.metric) if m in self.metric[:i]]
+            if twice:
+                raise ValueError(f"tune.metric names {twice[0]} twice")
+        if len(self.metrics) != len(self.directions):
+            raise ValueError(f"tune.direction must give one direction per tune.metric ({len(self.metrics)}: "
+                             f"{', '.join(self.metrics)}), got {len(self.directions)}")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        """``metric`` as a list (one entry per objective)."""
+        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def directions(self) -> list[str]:
+        """``direction`` as a list (one entry per objective)."""
+        return list(self.direction) if isinstance(self.direction, list) else [self.direction]
 
 
 class Params(_Section):
@@ -451,6 +501,9 @@ def parse_params(raw: Any) -> Params:
         for key, v in (value.items() if isinstance(value, dict) else ()):
             if isinstance(v, bool) and key in fields and _takes_numbers_not_bools(fields[key].annotation):
                 raise ConfigError(f"{section}.{key} must be a number, got {str(v).lower()}")
+            typed = key in fields and _takes_numbers_not_bools(fields[key].annotation)  # its bounds say more
+            if key in fields and not typed and (problem := values.number_problem(v, f"{section}.{key}")):
+                raise ConfigError(problem)  # a number in a list or mapping (augment.*, tune.space): finite, a C int
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -2,6 +2,11 @@
 starting LR and the ``optimizer`` section, registered in :data:`OPTIMIZERS`, whose names are the values the config
 accepts. Each entry also says which of its settings the schedule cycles as momentum (SGD's momentum, Adam's beta1).
 
+``muon`` (:mod:`onecycle.training.muon`) is one optimizer with two kinds of group: Muon for the conv and hidden
+linear weights at ``optimizer.muon_lr_ratio`` x the schedule's LR, SGD for the rest at the schedule's LR. The
+schedule sets one LR and one momentum for every group (the ratio applies inside the step), so the LR range test
+sweeps both kinds together and its suggestion is the SGD groups' peak LR, with the Muon groups at the ratio x it.
+
 Adding an optimizer is one function here, decorated with ``@optimizer("name")``, and its test. torch is imported
 inside the builders, so params load without it.
 """
@@ -68,3 +73,14 @@ def adamw(groups: list[dict], lr: float, cfg):
     import torch
 
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+
+
+@optimizer("muon", momentum=_sgd_momentum)
+def muon(groups: list[dict], lr: float, cfg):
+    """Muon (``torch.optim.Muon``'s update, conv filters flattened to matrices) for the weights of 2 dimensions or
+    more but the classifier head, at ``muon_lr_ratio`` x lr; SGD (Nesterov's when ``nesterov``) for the rest; both
+    with ``momentum``."""
+    from onecycle.training.muon import MuonSGD, muon_param_groups
+
+    return MuonSGD(muon_param_groups(groups, cfg.muon_lr_ratio), lr=lr, momentum=cfg.momentum,
+                   nesterov=cfg.nesterov and cfg.momentum > 0)
