@@ -41,9 +41,11 @@ from onecycle.tuning.studies import (
     open_storage,
     open_study,
     pruner_cannot_prune,
+    repair_journal,
     running_elsewhere,
     sigterm_interrupts,
     storage_url,
+    study_deleted_is_one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ def _add_args(parser) -> None:
                         help="write the best trial's values into the params file (only those keys; comments kept)")
     parser.add_argument("--force", action="store_true",
                         help="join the study even if it holds other params fixed (its trials become incomparable)")
+    parser.add_argument("--repair-journal", action="store_true",
+                        help="mend a damaged journal file (a worker killed mid-write): keep every complete record and "
+                             "a copy of the file beside it, then exit")
 
 
 def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | None = None,
@@ -151,8 +156,12 @@ def _repo_params(ws: Workspace) -> dict[str, Any] | None:
 
 def main(argv=None) -> int:
     def body(params, args) -> int:
-        return run(params, Workspace(), n_trials=args.n_trials, timeout=args.timeout, threads=args.threads,
-                   apply_to=Path(args.params) if args.apply else None, force=args.force)
+        if args.repair_journal:
+            print(f"tune: {repair_journal(params, Workspace().journal)}")
+            return 0
+        with study_deleted_is_one_line(params, Workspace().journal):
+            return run(params, Workspace(), n_trials=args.n_trials, timeout=args.timeout, threads=args.threads,
+                       apply_to=Path(args.params) if args.apply else None, force=args.force)
 
     return run_command("tune", __doc__.splitlines()[0], argv, body, add_args=_add_args)
 

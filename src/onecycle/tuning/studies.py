@@ -22,7 +22,9 @@ from typing import Any
 
 from onecycle.core.errors import ConfigError
 from onecycle.core.redact import redact
+from onecycle.core.values import storage_problem
 from onecycle.training.schedule import peak_fraction
+from onecycle.tuning import journal
 from onecycle.tuning.space import Dimension
 
 # Study user attrs.
@@ -59,19 +61,17 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
     A storage that cannot be opened raises ConfigError naming ``key`` (a password in the URL is masked).
     """
     import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     # optuna sets its logger to INFO when first imported: the tune stage prints each trial itself, in one line
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
+    if url is not None and (why := storage_problem(url)):  # empty, in memory: $OPTUNA_STORAGE too
+        raise ConfigError(f"{key} {why}")
     if url is None or "://" not in url:
         path = default_journal if url is None else Path(url).expanduser()
+        journal.check_file(path, key)  # a device, a folder, another file's content, a damaged journal: one line
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # The open(O_EXCL) lock: works on Linux, macOS and Windows (the symlink lock needs a privilege there)
-            # and on NFSv3+; it shares the lock file with optuna-dashboard's.
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-            return optuna.storages.JournalStorage(backend), str(path)
+            return optuna.storages.JournalStorage(journal.open_backend(path)), str(path)
         except Exception as exc:
             reason = " ".join(str(exc).split())
             raise ConfigError(f"{key}: cannot open the journal file {path}: {reason}") from None
@@ -96,6 +96,36 @@ def open_storage(url: str | None, default_journal: Path, key: str = "tune.storag
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"{key}: cannot open {mask(url)}: {reason}") from None
     return storage, mask(url)
+
+
+def repair_journal(params, default_journal: Path) -> str:
+    """``onecycle tune --repair-journal``: mend the study's journal file (:func:`onecycle.tuning.journal.repair`)."""
+    url, source = storage_url(params)
+    if url is not None and "://" in url:
+        raise ConfigError(f"--repair-journal mends a journal file, but {source} is {mask(url)}")
+    path = default_journal if url is None else Path(url).expanduser()
+    journal.check_file(path, source, damaged_ok=True)
+    return journal.repair(path, source)
+
+
+@contextlib.contextmanager
+def study_deleted_is_one_line(params, default_journal: Path):
+    """Optuna's ``KeyError: 'Record does not exist.'`` when the study was deleted while this worker ran (``optuna
+    delete-study``, the dashboard) becomes one line; any other KeyError passes."""
+    from onecycle.core.errors import OneCycleError
+
+    try:
+        yield
+    except KeyError:
+        url, source = storage_url(params)
+        storage, where = open_storage(url, default_journal, key=source)
+        try:
+            storage.get_study_id_from_name(params.tune.study_name)
+        except KeyError:
+            raise OneCycleError(f"study {params.tune.study_name} was deleted from {where} while this worker ran "
+                                "(optuna delete-study, the dashboard): its trials are gone; run `onecycle tune` "
+                                "again to start it afresh") from None
+        raise
 
 
 # any fixed 64-bit key: all onecycle workers on one PostgreSQL server agree on it
