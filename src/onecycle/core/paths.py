@@ -65,6 +65,11 @@ class Workspace:
         return self.reports / "metrics.json"
 
     @property
+    def evaluated_model_json(self) -> Path:
+        """Which models/model.pt (its digest) and test-time augmentation metrics.json measured (publish checks it)."""
+        return self.reports / "evaluated_model.json"
+
+    @property
     def publish_json(self) -> Path:
         """The registered version the publish stage made of the evaluated model (not a metric: an id)."""
         return self.reports / "publish.json"
@@ -116,6 +121,7 @@ class Workspace:
 STAGE_OUTPUTS = {
     "lr_find": ("lr_find_json", "lr_find_csv", "lr_find_png"),
     "train": ("model", "checkpoints", "train_json", "history_csv", "runs_json", "schedule_csv"),
-    "evaluate": ("metrics_json", "per_class_csv", "predictions_csv", "confusion_png", "misclassified_png"),
+    "evaluate": ("metrics_json", "per_class_csv", "predictions_csv", "confusion_png", "misclassified_png",
+                 "evaluated_model_json"),
     "publish": ("publish_json",),
 }

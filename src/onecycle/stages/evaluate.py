@@ -1,6 +1,7 @@
 """evaluate stage: test-split metrics of ``models/model.pt``, per class, with a confusion matrix and mistakes.
 
 Writes ``reports/metrics.json`` (DVC metrics: the headline numbers only, see :func:`headline_class_metrics`),
+``reports/evaluated_model.json`` (the digest of the model file measured: :mod:`onecycle.core.measured`),
 ``reports/per_class.csv``, ``reports/predictions.csv``
 (actual/predicted pairs, DVC's confusion-matrix plot), ``reports/confusion_matrix.png`` and
 ``reports/misclassified.png``, and logs all of it into the training's MLflow run (``test_*``).
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from onecycle.core.errors import OneCycleError
+from onecycle.core import measured
 from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
 from onecycle.data import catalog
@@ -136,10 +138,15 @@ def run(params, ws: Workspace) -> dict:
 
     configure_threads(params.train.threads)
     device = resolve_device(params.train.device)
+    model_sha256 = measured.file_digest(ws.model) if ws.model.is_file() else None
     model, info = _model_for_the_data(params, ws, device)
+    if measured.file_digest(ws.model) != model_sha256:
+        raise OneCycleError(f"{ws.model} changed while evaluate read it (a training finishing?): run evaluate again")
     run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
     test_ds, out = _score(params, model, info, device)
     metrics, table = _write_reports(params, ws, info, test_ds, out)
+    # last: publish registers models/model.pt only if this record says metrics.json measured that very file
+    measured.record(ws.evaluated_model_json, ws.model, model_sha256, params.evaluate.tta, ws.metrics_json)
     if run_id:
         log_evaluation(run_id, params.data, ws.root, metrics, table,
                        [ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png])

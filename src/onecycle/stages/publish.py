@@ -3,7 +3,8 @@
 Logs ``models/model.pt`` as the image classifier (:mod:`onecycle.serving.publish`) into the training's MLflow run
 (by id: the run's status is left alone), with the test-time augmentation evaluate scored it with
 (``evaluate.tta``), so the served model answers what the registry's test metrics describe; registers it as
-``mlflow.registered_model``, tags the version with evaluate's test results (``reports/metrics.json``), the test
+``mlflow.registered_model``, tags the version with evaluate's test results (``reports/metrics.json``, measured on
+that very file: ``reports/evaluated_model.json`` records its digest, else nothing is registered), the test
 split's digest, the git commit and DVC experiment, and gives it the alias ``@candidate``. Writes
 ``reports/publish.json`` (the version). Its own DVC stage: editing the serving code re-runs this stage only,
 never ``train``. Running it again for the same model and recipe re-tags the version it registered before
@@ -17,6 +18,7 @@ import json
 import logging
 from pathlib import Path
 
+from onecycle.core import measured
 from onecycle.core.errors import OneCycleError
 from onecycle.core.files import atomic_write_text
 from onecycle.core.paths import Workspace
@@ -52,6 +54,7 @@ def run(params, ws: Workspace) -> dict:
         print(f"publish: {why}; nothing registered")
         atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
         return out
+    measured.check(ws.evaluated_model_json, ws.model, tta, ws.metrics_json)  # its score is this file's, or none
     store.configure(params.mlflow.experiment, ws.root)
     status = runs.run_status(run_id)
     if status is None:
