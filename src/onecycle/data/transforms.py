@@ -14,13 +14,15 @@ import difflib
 import functools
 import inspect
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from onecycle.data import catalog
 from onecycle.data.catalog import PadCropFlip, Spec
+
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.cache
@@ -141,9 +143,10 @@ def build_train_transforms(augment, dataset: str, image_size: int, mean: list[fl
     return _compose(spec, "augment.train", mean, std)
 
 
-def build_eval_transforms(augment, dataset: str, mean: list[float], std: list[float]):
-    """The eval pipeline (no randomness): ``augment.eval`` (or the dataset default), then normalization."""
-    spec = augment.eval or catalog.kind(dataset).eval_spec()
+def build_eval_transforms(augment, dataset: str, mean: list[float], std: list[float], image_size: int | None = None):
+    """The eval pipeline (no randomness): ``augment.eval`` (or the dataset default, for an image folder of
+    ``image_size``), then normalization."""
+    spec = augment.eval or catalog.kind(dataset).eval_spec(image_size)
     return _compose(spec, "augment.eval", mean, std)
 
 
@@ -165,6 +168,8 @@ class BatchAugment:
     """
 
     def __init__(self, recipe: PadCropFlip, mean: list[float], std: list[float], train: bool):
+        import torch  # here, not at the top: a served model that runs albumentations needs no torch
+
         self.train = train
         self.pad = recipe.pad
         self.pad_mode = "reflect" if recipe.reflect else "constant"  # reflect = albumentations' BORDER_REFLECT_101
@@ -178,6 +183,8 @@ class BatchAugment:
         Random draws come from ``generator``, on the images' device: on the CPU the same batch and seed give
         the same result bit for bit whether the images came as an array or a tensor.
         """
+        import torch
+
         if not isinstance(images, torch.Tensor):
             images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.permute(0, 3, 1, 2).float()

@@ -2,22 +2,31 @@
 
 Images pass the guard of :mod:`onecycle.data.images` (refused before decoding, one line naming them), are
 converted to the model's channels and size and go through the model's own eval transforms and
-normalization, exactly as in training; the network scores them through
-:func:`onecycle.training.models.tta_logits` with the model's test-time augmentation, as evaluate does, so the
-probabilities served are the ones the registry's test metrics were measured with.
+normalization, exactly as in training, into NumPy arrays; a batch of them is scored by the network with the
+model's test-time augmentation, as evaluate does (:func:`onecycle.training.models.tta_logits`), so the
+probabilities served are the ones the registry's test metrics were measured with. A ``model.onnx``
+(:mod:`onecycle.serving.onnx_model`, the registered model) is that same function exported, run on ONNX Runtime;
+a ``models/model.pt`` runs on torch. Importing this module imports no torch: the ONNX path never does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from onecycle.core.errors import OneCycleError
 from onecycle.data import catalog
 from onecycle.data.images import open_image
+
+if TYPE_CHECKING:
+    import torch
+
+# a batch of preprocessed images (N x C x H x W float32) -> their class probabilities (N x classes)
+Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 def eval_transform(ds, augment_eval: list):
@@ -42,8 +51,8 @@ def eval_transform(ds, augment_eval: list):
     return build_eval_transforms(AugmentConfig(eval=augment_eval), ds.name, ds.mean, ds.std)
 
 
-def preprocess(source: Path | str | bytes, ds, augment_eval: list, transform=None, name: str | None = None) -> torch.Tensor:
-    """One image -> a normalized CHW float tensor the model accepts."""
+def preprocess(source: Path | str | bytes, ds, augment_eval: list, transform=None, name: str | None = None) -> np.ndarray:
+    """One image -> a normalized CHW float32 array the model accepts."""
     from PIL import Image
 
     from onecycle.data.transforms import apply
@@ -57,21 +66,50 @@ def preprocess(source: Path | str | bytes, ds, augment_eval: list, transform=Non
         arr = arr[:, :, None] if arr.ndim == 2 else arr
     if transform is None:
         transform = eval_transform(ds, augment_eval)
-    return torch.from_numpy(apply(transform, arr))
+    return apply(transform, arr)
 
 
 def _module_device(module) -> torch.device:
+    import torch
+
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
-def load_predictor(model_path: Path | None, model_uri: str | None, device: torch.device, root: Path | None = None,
-                   tta: str = "none"):
+def _device(device: torch.device | str) -> torch.device:
+    """A torch device from a torch device or a ``train.device`` name (``auto`` picks one)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    from onecycle.training.engine import resolve_device
+
+    return resolve_device(str(device))
+
+
+def load_model_file(path: Path, device: torch.device | str = "cpu", tta: str = "none") -> tuple[Scorer, SimpleNamespace, list]:
+    """``(scorer, dataset description, eval spec)`` of a model file: a ``.onnx`` export runs on ONNX Runtime (on the
+    CPU, no torch imported), a ``models/model.pt`` on torch on ``device``, with its own ``tta`` if it records one."""
+    if Path(path).suffix == ".onnx":
+        from onecycle.serving.onnx_model import OnnxScorer
+
+        scorer = OnnxScorer(path)
+        return scorer, scorer.ds, scorer.augment_eval
+    from onecycle.serving.modelfile import load_model_bundle
+
+    model, ds, bundle = load_model_bundle(path, _device(device))
+    return torch_scorer(model, bundle.get("tta", tta)), ds, bundle["augment_eval"]
+
+
+def load_predictor(model_path: Path | None, model_uri: str | None, device: torch.device | str,
+                   root: Path | None = None, tta: str = "none") -> tuple[Scorer, SimpleNamespace, list]:
     """``(images -> probabilities, dataset description, eval spec)`` from a model file or an MLflow model URI.
 
-    The test-time augmentation is the model's own when it records one (a published model: the registered
-    classifier), else ``tta`` (``evaluate.tta``, for ``models/model.pt``, which evaluate scores with it). Inputs are
+    The registered classifier scores with its logged model file: ``model.onnx`` on ONNX Runtime (what
+    ``mlflow models serve`` runs), or a ``model.pt`` on torch. The test-time augmentation is the model's own when
+    it records one (a published model), else ``tta`` (``evaluate.tta``, for ``models/model.pt``, which evaluate
+    scores with it). ``device`` (a torch device or a ``train.device`` name) is resolved only for torch; inputs are
     moved to wherever the loaded network's weights are (an MLflow pt2 model may stay on the CPU).
     """
     if model_uri:
@@ -87,45 +125,58 @@ def load_predictor(model_path: Path | None, model_uri: str | None, device: torch
             if meta and model_file:  # the registered image classifier: its model.pt, read as models/model.pt is
                 return _predictor_from_model_file(mlflow, f"{model_uri.rstrip('/')}/{model_file['path']}", device,
                                                   tta)
-            module = mlflow.pytorch.load_model(model_uri, map_location=device) if meta else None
+            if meta:  # the raw network (pt2), read without unpickling: anything else is refused
+                from onecycle.serving.network import load_network
+
+                module = load_network(model_uri)
         except OneCycleError:
             raise
         except Exception as exc:
             raise OneCycleError(f"cannot load {model_uri}: {' '.join(str(exc).split())[:200]}") from None
         if not meta:
             raise OneCycleError(f"{model_uri} was not logged by onecycle (no class names or preprocessing in its metadata)")
-        where = _module_device(module)  # the raw network (softmax output), as logged: no test-time augmentation
-        return (lambda x: module(x.to(where))), SimpleNamespace(**meta["dataset"]), meta["augment_eval"]
-    from onecycle.serving.modelfile import load_model_bundle
-
-    model, ds, bundle = load_model_bundle(model_path, device)
-    return _scorer(model, bundle.get("tta", tta)), ds, bundle["augment_eval"]
+        return _torch_call(module, lambda x: module(x)), SimpleNamespace(**meta["dataset"]), meta["augment_eval"]
+    return load_model_file(model_path, device, tta)
 
 
-def _scorer(model, tta: str):
+def _torch_call(module, fn) -> Scorer:
+    """A NumPy (or tensor) batch in, on ``module``'s device, without gradients; float32 NumPy probabilities out."""
+    import torch
+
+    where = _module_device(module)
+
+    def score(x):
+        with torch.inference_mode():
+            return fn(torch.as_tensor(x).to(where)).float().cpu().numpy()
+    return score
+
+
+def torch_scorer(model, tta: str) -> Scorer:
     """images -> class probabilities, through the one scoring function (test-time augmentation included)."""
+    import torch
+
     from onecycle.training.models import tta_logits
 
-    where = _module_device(model)
-    return lambda x: torch.softmax(tta_logits(model, x.to(where), tta), 1)
+    return _torch_call(model, lambda x: torch.softmax(tta_logits(model, x, tta), 1))
 
 
-def _predictor_from_model_file(mlflow, artifact_uri: str, device: torch.device, tta: str):
-    """``load_predictor``'s answer for a model.pt logged with the image classifier (copied locally, read weights-only)."""
+def _predictor_from_model_file(mlflow, artifact_uri: str, device: torch.device | str, tta: str):
+    """``load_predictor``'s answer for the model file logged with the image classifier (copied locally; a model.pt
+    is read weights-only)."""
     import tempfile
-
-    from onecycle.serving.modelfile import load_model_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp)
-        model, ds, bundle = load_model_bundle(Path(path), device)
-    return _scorer(model, bundle.get("tta", tta)), ds, bundle["augment_eval"]
+        return load_model_file(Path(path), device, tta)
 
 
-def top_k(predict, x: torch.Tensor, classes: list[str], k: int) -> list[tuple[str, float]]:
-    """The ``k`` most probable classes of one preprocessed image, as (name, probability)."""
-    with torch.no_grad():
-        probs = predict(x[None]).float().cpu()[0]
+def ranked(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable classes of one image's probabilities, as (name, probability), most probable first."""
     k = max(1, min(k, len(classes)))
-    top = torch.topk(probs, k)
-    return [(classes[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
+    order = np.argsort(-np.asarray(probs, dtype=np.float32), kind="stable")[:k]
+    return [(classes[int(i)], float(probs[i])) for i in order]
+
+
+def top_k(predict: Scorer, x: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable classes of one preprocessed image, as (name, probability)."""
+    return ranked(np.asarray(predict(x[None]))[0], classes, k)

@@ -2,9 +2,9 @@
 
 Serving needs only resize, crop and normalize, so the eval transforms the pipeline uses (the dataset's
 standard eval recipe, and ``augment.eval`` lists made of ``Resize``, ``SmallestMaxSize``, ``LongestMaxSize``
-and ``CenterCrop`` with their default interpolation) run here with NumPy and torch, and the serving
-environment needs neither albumentations nor OpenCV (~190 MB with SciPy). They compute what albumentations
-computes: the same output sizes and crop boxes, bilinear resizing as OpenCV's ``INTER_LINEAR`` (up to one
+and ``CenterCrop`` with their default interpolation) run here with NumPy alone: the serving
+environment needs neither albumentations nor OpenCV (~190 MB with SciPy), nor torch. They compute what
+albumentations computes: the same output sizes and crop boxes, bilinear resizing as OpenCV's ``INTER_LINEAR`` (up to one
 grey level: OpenCV rounds in fixed point), the same normalization.
 
 Any other eval transform goes through albumentations (:func:`needs_albumentations` says when; the served
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 INTER_LINEAR = 1  # cv2.INTER_LINEAR, albumentations' default interpolation
 # transform name -> the arguments the lean version takes (with albumentations' defaults where it has one)
@@ -55,13 +54,26 @@ def needs_albumentations(spec: list) -> bool:
     return any(_lean(item) is None for item in spec)
 
 
+def _taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear source indices and weights along one axis: half-pixel centres, edges clamped (OpenCV's)."""
+    src = np.maximum((np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.intp), size_in - 1)
+    hi = np.minimum(lo + 1, size_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """HWC uint8 -> bilinear (OpenCV INTER_LINEAR: half-pixel centres, no antialiasing), rounded to uint8."""
+    """HWC uint8 -> bilinear (OpenCV INTER_LINEAR: half-pixel centres, no antialiasing), rounded to uint8.
+
+    Rows first, gathered from the uint8 image, so a large image is never converted to floats whole.
+    """
     if image.shape[:2] == (height, width):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    y = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    top, bottom, wy = _taps(image.shape[0], height)
+    rows = image[top].astype(np.float32) * (1 - wy)[:, None, None] + image[bottom].astype(np.float32) * wy[:, None, None]
+    left, right, wx = _taps(image.shape[1], width)
+    out = rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _apply_one(name: str, args: dict[str, Any], image: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The served image classifier as MLflow loads it: a models-from-code file, logged by ``serving.publish``.
 
 MLflow runs this file when it loads the model (``mlflow models serve``, ``mlflow.pyfunc.load_model``);
-nothing is unpickled. The weights come from the logged ``model.pt`` artifact, read weights-only, and all
-the work is :class:`onecycle.serving.classifier.ImageClassifier`'s, from the package copy logged with the model.
+nothing is unpickled. The network comes from the logged ``model_file`` artifact: ``model.onnx``, run on ONNX
+Runtime (the registered model), or a ``model.pt`` read weights-only and run on torch; all the work is
+:class:`onecycle.serving.classifier.ImageClassifier`'s, from the package copy logged with the model.
 """
 
 import mlflow

@@ -392,3 +392,8 @@ def log_epoch(logger: RunLogger, row: dict, steps: list[Step], *, skip_epochs: C
         if s.step not in skip_steps:
             logger.log({"lr": s.lr, "momentum": s.momentum}, step=s.step)
     logger.flush()
+
+
+def onecycle_metadata(model_uri: str) -> dict:
+    """The ``onecycle`` metadata of a logged or registered model (classes, preprocessing, its runtime, ...)."""
+    return (mlflow().models.get_model_info(model_uri).metadata or {}).get("onecycle") or {}
