@@ -316,12 +316,14 @@ def test_export_space_runs_without_the_installed_package(in_project, project, cl
     space = tmp_path / "space"
     assert in_project(["--export-space", str(space), "-k", str(TOP_K)]) == 0
     names = {p.name for p in space.iterdir()}
-    assert {"app.py", "requirements.txt", "README.md", "model.pt", "examples", "onecycle", "demo.json"} <= names
+    assert {"app.py", "requirements.txt", "README.md", "model.onnx", "examples", "onecycle", "demo.json"} <= names
+    assert "model.pt" not in names
     assert len(list((space / "examples").glob("*.png"))) == 10
     reqs = (space / "requirements.txt").read_text().splitlines()
     import gradio
 
-    assert f"gradio=={gradio.__version__}" in reqs and any(r.startswith("torch==") for r in reqs)
+    assert f"gradio=={gradio.__version__}" in reqs and any(r.startswith("onnxruntime==") for r in reqs)
+    assert not [r for r in reqs if r.startswith(("torch", "--extra-index-url"))], reqs  # ONNX Runtime, no torch
     assert f"sdk_version: {gradio.__version__}" in (space / "README.md").read_text()
     port = free_port()
     app = Page([PYTHON, "app.py"], space, server_env(tmp_path, GRADIO_SERVER_PORT=str(port)), port,

@@ -59,10 +59,8 @@ def _serve(params, args) -> int:
         raise OneCycleError("--export-space copies a model file: use --model (the file train writes), not --model-uri")
     if not 1 <= args.port <= 65535:
         raise OneCycleError(f"--port {args.port} is not a TCP port (1-65535)")
-    from onecycle.training.engine import resolve_device
-
-    device = resolve_device(params.train.device)
-    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device, tta=params.evaluate.tta)
+    # train.device matters to a torch model only: a model.onnx (the registered model's) runs on ONNX Runtime
+    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, params.train.device, tta=params.evaluate.tta)
     source = args.model_uri or str(args.model)
     data_dir = Path(params.data.root).expanduser() / ds.name
     with tempfile.TemporaryDirectory(prefix="onecycle-demo-") as tmp:

@@ -28,11 +28,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(params, args) -> int:
-    from onecycle.training.engine import resolve_device
-
-    device = resolve_device(params.train.device)
-    # models/model.pt is scored with evaluate.tta, as evaluate scores it; a registered model with its own
-    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, device, tta=params.evaluate.tta)
+    # models/model.pt is scored with evaluate.tta, as evaluate scores it; a registered model with its own.
+    # train.device matters to a torch model only: a model.onnx (the registered model's) runs on ONNX Runtime
+    predict, ds, augment_eval = load_predictor(args.model, args.model_uri, params.train.device, tta=params.evaluate.tta)
     transform = eval_transform(ds, augment_eval)
     failures = 0
     for path in args.images:
