@@ -54,7 +54,7 @@ def test_fetch_an_image_folder_twice(tmp_path, image_folder, write_params):
     first = onecycle("fetch", "--params", str(params), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     out = tmp_path / "data" / "imagefolder"
-    assert first.stdout.startswith(f"fetched imagefolder -> {out} (9 train / 6 test images, 3 classes, 224x224x3, from ")
+    assert first.stdout.startswith(f"fetched imagefolder -> {out} (9 train / 6 test images, 3 classes, 30x30x3, from ")
     meta = (out / "meta.json").read_text()
     second = onecycle("fetch", "--params", str(params), cwd=tmp_path)
     assert second.returncode == 0, second.stderr

@@ -58,9 +58,15 @@ class DatasetKind:
 
     def train_spec(self, image_size: int) -> Spec:
         """The standard training augmentation, as albumentations transforms."""
+        if self.image_folder and image_size < IMAGENET_SIDE:
+            return _small_images_train(image_size)
         return self.batch_recipe.spec(image_size) if self.batch_recipe else list(self.train_recipe)
 
-    def eval_spec(self) -> Spec:
+    def eval_spec(self, image_size: int | None = None) -> Spec:
+        """The standard (deterministic) eval preprocessing; an image folder's depends on its ``image_size``
+        (the side fetch measured: ImageNet's resize-and-crop for 224 and up, when None too)."""
+        if self.image_folder and image_size is not None and image_size < IMAGENET_SIDE:
+            return [{"Resize": {"height": image_size, "width": image_size}}]
         return list(self.eval_recipe)
 
     def fetch_function(self) -> Callable:
@@ -68,6 +74,16 @@ class DatasetKind:
 
 
 _IMAGENET_EVAL = ({"SmallestMaxSize": {"max_size": 256}}, {"CenterCrop": {"height": 224, "width": 224}})
+# An image folder whose images are smaller than this (fetch measures their side) trains at their own size, with
+# the small-image recipe (:func:`_small_images_train`); from this side up, ImageNet's recipes at 224 x 224.
+IMAGENET_SIDE = 224
+
+
+def _small_images_train(side: int) -> Spec:
+    """An image folder of small images: each resized to ``side`` x ``side`` (fetch's measure), then the standard
+    small-image recipe (reflect-pad by an eighth of the side, random crop back, flip)."""
+    return [{"Resize": {"height": side, "width": side}},
+            *PadCropFlip(pad=max(1, side // 8), reflect=True).spec(side)]
 
 KINDS = {kind.name: kind for kind in (
     # Debian's dataset-fashion-mnist or the official mirror; 28x28x1. Pad 2 with zeros, crop 28, flip.
@@ -75,7 +91,8 @@ KINDS = {kind.name: kind for kind in (
     # The official archives; 32x32x3. The DAWNBench ResNet9 recipe: reflect-pad 4, crop 32, flip, one 8x8 cutout.
     DatasetKind("cifar10", "fetch_cifar", batch_recipe=PadCropFlip(pad=4, reflect=True, hole=8)),
     DatasetKind("cifar100", "fetch_cifar", batch_recipe=PadCropFlip(pad=4, reflect=True, hole=8)),
-    # A user's folder in the ImageNet layout: torchvision's ImageNet recipes at 224x224.
+    # A user's folder in the ImageNet layout: torchvision's ImageNet recipes at 224x224 for ImageNet-sized images,
+    # the images' own size and the small-image recipe below that (IMAGENET_SIDE).
     DatasetKind("imagefolder", "fetch_imagefolder", image_folder=True,
                 train_recipe=({"RandomResizedCrop": {"size": [224, 224]}}, {"HorizontalFlip": {"p": 0.5}}),
                 eval_recipe=_IMAGENET_EVAL),

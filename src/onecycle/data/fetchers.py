@@ -73,6 +73,9 @@ CIFAR = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# the modes PIL opens grayscale images in (1-bit, 8-bit, with alpha, 16- and 32-bit integer, float)
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+STATS_IMAGES = 512  # training images an image folder's mean and std are measured on (images smaller than ImageNet's)
 
 
 # ----------------------------------------------------------------------------------------------- utils
@@ -342,6 +345,29 @@ def _imagefolder_unchanged(data_cfg, old_meta: dict, workspace: Path | None) -> 
     return old_meta.get("checksums") == {name: hashlib.md5(text.encode()).hexdigest() for name, text in texts.items()}
 
 
+def _image_folder_shape(root: Path, train_items: list[tuple[str, str]], side: int, channels: int, rng: random.Random
+                        ) -> tuple[list[int], list[float], list[float]]:
+    """``(image_shape, mean, std)`` an image folder trains with, from its images' typical short ``side`` and
+    ``channels`` (1 when every sampled image is grayscale): ImageNet's 224 x 224 and statistics for RGB images of
+    ImageNet's size (:data:`catalog.IMAGENET_SIDE` and up), else the images' own side and channels, with the mean and
+    std of up to :data:`STATS_IMAGES` training images."""
+    from onecycle.data.images import open_image
+
+    side = min(side, catalog.IMAGENET_SIDE)
+    if side == catalog.IMAGENET_SIDE and channels == 3:
+        return [side, side, 3], IMAGENET_MEAN, IMAGENET_STD
+    total, squares, n = np.zeros(channels), np.zeros(channels), 0
+    for rel, _ in rng.sample(train_items, min(STATS_IMAGES, len(train_items))):
+        pixels = open_image(root / rel, mode="L" if channels == 1 else "RGB").reshape(-1, channels) / 255.0
+        total += pixels.sum(0)
+        squares += (pixels ** 2).sum(0)
+        n += len(pixels)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
+    std = np.where(std > 0, std, 1.0)  # a folder of flat images: normalize by 1, never divide by 0
+    return [side, side, channels], [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
 def fetch_imagefolder(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None, sample: int = 32
                        ) -> dict[str, Any]:
     from PIL import Image
@@ -349,17 +375,21 @@ def fetch_imagefolder(data_cfg, tmp: Path, cache: Path, workspace: Path | None =
     root, train_classes, items, texts = _imagefolder_index(data_cfg, workspace)
     train_items, val_items = items["train"], items["test"]
     rng = random.Random(0)
+    sides, grey = [], True
     for rel, _ in rng.sample(train_items, min(sample, len(train_items))) + rng.sample(val_items, min(sample, len(val_items))):
         try:
             with Image.open(root / rel) as im:
+                sides.append(min(im.size))
+                grey = grey and im.mode in GREY_MODES
                 im.verify()
         except Exception as exc:  # PIL raises many types for broken files
             raise DatasetError(f"{root / rel} is not a readable image ({exc}); remove or replace it") from None
     for name, text in texts.items():
         (tmp / name).write_bytes(text.encode())
+    shape, mean, std = _image_folder_shape(root, train_items, int(np.median(sides)), 1 if grey else 3, rng)
     return {
         "classes": train_classes, "source": workspace_relative(root, workspace), "num_train": len(train_items), "num_test": len(val_items),
-        "image_shape": [224, 224, 3], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        "image_shape": shape, "mean": mean, "std": std, "measured_shape": True,
         "checksums": {"train.csv": md5sum(tmp / "train.csv"), "test.csv": md5sum(tmp / "test.csv")},
     }
 
@@ -380,9 +410,11 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
             old = json.loads(meta_path.read_text())
         except ValueError:
             old = {}
-        # An image folder is read in place: images added or removed since the last fetch change the index.
+        # An image folder is read in place: images added or removed since the last fetch change the index (and an
+        # index that took ImageNet's size for granted, without measuring the images, is made again).
         if (isinstance(old, dict) and all(old.get(k) == v for k, v in wanted.items()) and outputs_intact(out, old)
-                and (not kind.image_folder or _imagefolder_unchanged(data_cfg, old, workspace))):
+                and (not kind.image_folder or (old.get("measured_shape")
+                                               and _imagefolder_unchanged(data_cfg, old, workspace)))):
             problem = fetched_problem(out, old)  # changed or inconsistent since fetch: fetch it again
             if problem is None:
                 return out, False

@@ -225,7 +225,7 @@ def build_split(data, augment, info: DatasetInfo, split: str, *, train_augment: 
     def per_image_transforms():  # albumentations (a 3 s import): only when a pipeline needs it
         if train_augment:
             return build_train_transforms(augment, data.dataset, h, info.mean, info.std)
-        return build_eval_transforms(augment, data.dataset, info.mean, info.std)
+        return build_eval_transforms(augment, data.dataset, info.mean, info.std, h)
 
     source_split = "test" if split == "test" else "train"
     if catalog.kind(data.dataset).image_folder:

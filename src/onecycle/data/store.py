@@ -7,7 +7,8 @@
   they are (``data.source``, recorded relative to the workspace when inside it, so a clone or a moved
   workspace still finds them), the ``val/`` folder serving as the test split.
 
-A validation split of ``data.val_size`` examples is held out of the training split at load time.
+A validation split of ``data.val_size`` examples (a count, a fraction, or ``auto``: :func:`val_count`) is held
+out of the training split at load time; :func:`batch_count` says what ``data.batch_size: auto`` comes to.
 Writing these folders is :mod:`onecycle.data.fetchers`' job.
 
 Every load checks what fetch recorded (:func:`fetched_problem`): meta.json's keys, its class count, each file's
@@ -262,14 +263,47 @@ def load_index(info: DatasetInfo, split: str) -> tuple[Path, list[str], np.ndarr
     return Path(info.source), paths, _check_labels(info, np.asarray(labels, dtype=np.int64), path)
 
 
-def split_train_val(n: int, val_size: int, seed: int, train_subset: int | None) -> tuple[np.ndarray, np.ndarray]:
+# data.val_size auto: a tenth of the training split, at most 5000 (what Fashion-MNIST and CIFAR hold out)
+AUTO_VAL_FRACTION, AUTO_VAL_MAX = 0.1, 5000
+# data.batch_size auto: 256, or fewer on small data, so that an epoch has at least 8 optimizer steps
+AUTO_BATCH, MIN_STEPS_PER_EPOCH = 256, 8
+
+
+def val_count(val_size: int | float | str, n: int) -> int:
+    """The examples ``data.val_size`` holds out of a training split of ``n``: a count as given, a fraction of ``n``
+    (at least one), or ``auto`` (:data:`AUTO_VAL_FRACTION` of ``n``, at most :data:`AUTO_VAL_MAX`); a count the
+    split cannot spare is one line naming the key."""
+    if isinstance(val_size, str):  # auto
+        count = min(AUTO_VAL_MAX, max(1, round(n * AUTO_VAL_FRACTION)))
+    elif isinstance(val_size, float):
+        count = max(1, round(n * val_size))
+    else:
+        count = int(val_size)
+    if count >= n:
+        fix = "set data.val_size to auto or a fraction (0.1)" if isinstance(val_size, int) else "add images"
+        raise DatasetError(f"data.val_size ({val_size}) must be smaller than the training split ({n} "
+                           f"example{'s' if n != 1 else ''}): {fix}")
+    return count
+
+
+def batch_count(batch_size: int | str, n_train: int, processes: int = 1) -> int:
+    """The global batch ``data.batch_size`` means for ``n_train`` training examples: a number as given, or ``auto``
+    (:data:`AUTO_BATCH`, fewer so an epoch has at least :data:`MIN_STEPS_PER_EPOCH` steps, a multiple of
+    ``processes``)."""
+    if not isinstance(batch_size, str):
+        return int(batch_size)
+    batch = min(AUTO_BATCH, max(1, -(-n_train // MIN_STEPS_PER_EPOCH)))
+    return -(-batch // processes) * processes
+
+
+def split_train_val(n: int, val_size: int | float | str, seed: int, train_subset: int | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training and validation parts of a training split of ``n`` examples.
 
-    The validation part is the first ``val_size`` of a seeded permutation (the same for every stage and
+    The validation part is the first :func:`val_count` of a seeded permutation (the same for every stage and
     trial, so lr_find, train and tune agree); ``train_subset`` keeps only that many of the rest.
     """
-    if val_size >= n:
-        raise DatasetError(f"data.val_size ({val_size}) must be smaller than the training split ({n} examples)")
+    val_size = val_count(val_size, n)
     perm = np.random.default_rng(seed).permutation(n)
     val, train = perm[:val_size], perm[val_size:]
     if train_subset is not None:

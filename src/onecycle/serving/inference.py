@@ -37,7 +37,7 @@ def eval_transform(ds, augment_eval: list):
     """
     from onecycle.serving.preprocessing import EvalTransform, needs_albumentations
 
-    spec = augment_eval or catalog.kind(ds.name).eval_spec()
+    spec = augment_eval or catalog.kind(ds.name).eval_spec(ds.image_shape[0])
     if not needs_albumentations(spec):
         return EvalTransform(spec, ds.mean, ds.std)
     try:
@@ -48,7 +48,7 @@ def eval_transform(ds, augment_eval: list):
     from onecycle.config import AugmentConfig
     from onecycle.data.transforms import build_eval_transforms
 
-    return build_eval_transforms(AugmentConfig(eval=augment_eval), ds.name, ds.mean, ds.std)
+    return build_eval_transforms(AugmentConfig(eval=augment_eval), ds.name, ds.mean, ds.std, ds.image_shape[0])
 
 
 def preprocess(source: Path | str | bytes, ds, augment_eval: list, transform=None, name: str | None = None) -> np.ndarray:

@@ -60,7 +60,8 @@ def log_classifier(run_id: str, model_file: Path, registered_model: str | None, 
     bundle = {**ckpt.load(model_file), "tta": tta}
     signature = ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
                                params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
-    eval_spec = bundle["augment_eval"] or catalog.kind(bundle["dataset"]["name"]).eval_spec()
+    eval_spec = bundle["augment_eval"] or catalog.kind(bundle["dataset"]["name"]).eval_spec(
+        bundle["dataset"]["image_shape"][0])
     with tempfile.TemporaryDirectory() as tmp:
         if onnx_file is not None:  # the network is in the graph: no torch, no factory code
             served_file = Path(tmp) / "model.onnx"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -38,7 +39,7 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
 
     from onecycle.config import load_params, parse_params
 
-    parser = argparse.ArgumentParser(prog=f"onecycle {name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"onecycle {name}", description=plain_text(description))
     parser.add_argument("--params", default="params.yaml", metavar="PATH", help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     if add_args:
@@ -55,6 +56,13 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
         return body(params, args)
 
     return guarded(name, body_with_params)
+
+
+def plain_text(doc: str | None) -> str | None:
+    """A docstring line as ``--help`` shows it: reST roles and literals (``x``, :mod:`x`) as their plain text."""
+    if doc is None:
+        return None
+    return re.sub(r"(?::[a-z]+:)?`{1,2}([^`]+)`{1,2}", r"\1", doc)
 
 
 def workspace_importable() -> None:

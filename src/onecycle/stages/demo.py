@@ -67,7 +67,7 @@ def _serve(params, args) -> int:
         examples = write_examples(data_dir, list(ds.classes), Path(tmp), args.examples)
         if args.export_space:
             out = export_space(args.export_space, args.model, ds, examples, args.top_k, source,
-                               augment_eval or catalog.kind(ds.name).eval_spec(), tta=params.evaluate.tta)
+                               augment_eval or catalog.kind(ds.name).eval_spec(ds.image_shape[0]), tta=params.evaluate.tta)
             print(f"onecycle demo: wrote a Hugging Face Space into {out}/ ({len(examples)} example images); "
                   f"try it with `cd {out} && python app.py`", flush=True)
             return 0

@@ -138,6 +138,7 @@ def run(params, ws: Workspace) -> dict:
 
     configure_threads(params.train.threads)
     device = resolve_device(params.train.device)
+    params = params.for_data(ws.root, note=False)
     model_sha256 = measured.file_digest(ws.model) if ws.model.is_file() else None
     model, info = _model_for_the_data(params, ws, device)
     if measured.file_digest(ws.model) != model_sha256:

@@ -20,7 +20,7 @@ from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
 from onecycle.tracking.lr_find_run import log_range_test, lr_find_run
 from onecycle.training.lr_report import NoDescentError, measured_on
-from onecycle.training.rangetest import RangeTestResult, run_range_test
+from onecycle.training.rangetest import MAX_SWEEP_EPOCHS, RangeTestResult, fitted_num_iter, run_range_test
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,23 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     """The lr_find stage in ``ws``: sweep, write the reports, log the MLflow run; returns the result."""
     from onecycle.training.engine import build_setup, device_name
 
+    params = params.for_data(ws.root)
     setup = build_setup(params.data, params.augment, params.model, params.train, with_val=False, root=ws.root)
     cfg = params.lr_find
+    if (num_iter := fitted_num_iter(cfg.num_iter, len(setup.train_loader))) < cfg.num_iter:
+        steps = len(setup.train_loader)
+        log.info("small data: %d batch%s an epoch, so the sweep takes %d steps, not lr_find.num_iter %d (at most %d "
+                 "passes over the training split)", steps, "es" if steps != 1 else "", num_iter, cfg.num_iter,
+                 MAX_SWEEP_EPOCHS)
+        cfg = cfg.model_copy(update={"num_iter": num_iter})
     log.info("LR range test: %s sweep %.1e -> %.1e over %d steps, batch %d, %s, %s", cfg.mode, cfg.start_lr,
              cfg.resolved_end_lr, cfg.num_iter, params.data.batch_size, params.optimizer.name, setup.precision)
-    result = run_range_test(setup, optimizer=params.optimizer, lr_find=params.lr_find, train=params.train,
-                            progress=progress)
+    result = run_range_test(setup, optimizer=params.optimizer, lr_find=cfg, train=params.train, progress=progress)
     chosen = cfg.suggestion
     logged = {k: v for k, v in params.flat().items() if k.split(".")[0] in LOGGED_SECTIONS}
     with lr_find_run(params.mlflow.experiment, ws.root, params.data.dataset, device_name(setup.device),
                      setup.precision, logged) as run_id:
-        _write_reports(params, ws, result, setup.info.digest, run_id)
+        _write_reports(params, cfg, ws, result, setup.info.digest, run_id)
         log_range_test(run_id, result, [ws.lr_find_json, ws.lr_find_png])
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
@@ -90,14 +96,14 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     return result
 
 
-def _write_reports(params, ws: Workspace, result: RangeTestResult, data_digest: str, run_id: str) -> None:
-    """reports/lr_find.csv (for ``dvc plots``), reports/lr_find.json and reports/lr_find.png."""
-    cfg = params.lr_find
+def _write_reports(params, cfg, ws: Workspace, result: RangeTestResult, data_digest: str, run_id: str) -> None:
+    """reports/lr_find.csv (for ``dvc plots``), reports/lr_find.json and reports/lr_find.png; ``cfg`` is the sweep's
+    lr_find section (``num_iter`` as the data fitted it)."""
     chosen = cfg.suggestion
     suggested = result.suggestions.get(chosen)
     report = {
         **asdict(result), "suggestion": chosen, "suggested_lr": suggested, "mlflow_run_id": run_id,
-        "config": {**params.lr_find.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
+        "config": {**cfg.model_dump(mode="json"), "end_lr": cfg.resolved_end_lr},
         # train refuses this report for other data or params (lr_report.check_measured_on)
         "measured_on": measured_on(params.flat(), data_digest),
     }

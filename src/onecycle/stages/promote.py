@@ -1,4 +1,4 @@
-"""promote: choose the registered model's ``champion`` among the evaluated versions, and show the choice.
+"""promote: choose the registered model's @champion among the evaluated versions, and show the choice.
 
 ``onecycle evaluate`` tags the version that training registered with its test top-1/top-5 and the test
 split's digest, and gives it the alias ``@candidate`` (the latest evaluated version: a marker, not a verdict).
@@ -28,6 +28,7 @@ from onecycle.tracking.registry import (
     registered_model_exists,
     registered_versions,
     set_champion,
+    version_problem,
 )
 
 
@@ -85,22 +86,34 @@ def _choose(name: str, versions: list[Version], champ: Version | None, cand: Ver
         why = _why_not(chosen, digest, champ)
         if why and not force:
             raise OneCycleError(f"refused: {why} (--force promotes it anyway)")
-        return chosen
-    if force:  # --force alone: the candidate, whatever it is
-        return cand
+        return _loads(name, chosen)
+    if force:  # --force alone: the candidate, whatever it is, if it loads
+        return _loads(name, cand)
     eligible = [v for v in versions if _why_not(v, digest, champ) is None]
+    broken = {v.number: why for v in eligible if (why := version_problem(name, v.number))}
+    for number, why in broken.items():  # it would serve nothing: never the champion
+        print(f"promote: version {number} cannot be loaded, so it is not eligible: {why}", flush=True)
+    eligible = [v for v in eligible if v.number not in broken]
     if not eligible:
-        raise OneCycleError(f"refused: no version of {name} is evaluated, trained on all the training data and "
-                            f"tested on {digest}: {_why_not(cand, digest, champ) if cand else ''} "
+        raise OneCycleError(f"refused: no version of {name} is evaluated, trained on all the training data, "
+                            f"tested on {digest} and loadable: "
+                            f"{(_why_not(cand, digest, champ) or broken.get(cand.number, '')) if cand else ''} "
                             "(`--version N --force` promotes one anyway)")
     best = max(v.top1 for v in eligible)
     return champ if champ in eligible and champ.top1 == best else \
         max((v for v in eligible if v.top1 == best), key=lambda v: v.number)
 
 
+def _loads(name: str, v: Version) -> Version:
+    """``v``, or one line saying why it cannot be the champion whatever --force says: it cannot be loaded."""
+    if (why := version_problem(name, v.number)) is not None:
+        raise OneCycleError(f"refused: version {v.number} of {name} cannot be loaded, so it would serve nothing: {why}")
+    return v
+
+
 def run(params, ws: Workspace, force: bool = False, version: int | None = None) -> dict:
     """Move ``@champion`` to the best eligible evaluated version (or ``version``); return what was done."""
-    name = _open_registry(params.mlflow.registered_model, ws)
+    name = _open_registry(params.registered_model, ws)
     versions = registered_versions(name)
     champ = next((v for v in versions if CHAMPION in v.aliases), None)
     cand = next((v for v in versions if CANDIDATE in v.aliases), None)

@@ -57,6 +57,7 @@ def run(params, ws: Workspace, *, step_fn: Callable = train_step, progress: bool
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) and ``finalize_hook`` (called with each
     finalization step's name before it runs) are the seams tests inject faults through.
     """
+    params = params.for_data(ws.root)
     measured_now = None  # what an LR report must have been measured on, to be used for max_lr: auto
     if params.schedule.max_lr == "auto":
         measured_now = measured_on(params.flat(), load_info(params.data, ws.root).digest)

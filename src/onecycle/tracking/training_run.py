@@ -41,7 +41,7 @@ def prepare(params, root: Path) -> Setup:
 
 def run_datasets(params, root: Path) -> dict[str, Any]:
     """The datasets a training of ``params`` reads (train, and val when there is one), as MLflow records them."""
-    splits = ["train", "val"] if params.data.val_size > 0 else ["train"]
+    splits = ["train", "val"] if params.data.val_size != 0 else ["train"]
     return runs.datasets(params.data, root, splits, split_seed=SPLIT_SEED)
 
 

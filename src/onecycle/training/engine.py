@@ -265,6 +265,7 @@ def build_setup(data: DataConfig, augment: AugmentConfig, model: ModelConfig, tr
     from onecycle.training import distributed as dist
 
     info = load_info(data, root)
+    data = data.sized(info.num_train, train.nproc_per_node)  # val_size, batch_size: auto and fractions as counts
     tcfg = train  # short: read on most lines below
     configure_threads(tcfg.threads)
     device = resolve_device(tcfg.device)

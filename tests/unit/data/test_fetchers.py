@@ -425,7 +425,9 @@ def test_imagefolder_writes_index_csvs_and_meta(tmp_path, image_folder):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["classes"] == ["cat", "dog", "zebra"]  # sorted, whatever order the folders were made in
     assert (meta["num_train"], meta["num_test"], meta["num_classes"]) == (9, 6, 3)
-    assert meta["image_shape"] == [224, 224, 3] and meta["source"] == str(image_folder.resolve())
+    # 40 x 30 RGB images: trained at their own short side, normalized with their own statistics
+    assert meta["image_shape"] == [30, 30, 3] and meta["source"] == str(image_folder.resolve())
+    assert meta["mean"] != data.IMAGENET_MEAN and len(meta["std"]) == 3
     train = _rows(out / "train.csv")
     assert train[:3] == [(f"train/cat/cat_{i}.jpg", 0) for i in range(3)]
     assert train[-1] == ("train/zebra/zebra_2.jpg", 2)
