@@ -22,16 +22,19 @@ LR-finder suggestion (``best/max_lr_over_<suggestion>``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from onecycle.core.errors import ConfigError, OneCycleError
+from onecycle.core.errors import ConfigError
 from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store, study_runs
-from onecycle.tuning.objective import InvalidTrialError, Objective, after_trial, count, metric_column
-from onecycle.tuning.params_edit import apply_best
+from onecycle.tuning.objective import InvalidTrialError, Objective, after_trial, count
+from onecycle.tuning.objectives import goals as objective_goals
+from onecycle.tuning.overrides import apply_sets, parse_sets
+from onecycle.tuning.params_edit import apply_chosen
 from onecycle.tuning.report import write_report
 from onecycle.tuning.reproduce import check_fixed, fixed_params
 from onecycle.tuning.space import search_space, trial_params
@@ -71,7 +74,20 @@ def _add_args(parser) -> None:
     parser.add_argument("--threads", type=non_negative, default=None, metavar="N",
                         help="torch threads of this worker (overrides train.threads; see README: Tuning)")
     parser.add_argument("--apply", action="store_true",
-                        help="write the best trial's values into the params file (only those keys; comments kept)")
+                        help="write the best trial's values into the params file (only those keys; comments kept); "
+                             "several objectives: the best score on the Pareto front, with its epochs")
+
+    def finite(v: str) -> float:
+        x = float(v)
+        if not math.isfinite(x):
+            raise ValueError(v)
+        return x
+
+    parser.add_argument("--target", type=finite, default=None, metavar="SCORE",
+                        help="with --apply: write the cheapest trial (by the second objective; one objective: by its "
+                             "training seconds) whose score (the first) reached SCORE, e.g. --target 0.93")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param as dvc exp run -S does (repeatable), e.g. -S tune.n_trials=4")
     parser.add_argument("--force", action="store_true",
                         help="join the study even if it holds other params fixed (its trials become incomparable)")
     parser.add_argument("--repair-journal", action="store_true",
@@ -81,9 +97,10 @@ def _add_args(parser) -> None:
 
 def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | None = None,
         threads: int | None = None, apply_to: Path | None = None, step_fn: Callable | None = None,
-        force: bool = False) -> int:
+        force: bool = False, target: float | None = None) -> int:
     """The tune command in ``ws``: open or resume the study, run ``n_trials`` trials (default ``tune.n_trials``),
-    write reports/tune/, and with ``apply_to`` write the best values into that params file.
+    write reports/tune/, and with ``apply_to`` write the best trial's values into that params file (with ``target``:
+    the cheapest trial whose score reached it).
 
     ``step_fn`` (one optimizer step, ``engine.train_step`` by default) is the seam tests inject faults through.
     """
@@ -93,9 +110,8 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     tune = params.tune
     if threads is not None:
         params = params.replace(train={"threads": threads})
-    params = params.for_data(ws.root)  # data.val_size, data.batch_size: the counts the trials record and use
     n_trials = tune.n_trials if n_trials is None else n_trials
-    column = metric_column(params)
+    goals = objective_goals(tune, params.data.val_size)
     space = search_space(params, ws.lr_find_json)
     try:
         unsampled = trial_params(params, {})
@@ -123,25 +139,32 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
                     "cores (--threads N or train.threads; see README: Tuning)", running)
     print(f"tune: study {tune.study_name} in {where}{' ($OPTUNA_STORAGE)' if source != 'tune.storage' else ''} "
           f"({count(len(before), 'trial')} so far); "
-          f"{count(n_trials, 'trial')} of {count(tune.epochs, 'epoch')} here, {tune.sampler} sampler, "
-          f"{tune.pruner} pruner, {tune.direction} {tune.metric}; "
+          f"{count(n_trials, 'trial')} of {_epochs(tune.epochs, space)} here, {tune.sampler} sampler, "
+          f"{tune.pruner if len(goals) == 1 else 'no'} pruner, "
+          f"{', '.join(f'{g.direction} {g.metric}' for g in goals)}; "
           f"space: {'; '.join(d.describe() for d in space.values())}; MLflow parent run {parent_id}", flush=True)
     with study_runs.continue_run(parent_id):
         if new_parent:
             study_runs.log_study_params(params.flat())
         if n_trials:
             with sigterm_interrupts() as stop:
-                study.optimize(Objective(params, space, column, tags, ws, step_fn or train_step, _repo_params(ws), stop),
+                study.optimize(Objective(params, space, goals, tags, ws, step_fn or train_step, _repo_params(ws), stop),
                                n_trials=n_trials, timeout=timeout, catch=(InvalidTrialError,),
-                               callbacks=[after_trial(tune.metric)], gc_after_trial=True)
-        values = write_report(study, params, where, ws)
+                               callbacks=[after_trial(goals)], gc_after_trial=True)
+        write_report(study, params, goals, where, ws)
     if apply_to is not None:
-        if values is None:
-            raise OneCycleError(f"--apply: study {tune.study_name} has no complete trial yet")
-        changed = apply_best(Path(apply_to), values)
-        print(f"tune: --apply wrote {len(changed)} key(s) into {apply_to}"
-              + (": " + "; ".join(changed) if changed else " (already the best values)"))
+        print(f"tune: {apply_chosen(study, params, goals, Path(apply_to), target)}")
     return 0
+
+
+def _epochs(epochs: int, space: dict) -> str:
+    """``2 epochs``, or the searched range ``1-4 epochs``."""
+    dim = space.get("train.epochs")
+    if dim is None:
+        return count(epochs, "epoch")
+    if dim.kind == "categorical":
+        return f"{'/'.join(str(c) for c in dim.choices)} epochs"
+    return f"{dim.low}-{dim.high} epochs"
 
 
 def _repo_params(ws: Workspace) -> dict[str, Any] | None:
@@ -149,7 +172,7 @@ def _repo_params(ws: Workspace) -> dict[str, Any] | None:
     from onecycle.config import load_params
 
     try:
-        return load_params(ws.params).for_data(ws.root, note=False).flat()
+        return load_params(ws.params).flat()
     except ConfigError as exc:
         log.warning("the trials' dvc exp run commands name only the sampled values: %s", exc)
         return None
@@ -157,12 +180,15 @@ def _repo_params(ws: Workspace) -> dict[str, Any] | None:
 
 def main(argv=None) -> int:
     def body(params, args) -> int:
+        params = apply_sets(params, parse_sets(args.set))
+        if args.target is not None and not args.apply:
+            raise ConfigError(f"--target {args.target:g} picks the trial that --apply writes: add --apply")
         if args.repair_journal:
             print(f"tune: {repair_journal(params, Workspace().journal)}")
             return 0
         with study_deleted_is_one_line(params, Workspace().journal):
             return run(params, Workspace(), n_trials=args.n_trials, timeout=args.timeout, threads=args.threads,
-                       apply_to=Path(args.params) if args.apply else None, force=args.force)
+                       apply_to=Path(args.params) if args.apply else None, force=args.force, target=args.target)
 
     return run_command("tune", __doc__.splitlines()[0], argv, body, add_args=_add_args)
 

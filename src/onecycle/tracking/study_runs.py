@@ -1,6 +1,7 @@
 """What an Optuna study records in MLflow: one parent run per study (its id kept in the study), a nested run per
-trial (tags, the trial's value, its state at the end), the study's summary on the parent, and the ends of runs whose
-worker died. MLflow trouble here never ends a study: :func:`quietly` turns it into a warning.
+trial (tags, the trial's values and costs, its state at the end), the study's summary on the parent (a
+multi-objective study's Pareto front as a table and a plot), and the ends of runs whose worker died. MLflow trouble
+here never ends a study: :func:`quietly` turns it into a warning.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def log_value(name: str, value: float, step: int | None = None) -> None:
     mlflow().log_metric(name, value, step=step)
 
 
+def log_values(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics to the active run."""
+    mlflow().log_metrics(metrics, step=step)
+
+
 def end_trial_run(state: str, status: str) -> None:
     """Tag the trial run's Optuna ``state`` (quietly) and end it with MLflow ``status``."""
     quietly("tag the trial's state", lambda: mlflow().set_tag("state", state))
@@ -93,17 +99,49 @@ def log_study_params(flat: dict[str, Any]) -> None:
 
 
 def log_study_summary(best, values: dict[str, Any], n_trials: int, ratios: dict[str, float], files: list) -> None:
-    """The best trial on the parent run: its value (at step = trials so far), tags, best.json and the reports."""
+    """The best trial (a multi-objective study: the front's best score) on the parent run: its first value (at step
+    = trials so far; its cost as ``best/cost``), tags, best.json and the reports."""
     def log_summary() -> None:
         client = mlflow()
-        client.log_metric("best/value", best.value, step=n_trials)
-        client.set_tags({"best_trial": str(best.number), "best_value": f"{best.value:.6g}",
+        client.log_metric("best/value", best.values[0], step=n_trials)
+        if len(best.values) > 1:
+            client.log_metric("best/cost", best.values[1], step=n_trials)
+        client.set_tags({"best_trial": str(best.number), "best_value": f"{best.values[0]:.6g}",
                          "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", ""),
                          **{f"best.{k}": str(v) for k, v in values.items()}})
         if ratios:
             client.log_metrics({f"best/max_lr_over_{name}": r for name, r in ratios.items()})
-        client.log_dict({"trial": best.number, "value": best.value, "params": values}, "tune/best.json")
+        client.log_dict({"trial": best.number, "value": best.values[0], "values": best.values, "params": values},
+                        "tune/best.json")
         for path in files:
             runs.log_artifact(path, "tune")
 
     quietly("log the study's summary", log_summary)
+
+
+FRONT_TABLE = "tune/pareto_front.json"  # the parent run's table artifact: the study's Pareto front
+
+
+def log_front(columns: list[str], rows: list[list[Any]], n_trials: int) -> None:
+    """A multi-objective study's Pareto front on the parent run: the table :data:`FRONT_TABLE` (MLflow's table
+    format, as ``mlflow.log_table`` writes it, replaced at each report rather than appended to), its size as the
+    metric ``pareto_front_size`` (at step = trials so far)."""
+    def log() -> None:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        client, run_id = mlflow().MlflowClient(), mlflow().active_run().info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(FRONT_TABLE).name
+            path.write_text(json.dumps({"columns": columns, "data": rows}))
+            client.log_artifact(run_id, str(path), str(Path(FRONT_TABLE).parent))
+        logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": FRONT_TABLE, "type": "table"}
+        if entry not in logged:  # the run page lists it as a table
+            client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+        mlflow().log_metric("pareto_front_size", len(rows), step=n_trials)
+
+    quietly("log the study's Pareto front", log)

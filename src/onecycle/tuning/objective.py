@@ -1,5 +1,6 @@
 """One Optuna trial of a study: the sampled values applied to the params, a real (shortened) training through the
-tracked fit train uses (:mod:`onecycle.tracking.training_run`), each epoch reported to Optuna for pruning, and a
+tracked fit train uses (:mod:`onecycle.tracking.training_run`), each epoch reported to Optuna for pruning (a
+single-objective study), its value for each goal (:mod:`onecycle.tuning.objectives`) and its costs recorded, and a
 nested MLflow run. A trial whose values do not fit together FAILs and one that diverges is PRUNED; the study goes on.
 """
 
@@ -15,8 +16,8 @@ from onecycle.core.paths import Workspace
 from onecycle.tracking import runs, study_runs, training_run
 from onecycle.training.loop import FitHooks, Interrupted, StopSignals, fit
 from onecycle.training.lr_report import resolve_max_lr
-from onecycle.training.records import METRIC_KEYS
 from onecycle.training.schedule import ScheduleTooShortError
+from onecycle.tuning.objectives import COST_ATTRS, Goal, best_scoring, describe, trial_costs, trial_values
 from onecycle.tuning.reproduce import dvc_command, trial_sets
 from onecycle.tuning.space import Dimension, trial_params
 from onecycle.tuning.studies import record_worker
@@ -31,32 +32,18 @@ class InvalidTrialError(ConfigError):
     """The sampled values do not make a valid configuration together (the trial is FAIL, the study goes on)."""
 
 
-def metric_column(params) -> str:
-    """The history row key (``val_top1``) of ``tune.metric`` (``val/top1``); ConfigError naming tune.metric."""
-    by_name = {name: column for column, name in METRIC_KEYS.items()}
-    metric = params.tune.metric
-    column = by_name.get(metric) or (metric if metric in METRIC_KEYS else None)
-    if column is None:
-        raise ConfigError(f"tune.metric must be one of {', '.join(by_name)}; got {metric!r}")
-    if column.startswith("val_") and params.data.val_size == 0:
-        raise ConfigError(f"tune.metric {metric} needs a validation split, but data.val_size is 0")
-    if "loss" in column and params.tune.direction == "maximize":
-        log.warning("tune.metric is %s and tune.direction is maximize: the study looks for the highest loss", metric)
-    return column
-
-
 class Objective:
     """One trial: sample, build the trial's params, train with ``fit``, report each epoch, log a nested run."""
 
-    def __init__(self, params, space: dict[str, Dimension], column: str, tags: dict[str, str], ws: Workspace,
+    def __init__(self, params, space: dict[str, Dimension], goals: list[Goal], tags: dict[str, str], ws: Workspace,
                  step_fn: Callable, repo_flat: dict[str, Any] | None, stop: StopSignals | None = None):
-        self.params, self.space, self.column, self.tags, self.ws = params, space, column, tags, ws
+        self.params, self.space, self.goals, self.tags, self.ws = params, space, goals, tags, ws
         self.step_fn, self.stop = step_fn, stop or StopSignals()
         self.repo_flat = repo_flat  # the repo's params.yaml, flat: what a trial's command must change
-        self.metric = params.tune.metric
-        self.maximize = params.tune.direction == "maximize"
+        # Optuna's pruners judge one objective: a trial of a multi-objective study reports no epoch
+        self.reports = len(goals) == 1 and not goals[0].is_cost
 
-    def __call__(self, trial) -> float:
+    def __call__(self, trial) -> float | list[float]:
         import optuna
 
         from onecycle.training.engine import DivergenceError
@@ -87,14 +74,17 @@ class Objective:
             result = fit(setup, max_lr, train=tparams.train, schedule=tparams.schedule, optimizer=tparams.optimizer,
                          hooks=FitHooks(on_epoch=training_run.epoch_logger(logger, self._pruning(trial, tparams.train.epochs))),
                          should_stop=self.stop, step_fn=self.step_fn)  # stops between two steps (Interrupted)
-            seen = [row[self.column] for row in result.history
-                    if row.get(self.column) is not None and math.isfinite(row[self.column])]
-            if not seen:
-                raise InvalidTrialError(f"trial {trial.number}: no finite {self.metric} to report")
-            value = float(max(seen) if self.maximize else min(seen))
-            study_runs.log_value("objective", value)
+            costs = trial_costs(result.seconds, tparams.train.epochs, len(setup.train_loader.dataset))
+            for name, cost in costs.items():
+                trial.set_user_attr(COST_ATTRS[name], cost)
+            study_runs.log_values(costs)
+            values = trial_values(self.goals, result.history, costs)
+            if values is None:
+                metrics = ", ".join(g.metric for g in self.goals if not g.is_cost)
+                raise InvalidTrialError(f"trial {trial.number}: no finite {metrics} to report")
+            study_runs.log_value("objective", values[0])
             state, status = "COMPLETE", "FINISHED"
-            return value
+            return values[0] if len(values) == 1 else values
         except optuna.TrialPruned:
             state, status = "PRUNED", "FINISHED"
             raise
@@ -120,35 +110,51 @@ class Objective:
         """After each epoch (logged): report it to Optuna, prune if the pruner says so."""
         import optuna
 
+        goal = self.goals[0]
+
         def on_epoch(epoch: int, row: dict, steps: list, history: list) -> None:
-            value = row.get(self.column)
+            value = row.get(goal.column) if self.reports else None
             if value is None or not math.isfinite(value):
                 return
             trial.report(float(value), epoch)
             # After the last epoch the trial is done: it completes rather than being pruned.
             if epoch + 1 < epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {self.metric} {value:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {goal.metric} {value:.4f}")
 
         return on_epoch
 
 
-def after_trial(metric: str):
-    """An Optuna callback: print each finished trial in one line and log its value to the parent run."""
+def after_trial(goals: list[Goal]):
+    """An Optuna callback: print each finished trial in one line and log its values to the parent run."""
     def callback(study, trial) -> None:
         from optuna.trial import TrialState
 
-        value = f" {metric} {trial.value:.4f}" if trial.state == TrialState.COMPLETE else ""
+        from onecycle.tuning.objectives import front
+
+        complete = trial.state == TrialState.COMPLETE
+        value = f" {describe(goals, trial.values)}" if complete else ""
         reason = trial.user_attrs.get("diverged") or trial.user_attrs.get("failure_reason")
-        shown = ", ".join(f"{k.split('.', 1)[1]} {fmt(v)}" for k, v in trial.params.items())
-        best = best_trial(study)
-        best_txt = f"; best: trial {best.number} ({best.value:.4f})" if best is not None else ""
+        shown = ", ".join(f"{shown_key(k)} {fmt(v)}" for k, v in trial.params.items())
+        best = best_scoring(study, goals)
+        best_txt = ""
+        if best is not None and len(goals) == 1:
+            best_txt = f"; best: trial {best.number} ({best.value:.4f})"
+        elif best is not None:
+            best_txt = (f"; Pareto front: {count(len(front(study)), 'trial')}, best {goals[0].metric}: trial "
+                        f"{best.number} ({describe(goals, best.values)})")
         print(f"tune: trial {trial.number} {trial.state.name}{value} ({shown}){' - ' + reason if reason else ''}"
               f"{best_txt}", flush=True)
-        if trial.state == TrialState.COMPLETE:
-            study_runs.quietly("log the trial's value",
-                               lambda: study_runs.log_value("trial/value", trial.value, step=trial.number))
+        if complete:
+            study_runs.quietly("log the trial's values", lambda: study_runs.log_values(
+                {"trial/value": trial.values[0], **({"trial/cost": trial.values[1]} if len(goals) > 1 else {})},
+                step=trial.number))
 
     return callback
+
+
+def shown_key(key: str) -> str:
+    """A searched key as a trial's line prints it: a schedule key by its field (``max_lr``), others in full."""
+    return key.split(".", 1)[1] if key.startswith("schedule.") else key
 
 
 def count(n: int, what: str) -> str:
@@ -159,11 +165,3 @@ def count(n: int, what: str) -> str:
 def fmt(v: Any) -> str:
     """A sampled value as printed: floats to 4 significant digits."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def best_trial(study):
-    """The study's best trial, or None before any completed."""
-    try:
-        return study.best_trial
-    except ValueError:  # no complete trial yet
-        return None

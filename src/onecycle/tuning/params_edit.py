@@ -1,7 +1,10 @@
-"""A comment-preserving params.yaml editor: ``onecycle tune --apply`` writes the best values with it.
+"""A comment-preserving params.yaml editor: ``onecycle tune --apply`` writes the chosen trial's values with it.
 
 Only the given dotted keys change; comments, order and formatting stay, the write is atomic, and nothing
-is written unless the result reads back with the same values.
+is written unless the result reads back with the same values. Which trial: the best (one objective), the best score
+on the Pareto front (several), or with ``--target`` the cheapest trial whose score reached it
+(:mod:`onecycle.tuning.objectives`). With several objectives or a target the trial's ``train.epochs`` is written
+too: its score and cost were measured in that many epochs.
 """
 
 from __future__ import annotations
@@ -66,3 +69,32 @@ def apply_best(path: Path, values: dict[str, Any]) -> list[str]:
     if changed:
         atomic_write_text(path, new_text, mode=stat.S_IMODE(path.stat().st_mode))  # params.yaml keeps its mode
     return changed
+
+
+def apply_chosen(study, params, goals, path: Path, target: float | None) -> str:
+    """``--apply [--target T]``: write the chosen trial's values into the params file at ``path``; the line that says
+    which trial, its score and cost, and what changed. OneCycleError in one line when there is no such trial."""
+    from onecycle.tuning.objectives import COST_ATTRS, best_scoring, cheapest_reaching, cost_of, describe
+    from onecycle.tuning.report import best_values
+
+    if target is None:
+        trial = best_scoring(study, goals)
+        if trial is None:
+            raise OneCycleError(f"--apply: study {study.study_name} has no complete trial yet")
+        why = "the best trial" if len(goals) == 1 else f"the best {goals[0].metric} on the Pareto front"
+    else:
+        trial = cheapest_reaching(study, goals, target)
+        why = (f"the cheapest by {cost_of(trial, goals)[0]} whose {goals[0].metric} reached "
+               f"{'>=' if goals[0].maximize else '<='} {target:g}")
+    values = best_values(params, trial)
+    if len(goals) > 1 or target is not None:
+        epochs = trial.user_attrs.get(COST_ATTRS["train/epochs"])
+        values.setdefault("train.epochs", int(epochs) if epochs is not None else params.tune.epochs)
+    cost_txt = ""
+    if len(goals) == 1 and target is not None:
+        name, cost = cost_of(trial, goals)
+        cost_txt = f", {name} {cost:.1f}"
+    changed = apply_best(Path(path), values)
+    return (f"--apply{f' --target {target:g}' if target is not None else ''}: trial {trial.number}, {why}: "
+            f"{describe(goals, trial.values)}{cost_txt}; wrote {len(changed)} key(s) into {path}"
+            + (": " + "; ".join(changed) if changed else " (already these values)"))

@@ -309,11 +309,12 @@ def trial_epochs(params, space: dict[str, Dimension]) -> int:
 def build_pruner(params, space: dict[str, Dimension]):
     """``tune.pruner``. Steps are epochs (0-based). The median rule waits until the LR has peaked:
     ``n_warmup_steps = ceil(pct_start * epochs)`` with the largest pct_start the space allows, so the
-    first epoch a trial can be pruned at is the first one wholly past the peak of its cycle."""
+    first epoch a trial can be pruned at is the first one wholly past the peak of its cycle. None prunes a
+    multi-objective study (see :func:`pruner_cannot_prune`)."""
     import optuna
 
     kind = params.tune.pruner
-    if kind == "none":
+    if kind == "none" or len(params.tune.metrics) > 1:
         return optuna.pruners.NopPruner()
     epochs = trial_epochs(params, space)
     if kind == "hyperband":
@@ -329,7 +330,7 @@ def median_warmup(params, space: dict[str, Dimension]) -> int:
 
 
 def pruner_cannot_prune(params, space: dict[str, Dimension]) -> str | None:
-    """Why ``tune.pruner`` can never stop a trial with these epochs (None when it can).
+    """Why ``tune.pruner`` can never stop a trial: a multi-objective study, or too few epochs (None when it can).
 
     A trial is only pruned after an epoch that is not its last (the last one completes it). The median rule
     also waits ``n_warmup_steps`` epochs (see :func:`build_pruner`); hyperband needs 2 epochs or more.
@@ -337,6 +338,10 @@ def pruner_cannot_prune(params, space: dict[str, Dimension]) -> str | None:
     kind = params.tune.pruner
     if kind == "none":
         return None
+    if len(params.tune.metrics) > 1:
+        return (f"pruning is off: Optuna's pruners judge one objective and tune.metric has "
+                f"{len(params.tune.metrics)} ({', '.join(params.tune.metrics)}); every trial runs to its end "
+                f"(tune.pruner: none says so)")
     epochs = trial_epochs(params, space)
     if kind == "hyperband":
         if epochs >= 2:
@@ -353,7 +358,8 @@ def pruner_cannot_prune(params, space: dict[str, Dimension]) -> str | None:
 
 
 def open_study(storage, params):
-    """``(study, created)``: the study ``tune.study_name`` in ``storage``, created if absent.
+    """``(study, created)``: the study ``tune.study_name`` in ``storage``, created if absent, with one objective per
+    ``tune.metric`` (several: a multi-objective study), each named for the ``optuna`` CLI and the dashboard.
 
     The sampler is seeded with ``tune.seed`` in the process that creates the study (a fresh single-worker
     study is reproducible); a process that joins or resumes it mixes in the trial count and its pid, so that
@@ -363,31 +369,37 @@ def open_study(storage, params):
     import optuna
 
     tune = params.tune
+    metrics, directions = tune.metrics, tune.directions
     try:
-        optuna.create_study(storage=storage, study_name=tune.study_name, direction=tune.direction)
+        optuna.create_study(storage=storage, study_name=tune.study_name, directions=directions)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         created = False
     study = optuna.load_study(study_name=tune.study_name, storage=storage)
-    if len(study.directions) != 1:
-        raise ConfigError(f"tune.study_name: study {tune.study_name} has several objectives; use another name")
-    stored = study.direction.name.lower()
-    if stored != tune.direction:
-        raise ConfigError(f"tune.direction is {tune.direction} but study {tune.study_name} was created to {stored}; "
-                          "use another tune.study_name")
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise ConfigError(f"tune.direction is {_one_or_list(directions)} but study {tune.study_name} was created to "
+                          f"{_one_or_list(stored)}; use another tune.study_name")
     metric = study.user_attrs.get(METRIC_ATTR)
     if metric is None:
         study.set_user_attr(METRIC_ATTR, tune.metric)
-    elif metric != tune.metric:
-        raise ConfigError(f"tune.metric is {tune.metric} but study {tune.study_name} optimizes {metric}; "
-                          "use another tune.study_name")
-    if study.metric_names is None:  # `optuna trials`, the dashboard and trials.csv name the value, not "value"
+    elif (metric if isinstance(metric, list) else [metric]) != metrics:
+        raise ConfigError(f"tune.metric is {_one_or_list(metrics)} but study {tune.study_name} optimizes "
+                          f"{_one_or_list(metric)}; use another tune.study_name")
+    if study.metric_names is None:  # `optuna trials`, the dashboard and trials.csv name the values, not "value"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([tune.metric])
+            study.set_metric_names(metrics)
     n_before = len(study.get_trials(deepcopy=False))
     seed = tune.seed
     if not created:
         seed = int(np.random.SeedSequence([tune.seed, n_before, os.getpid()]).generate_state(1)[0])
     study.sampler = build_sampler(params, seed)
     return study, created
+
+
+def _one_or_list(value) -> str:
+    """``maximize`` or ``[maximize, minimize]``, as params.yaml spells one value or a list."""
+    if isinstance(value, list) and len(value) != 1:
+        return "[" + ", ".join(value) + "]"
+    return value[0] if isinstance(value, list) else str(value)
