@@ -110,6 +110,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     tune = params.tune
     if threads is not None:
         params = params.replace(train={"threads": threads})
+    params = params.for_data(ws.root)  # data.val_size, data.batch_size: the counts the trials record and use
     n_trials = tune.n_trials if n_trials is None else n_trials
     goals = objective_goals(tune, params.data.val_size)
     space = search_space(params, ws.lr_find_json)
@@ -172,7 +173,7 @@ def _repo_params(ws: Workspace) -> dict[str, Any] | None:
     from onecycle.config import load_params
 
     try:
-        return load_params(ws.params).flat()
+        return load_params(ws.params).for_data(ws.root, note=False).flat()
     except ConfigError as exc:
         log.warning("the trials' dvc exp run commands name only the sampled values: %s", exc)
         return None
