@@ -119,6 +119,31 @@ def registered_versions(name: str) -> list[Version]:
     return sorted(out, key=lambda v: -v.number)
 
 
+def version_problem(name: str, version: int | str) -> str | None:
+    """Why version ``version`` of ``name`` cannot be loaded, or None: its MLmodel and every file that MLmodel names
+    (the model file, the models-from-code script, the code folder, a flavor's data) must be in the artifact store."""
+    mlflow = store.mlflow()
+    uri = f"models:/{name}/{version}"
+    try:
+        info = mlflow.models.get_model_info(uri)  # reads its MLmodel
+    except Exception as exc:
+        return f"its MLmodel cannot be read ({' '.join(str(exc).split())[:160]})"
+    pyfunc, torch_flavor = info.flavors.get("python_function") or {}, info.flavors.get("pytorch") or {}
+    needed = [a.get("path") for a in (pyfunc.get("artifacts") or {}).values() if isinstance(a, dict)]
+    needed += [Path(pyfunc["model_code_path"]).name if pyfunc.get("model_code_path") else None, pyfunc.get("code"),
+               pyfunc.get("data"), torch_flavor.get("model_data"), torch_flavor.get("code")]
+    for path in filter(None, needed):
+        parent, _, leaf = str(path).strip("/").rpartition("/")
+        try:
+            present = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(
+                artifact_uri=f"{uri}/{parent}" if parent else uri)}
+        except Exception:
+            present = set()
+        if leaf not in present:
+            return f"its model has no {path} in the artifact store (removed?)"
+    return None
+
+
 def set_champion(name: str, version: int) -> None:
     """Give version ``version`` of ``name`` the alias ``champion`` (taken from the version that had it)."""
     store.mlflow().MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
