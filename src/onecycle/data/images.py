@@ -1,6 +1,7 @@
 """Decoding an image file or its bytes, behind one guard that decides which images are read at all.
 
-Every image becomes 8 bits a channel here (:func:`to_8bit`): a 16-bit grayscale PNG or TIFF is scaled, not
+Every image is turned upright as its EXIF orientation says (:func:`upright`: a phone's photo as its viewer shows
+it) and becomes 8 bits a channel here (:func:`to_8bit`): a 16-bit grayscale PNG or TIFF is scaled, not
 clipped as PIL's ``convert`` would (it turns every value above 255 white). A file that is too large, declares more pixels than ``MAX_PIXELS`` (a decompression bomb), is truncated or is
 not an image is refused *before* it is decoded, with one line naming it (:class:`ImageError`). Training on an
 image folder, predict, the demo and the served model all read images here.
@@ -24,6 +25,7 @@ MAX_BYTES = 64 * 1024 * 1024   # encoded file size
 # Decoding this many pixels or more (12 MB as 8-bit RGB) marks the memory freed afterwards as worth giving back.
 LARGE_PIXELS = 4_000_000
 _decoded = threading.local()  # .large: this thread decoded a large image since it last gave memory back
+_ORIENTATION = 0x0112  # the EXIF tag: 1 = as stored; 2-8 = mirrored and/or turned by 90, 180 or 270 degrees
 
 
 class ImageError(OneCycleError):
@@ -66,7 +68,7 @@ def open_image(source: Path | str | bytes, name: str | None = None, mode: str = 
                     raise ImageError(f"{name}: refused, {w}x{h} pixels is more than {MAX_PIXELS // 10**6} megapixels")
                 if w * h >= LARGE_PIXELS:
                     _decoded.large = True
-                arr = np.asarray(to_8bit(im).convert(mode))  # decodes
+                arr = np.asarray(to_8bit(upright(im)).convert(mode))  # decodes
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own check, at open()
@@ -79,6 +81,20 @@ def open_image(source: Path | str | bytes, name: str | None = None, mode: str = 
     finally:
         fp.close()
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def upright(im):
+    """``im`` as its viewer shows it: turned and flipped as its EXIF orientation says (a phone's photo, taken in any
+    position, is stored as the sensor saw it). An image without that tag, or with an unreadable one, is unchanged."""
+    from PIL import ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's "Corrupt EXIF data": the tag is read or not
+            orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the pixels are still the image
+        return im
+    return ImageOps.exif_transpose(im) if orientation in range(2, 9) else im
 
 
 def release_memory() -> None:
