@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from onecycle.core.errors import DatasetError
+from onecycle.core.values import comparable, shown
 from onecycle.data import catalog
 from onecycle.data.store import (
     FORMAT_VERSION,
@@ -37,6 +38,7 @@ from onecycle.data.store import (
     fetched_problem,
     in_workspace,
     md5sum,
+    meta_problem,
     outputs_intact,
     workspace_relative,
 )
@@ -297,17 +299,28 @@ def fetch_cifar(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None)
 # ----------------------------------------------------------------------------------------------- imagefolder
 
 def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(class names, [(relative path, class name)])`` of ``split``/: each class folder named as users see it
+    (:func:`onecycle.core.values.shown`: Unicode NFC, no outer spaces), in that name's order; two folders that are
+    one name so (``café`` written by macOS and by Linux, ``Cat`` and ``cat``) are refused, naming both."""
     folder = root / split
     if not folder.is_dir():
         raise DatasetError(f"data.source {root} has no {split}/ folder; expected {split}/<class>/<image> (the ImageNet layout)")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+    by_name: dict[str, Path] = {}
+    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        same = next((other for other in by_name.values() if comparable(other.name) == comparable(d.name)), None)
+        if same is not None or not shown(d.name):
+            why = f"{same.name!r} and {d.name!r} name one class" if same else f"{d.name!r} is no name"
+            raise DatasetError(f"data.source {root}: in {split}/, {why} (class names are compared as users see them: "
+                               "Unicode form, case and outer spaces aside); rename or merge the folders")
+        by_name[shown(d.name)] = d
+    if not by_name:
         raise DatasetError(f"{folder} holds no class folders; expected {split}/<class>/<image>")
+    classes = sorted(by_name)
     items = []
     for cls in classes:
-        files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in by_name[cls].rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise DatasetError(f"{folder / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetError(f"{by_name[cls]} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         items += [(str(p.relative_to(root)), cls) for p in files]
     return classes, items
 
@@ -319,12 +332,17 @@ def _imagefolder_index(data_cfg, workspace: Path | None = None
     if not root.is_dir():
         raise DatasetError(f"data.source {root} is not a folder; it must hold train/<class>/ and val/<class>/")
     train_classes, train_items = _list_split(root, "train")
+    if len(train_classes) < 2:
+        raise DatasetError(f"data.source {root}: train/ holds 1 class folder ({train_classes[0]}), and a classifier "
+                           "needs 2 or more: add a folder of images for each other class to train/ and val/")
     val_classes, val_items = _list_split(root, "val")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))[:5]
-        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+    in_train = {comparable(c): c for c in train_classes}
+    if set(in_train) != {comparable(c) for c in val_classes}:
+        only_train = sorted(c for c in train_classes if comparable(c) not in set(map(comparable, val_classes)))[:5]
+        only_val = sorted(c for c in val_classes if comparable(c) not in in_train)[:5]
         raise DatasetError(f"train/ and val/ of {root} have different classes (only in train: {only_train}, "
                            f"only in val: {only_val})")
+    val_items = [(rel, in_train[comparable(c)]) for rel, c in val_items]  # val/cat is train/Cat's class
     index = {c: i for i, c in enumerate(train_classes)}
     texts = {}
     for split, items in (("train", train_items), ("test", val_items)):
@@ -405,6 +423,9 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
     cache = root / "downloads"
     wanted = {"dataset": data_cfg.dataset, "source_param": data_cfg.source, "format": FORMAT_VERSION}
     meta_path = out / "meta.json"
+    old_out = out.with_name(f".{out.name}.old")
+    if not out.exists() and old_out.is_dir():  # a fetch killed between its two renames: the previous data is back
+        os.replace(old_out, out)
     if meta_path.is_file():
         try:
             old = json.loads(meta_path.read_text())
@@ -421,21 +442,35 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
             log.warning("%s; fetching %s again", problem, data_cfg.dataset)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_cfg.dataset}.", dir=root))
     try:
-        meta = kind.fetch_function()(data_cfg, tmp, cache, workspace)
-        if not kind.image_folder:
-            train_x = np.load(tmp / "train_x.npy", mmap_mode="r")
-            test_x = np.load(tmp / "test_x.npy", mmap_mode="r")
-            mean, std = _channel_stats(np.asarray(train_x))
-            meta.update(num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]),
-                        image_shape=list(train_x.shape[1:]), mean=mean, std=std)
-            meta["files"] = {f.name: md5sum(f) for f in sorted(tmp.glob("*.npy"))}
-        else:
-            meta["files"] = {f.name: md5sum(f) for f in sorted(tmp.glob("*.csv"))}
-        meta.update(wanted)
-        meta["num_classes"] = len(meta["classes"])
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.chmod(0o755)
+        try:
+            meta = _fetched_meta(kind, data_cfg, tmp, cache, workspace, wanted)
+        except DatasetError as exc:  # every refusal leaves the data fetched before as it was
+            kept = f"; the data fetched before in {out} is kept as it was" if meta_path.is_file() else ""
+            raise DatasetError(f"{exc}{kept}") from None
         _publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, True
+
+
+def _fetched_meta(kind, data_cfg, tmp: Path, cache: Path, workspace: Path | None, wanted: dict) -> dict[str, Any]:
+    """Fetch into ``tmp`` and write its meta.json; a result that loading would refuse (one class, no images) is
+    refused here, before it replaces anything."""
+    meta = kind.fetch_function()(data_cfg, tmp, cache, workspace)
+    if not kind.image_folder:
+        train_x = np.load(tmp / "train_x.npy", mmap_mode="r")
+        test_x = np.load(tmp / "test_x.npy", mmap_mode="r")
+        mean, std = _channel_stats(np.asarray(train_x))
+        meta.update(num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]),
+                    image_shape=list(train_x.shape[1:]), mean=mean, std=std)
+        meta["files"] = {f.name: md5sum(f) for f in sorted(tmp.glob("*.npy"))}
+    else:
+        meta["files"] = {f.name: md5sum(f) for f in sorted(tmp.glob("*.csv"))}
+    meta.update(wanted)
+    meta["num_classes"] = len(meta["classes"])
+    if (problem := meta_problem(dataset_dir(data_cfg, workspace), meta)) is not None:
+        where = f"data.source {data_cfg.source}" if data_cfg.source else data_cfg.dataset
+        raise DatasetError(f"{where} gives data that cannot be trained on: {problem}")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.chmod(0o755)
+    return meta

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from onecycle.core.errors import DatasetError
+from onecycle.core.values import comparable
 from onecycle.data import catalog
 
 FORMAT_VERSION = 1
@@ -201,7 +202,7 @@ def load_info(data_cfg, root: Path | None = None) -> DatasetInfo:
 def class_difference(trained_name: str, trained: list[str], info: DatasetInfo) -> str | None:
     """How a model's classes (trained on ``trained_name``) differ from the fetched dataset's, or None if they do not."""
     trained, fetched = list(trained), list(info.classes)
-    if trained == fetched:
+    if [comparable(c) for c in trained] == [comparable(c) for c in fetched]:  # as users see names (NFC, case)
         return None
     if trained_name != info.name:
         return f"it was trained on {trained_name} but data.dataset is {info.name}"
