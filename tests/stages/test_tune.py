@@ -93,6 +93,7 @@ def test_space_entries_give_bounds_add_keys_and_remove_defaults():
 def test_bad_tune_params_exit_2_naming_the_key_before_anything_is_written(tmp_path, monkeypatch, capsys, tune, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_fetched(tmp_path / "data", n_train=200, n_test=20)  # fetched: the storage is opened after the data is read
     tiny_params(tmp_path, tune=tune)
     assert tune_mod.main(["--params", "params.yaml"]) == 2
     err = capsys.readouterr().err.strip()

@@ -110,10 +110,10 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     tune = params.tune
     if threads is not None:
         params = params.replace(train={"threads": threads})
-    params = params.for_data(ws.root)  # data.val_size, data.batch_size: the counts the trials record and use
     n_trials = tune.n_trials if n_trials is None else n_trials
     goals = objective_goals(tune, params.data.val_size)
-    space = search_space(params, ws.lr_find_json)
+    space = search_space(params, ws.lr_find_json)  # the study's own params are checked before the data is read
+    params = params.for_data(ws.root)  # data.val_size, data.batch_size: the counts the trials record and use
     try:
         unsampled = trial_params(params, {})
     except ConfigError as exc:
