@@ -83,6 +83,8 @@ def test_publish_after_a_new_training_without_evaluate_registers_nothing_then_th
 
 
 def test_promote_never_moves_champion_to_a_version_whose_model_files_are_gone(trained, capsys):
+    import mlflow
+
     work = trained["path"]
     params, ws, client = trained["params"], Workspace(trained["path"]), _client(work)
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
@@ -100,7 +102,7 @@ def test_promote_never_moves_champion_to_a_version_whose_model_files_are_gone(tr
                                                                        force=f) and 0, capsys)
             assert code == 1 and len(err) == 1, err
             assert f"refused: version {best.version} of {NAME} cannot be loaded" in err[0] and "MLmodel" in err[0]
-        with pytest.raises(Exception):
+        with pytest.raises(mlflow.exceptions.MlflowException):
             client.get_model_version_by_alias(NAME, "champion")  # nothing moved
         code, out = _stage("promote", lambda: promote.run(params, ws) and 0, capsys)
         assert code == 0

@@ -3,8 +3,11 @@ so a crash leaves the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -41,6 +44,25 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
         Path(tmp).unlink(missing_ok=True)
         _name_the_target(exc, path, tmp)
         raise
+
+
+@contextlib.contextmanager
+def written_together(*paths: Path) -> Iterator[dict[Path, Path]]:
+    """``{path: where to write it}``: files of the same names in a temporary folder beside the first path; when the
+    block ends without an error they replace ``paths`` (each atomically), else they are removed, so a writer that
+    fails leaves every one of ``paths`` as it was (never a new CSV beside an old JSON)."""
+    paths = tuple(Path(p) for p in paths)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{paths[0].stem}.", dir=paths[0].parent))
+    try:
+        staged = {path: folder / path.name for path in paths}
+        yield staged
+        for path, tmp in staged.items():
+            if tmp.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_figure(fig, path: Path, **savefig_kwargs) -> None:

@@ -443,7 +443,7 @@ def fetch(data_cfg, workspace: Path | None = None) -> tuple[Path, bool]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_cfg.dataset}.", dir=root))
     try:
         try:
-            meta = _fetched_meta(kind, data_cfg, tmp, cache, workspace, wanted)
+            _fetched_meta(kind, data_cfg, tmp, cache, workspace, wanted)
         except DatasetError as exc:  # every refusal leaves the data fetched before as it was
             kept = f"; the data fetched before in {out} is kept as it was" if meta_path.is_file() else ""
             raise DatasetError(f"{exc}{kept}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onecycle.core.files import atomic_write_text, save_figure
+from onecycle.core.files import atomic_write_text, save_figure, written_together
 from onecycle.core.paths import Workspace
 from onecycle.stages.command import run_command
 from onecycle.tracking.lr_find_run import log_range_test, lr_find_run
@@ -80,25 +80,29 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
     result = run_range_test(setup, optimizer=params.optimizer, lr_find=cfg, train=params.train, progress=progress)
     chosen = cfg.suggestion
     logged = {k: v for k, v in params.flat().items() if k.split(".")[0] in LOGGED_SECTIONS}
+    msg = (f"the loss never descended between lr {cfg.start_lr:g} and {result.lrs[-1]:g}; "
+           "widen lr_find.start_lr/end_lr or set schedule.max_lr to a number")
+    # the three reports replace the old ones together, and only when the sweep gave what train needs: a failed one
+    # (or any error while writing) leaves every report as it was; its curve and plot still go to its MLflow run
     with lr_find_run(params.mlflow.experiment, ws.root, params.data.dataset, device_name(setup.device),
-                     setup.precision, logged) as run_id:
-        _write_reports(params, cfg, ws, result, setup.info.digest, run_id)
-        log_range_test(run_id, result, [ws.lr_find_json, ws.lr_find_png])
+                     setup.precision, logged) as run_id, \
+            written_together(ws.lr_find_csv, ws.lr_find_json, ws.lr_find_png) as staged:
+        _write_reports(params, cfg, staged, ws, result, setup.info.digest, run_id)
+        log_range_test(run_id, result, [staged[ws.lr_find_json], staged[ws.lr_find_png]])
+        if not result.descended and params.schedule.max_lr == "auto":
+            raise NoDescentError(f"{msg}; the reports of the last sweep that did are kept")
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
     print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
           f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")
     if not result.descended:
-        msg = (f"the loss never descended between lr {cfg.start_lr:g} and {result.lrs[-1]:g}; "
-               "widen lr_find.start_lr/end_lr or set schedule.max_lr to a number")
-        if params.schedule.max_lr == "auto":
-            raise NoDescentError(msg)
         log.warning("%s (schedule.max_lr = %s is used)", msg, params.schedule.max_lr)
     return result
 
 
-def _write_reports(params, cfg, ws: Workspace, result: RangeTestResult, data_digest: str, run_id: str) -> None:
-    """reports/lr_find.csv (for ``dvc plots``), reports/lr_find.json and reports/lr_find.png; ``cfg`` is the sweep's
-    lr_find section (``num_iter`` as the data fitted it)."""
+def _write_reports(params, cfg, staged: dict[Path, Path], ws: Workspace, result: RangeTestResult, data_digest: str,
+                   run_id: str) -> None:
+    """reports/lr_find.csv (for ``dvc plots``), reports/lr_find.json and reports/lr_find.png, each written where
+    ``staged`` says; ``cfg`` is the sweep's lr_find section (``num_iter`` as the data fitted it)."""
     chosen = cfg.suggestion
     suggested = result.suggestions.get(chosen)
     report = {
@@ -113,12 +117,12 @@ def _write_reports(params, cfg, ws: Workspace, result: RangeTestResult, data_dig
     # suggested_lr/suggestion (the same on every row): the LR schedule.max_lr auto uses, which the
     # `dvc plots` template .dvc/plots/lr_range_log.json marks on its log x axis
     mark = f",{'' if suggested is None else repr(suggested)},{chosen}"
-    atomic_write_text(ws.lr_find_csv, "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
+    atomic_write_text(staged[ws.lr_find_csv], "lr,loss,smoothed_loss,suggested_lr,suggestion\n" + "".join(
         f"{lr!r},{'' if loss is None else loss},{'' if sm is None else sm}{mark}\n" for lr, loss, sm in curve))
     report["losses"] = [_finite(v) for v in result.losses]
     report["smoothed"] = [_finite(v) for v in result.smoothed]
-    atomic_write_text(ws.lr_find_json, json.dumps(report, indent=1, allow_nan=False) + "\n")
-    plot(result, chosen, ws.lr_find_png)
+    atomic_write_text(staged[ws.lr_find_json], json.dumps(report, indent=1, allow_nan=False) + "\n")
+    plot(result, chosen, staged[ws.lr_find_png])
 
 
 def _finite(v: float) -> float | None:
