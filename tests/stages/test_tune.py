@@ -602,9 +602,9 @@ def test_a_trials_command_sets_every_key_where_the_worker_differs_from_the_repos
     assert set(trial_sets(trial, {MAX_LR: 0.123456789, PCT: 0.25}, None)) == {MAX_LR, PCT, "train.epochs"}
 
 
-def test_a_signal_to_a_tune_worker_is_honoured_at_the_next_safe_point_and_a_second_one_at_once():
+def test_a_signal_to_a_tune_worker_is_honoured_at_the_next_safe_point_and_ctrl_c_again_at_once():
     """The first SIGTERM/SIGINT only requests the stop (no MLflow write is cut in half); the trial's checks, or the
-    end of the study, raise KeyboardInterrupt; a second signal raises at once."""
+    end of the study, raise KeyboardInterrupt; Ctrl-C again raises at once."""
     import signal
 
     from onecycle.tuning.studies import sigterm_interrupts

@@ -174,10 +174,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device
 class StopSignals:
     """While active (a ``with`` block), SIGINT and SIGTERM only request a stop, which the work honours at its next
     safe point, where stopping cuts nothing in half: ``fit`` between two optimizer steps (the object is its
-    ``should_stop``), so the checkpoint written then is consistent; other code at :meth:`check`. A second signal
-    raises KeyboardInterrupt at once. Leaving the block restores the previous handlers. Signals reach the main
-    thread only: in another thread nothing is installed. ``then`` says, in the warning a first signal logs, what
-    happens next."""
+    ``should_stop``), so the checkpoint written then is consistent; other code at :meth:`check`. Ctrl-C again (a
+    SIGINT after the first signal) raises KeyboardInterrupt at once; a SIGTERM after it is the same request again
+    (a DDP worker gets a job's SIGTERM both from the scheduler and through torchrun). Leaving the block restores
+    the previous handlers. Signals reach the main thread only: in another thread nothing is installed. ``then``
+    says, in the warning a first signal logs, what happens next."""
 
     def __init__(self, then: str = "stopping after this step and writing a checkpoint"):
         self.received: int | None = None
@@ -193,8 +194,10 @@ class StopSignals:
             raise KeyboardInterrupt
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is not None:
+            return
         self.received = signum
         log.warning("%s received: %s (Ctrl-C again to abort)", signal.Signals(signum).name, self.then)
 

@@ -274,8 +274,8 @@ def sigterm_interrupts():
 
     The first signal only requests the stop; the trial honours it at its next safe point (before it starts, before
     it trains, between two optimizer steps, after the study), so no MLflow write into an SQLite store is cut in half:
-    one cut mid-transaction left the store locked for the run's own end ("database is locked"). A second signal
-    raises KeyboardInterrupt at once. Optuna marks the running trial FAIL and the trial's MLflow run ends KILLED;
+    one cut mid-transaction left the store locked for the run's own end ("database is locked"). Ctrl-C again raises
+    KeyboardInterrupt at once. Optuna marks the running trial FAIL and the trial's MLflow run ends KILLED;
     killed by SIGTERM's default action instead, the trial would stay RUNNING in a journal file (which has no
     heartbeat) and its runs open, until the next worker on this machine found it (:func:`fail_dead_trials`).
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -174,3 +175,40 @@ def test_sigterm_to_a_relaunched_train_stops_its_workers_with_a_checkpoint_and_e
         except OSError:
             continue
     assert orphans == []
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_every_process_of_the_job_still_stops_the_workers_at_a_step_with_a_checkpoint(tmp_path):
+    """A scheduler that signals every process of a job (Slurm's scancel and preemption): each worker gets SIGTERM
+    from it and again through torchrun, and the second is the same request, not an abort."""
+    import signal
+
+    work = _workdir(tmp_path, "w", nproc_per_node=2, epochs=6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([BIN / "onecycle", "train"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/6"):
+            break
+    assert proc.poll() is None, "".join(lines)
+    job = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _cwd(d) == work]  # the command, torchrun, workers
+    assert len(job) >= 4, job
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped at epoch" in out or "stopped after epoch" in out, out[-3000:]  # at a step, checkpointed
+    state = ckpt.load(work / "checkpoints/last.pt")
+    assert 1 <= state["epoch"] < 6 and not state.get("finished"), out[-3000:]
+
+
+def _cwd(proc_dir: Path) -> Path | None:
+    try:
+        return Path(os.readlink(proc_dir / "cwd"))
+    except OSError:
+        return None
