@@ -169,7 +169,8 @@ def test_a_model_directory_holding_a_pickle_is_refused_and_train_s_pt2_network_l
     assert "holds no torch.export network" in err[0] and "pickled model.pth" in err[0]
     assert not marker.exists()
     # a pt2 archive beside the pickle changes nothing: a model.pth is refused
-    shutil.copy(Path(mlflow.artifacts.download_artifacts(f"{network}/data/model.pt2", dst_path=str(tmp_path))),
+    (tmp_path / "network").mkdir()
+    shutil.copy(Path(mlflow.artifacts.download_artifacts(network, dst_path=str(tmp_path / "network"))) / "data/model.pt2",
                 crafted / "data/model.pt2")
     assert predict.main([str(image), "--model-uri", str(crafted)]) == 1
     assert "pickled model.pth" in capsys.readouterr().err and not marker.exists()
