@@ -76,9 +76,20 @@ test-fast:
 repro:
 	$(BIN)/dvc repro
 
-ui:  ## a bare `mlflow ui` (the store is MLflow's default ./mlflow.db), bound to loopback; prints the runs page
-	@$(PY) -c 'from onecycle.tracking.store import ui_link; print(ui_link('"$${PORT:-5000}"'))'
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000}
+# MLflow's server imports starlette.middleware.wsgi, which Starlette deprecates with a warning in every worker at start-up:
+# MLflow's code, not ours, so that one warning is filtered (by its text and the MLflow module it is raised in).
+UI_WARNINGS := ignore:starlette.middleware.wsgi is deprecated:UserWarning:mlflow.server.fastapi_app
+
+ui:  ## a bare `mlflow ui` (the store is MLflow's default ./mlflow.db), bound to loopback; prints the runs page once it answers
+	@port=$${PORT:-5000}; \
+	link=$$($(PY) -c 'import sys; from onecycle.stages.command import guarded; from onecycle.tracking.store import ui_link; \
+		sys.exit(guarded("ui", lambda: print(ui_link(int(sys.argv[1])))))' $$port) || exit 1; \
+	PYTHONWARNINGS='$(UI_WARNINGS)' $(BIN)/mlflow ui --host 127.0.0.1 --port $$port & server=$$!; \
+	trap 'kill $$server 2>/dev/null' INT TERM; \
+	$(PY) -c 'import sys; from onecycle.stages.command import guarded; from onecycle.tracking.store import wait_for_ui; \
+		sys.exit(guarded("ui", lambda: wait_for_ui(int(sys.argv[1]), int(sys.argv[2]))))' $$port $$server \
+		&& echo "$$link" || kill $$server 2>/dev/null; \
+	wait $$server
 
 demo:  ## the demo page for models/model.pt on http://127.0.0.1:7860 (PORT=... to change): upload an image, see its top classes
 	$(BIN)/onecycle demo --port $${PORT:-7860}

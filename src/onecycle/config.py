@@ -9,9 +9,7 @@ into exit code 2 before anything is written.
 from __future__ import annotations
 
 import difflib
-import logging
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -26,8 +24,6 @@ from onecycle.training import model_registry
 from onecycle.training.optimizers import OPTIMIZERS
 from onecycle.training.policies import POLICIES
 from onecycle.training.suggest import SUGGESTERS
-
-log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -60,43 +56,15 @@ class DataConfig(_Section):
     # Folder that fetch writes data/<dataset>/ under.
     root: str = "data"
 
-    @field_validator("val_size")
+    @field_validator("val_size", "batch_size")
     @classmethod
-    def _count_fraction_or_auto(cls, v: Any) -> Any:
-        if isinstance(v, float) and not 0 < v < 1:
+    def _count_or_auto(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, float) and not 0 < v < 1:  # val_size only (batch_size takes no float)
             raise ValueError(f"must be a count (5000), a fraction of the training split in (0, 1) (0.1) or auto, "
                              f"got {v:g}")
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
+        if isinstance(v, int) and v < (info.field_name == "batch_size"):
+            raise ValueError(f"must be {'> 0' if info.field_name == 'batch_size' else '>= 0'} or auto, got {v}")
         return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_or_auto(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError(f"must be > 0 or auto, got {v}")
-        return v
-
-    @property
-    def name(self) -> str:
-        """The dataset as people name it: ``data.dataset``, or an image folder's own folder name (``images/pets``:
-        pets), in the characters a registered model's name may hold."""
-        if not catalog.kind(self.dataset).image_folder or not self.source:
-            return self.dataset
-        folder = Path(self.source).expanduser().resolve().name if self.source.strip(" /.") else ""
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.") or self.dataset
-
-    def sized(self, num_train: int, processes: int = 1) -> DataConfig:
-        """This section with ``val_size`` and ``batch_size`` as the counts they come to on a training split of
-        ``num_train`` examples (``auto`` and fractions resolved; a count the split cannot spare is an error)."""
-        from onecycle.data.store import batch_count, val_count
-
-        val = val_count(self.val_size, num_train)
-        left = num_train - val if self.train_subset is None else min(self.train_subset, num_train - val)
-        batch = batch_count(self.batch_size, left, processes)
-        if (val, batch) == (self.val_size, self.batch_size) and isinstance(self.val_size, int):
-            return self
-        return self.model_copy(update={"val_size": val, "batch_size": batch})
 
     @model_validator(mode="after")
     def _image_folder_needs_source(self) -> DataConfig:
@@ -413,26 +381,19 @@ class Params(_Section):
 
     @property
     def registered_model(self) -> str | None:
-        """The registered model's name (``mlflow.registered_model``, ``auto`` resolved per dataset), or None."""
+        """The registered model's name (``mlflow.registered_model``; auto: onecycle-<dataset>), or None."""
+        from onecycle.data.store import dataset_label
+
         name = self.mlflow.registered_model
-        return f"onecycle-{self.data.name}" if name == "auto" else name
+        return f"onecycle-{dataset_label(self.data)}" if name == "auto" else name
 
     def for_data(self, root: Path | None = None, *, note: bool = True) -> Params:
         """These params with ``data.val_size`` and ``data.batch_size`` as the counts they come to on the fetched
-        dataset (under ``root``), as the stages record and use them; with ``note``, one line says what ``auto``
-        chose on small data."""
-        from onecycle.data.store import AUTO_BATCH, load_info
+        dataset under ``root`` (:func:`onecycle.data.store.sized`), as the stages record and use them."""
+        from onecycle.data.store import load_info, sized
 
-        info = load_info(self.data, root)
-        data = self.data.sized(info.num_train, self.train.nproc_per_node)
-        if data is self.data:
-            return self
-        if note and self.data.batch_size == "auto" and data.batch_size < AUTO_BATCH:
-            steps = -(-(info.num_train - data.val_size) // data.batch_size)
-            log.info("small data: %d training examples, so batches of %d (data.batch_size auto: %d steps an epoch), "
-                     "%d of them held out for validation (data.val_size %s)", info.num_train, data.batch_size,
-                     steps, data.val_size, self.data.val_size)
-        return self.model_copy(update={"data": data})
+        data = sized(self.data, load_info(self.data, root).num_train, self.train.nproc_per_node, note=note)
+        return self if data is self.data else self.model_copy(update={"data": data})
 
     def flat(self) -> dict[str, Any]:
         """All params as {dotted.key: value}, the form MLflow records."""

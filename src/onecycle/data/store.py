@@ -22,7 +22,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from onecycle.core.values import comparable
 from onecycle.data import catalog
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def in_workspace(path: str | Path, root: Path | None = None) -> Path:
@@ -295,6 +298,32 @@ def batch_count(batch_size: int | str, n_train: int, processes: int = 1) -> int:
         return int(batch_size)
     batch = min(AUTO_BATCH, max(1, -(-n_train // MIN_STEPS_PER_EPOCH)))
     return -(-batch // processes) * processes
+
+
+def sized(data_cfg, num_train: int, processes: int = 1, *, note: bool = False):
+    """``data_cfg`` (the data section) with ``val_size`` and ``batch_size`` as the counts they come to on a training
+    split of ``num_train`` examples (:func:`val_count`, :func:`batch_count`); with ``note``, one line says what auto
+    chose when the data is small."""
+    val = val_count(data_cfg.val_size, num_train)
+    left = num_train - val if data_cfg.train_subset is None else min(data_cfg.train_subset, num_train - val)
+    batch = batch_count(data_cfg.batch_size, left, processes)
+    if (val, batch) == (data_cfg.val_size, data_cfg.batch_size) and isinstance(data_cfg.val_size, int):
+        return data_cfg
+    if note and data_cfg.batch_size == "auto" and batch < AUTO_BATCH:
+        log.info("small data: %d training examples, so batches of %d (data.batch_size auto: %d steps an epoch), "
+                 "%d held out for validation (data.val_size %s)", num_train, batch, -(-left // batch), val,
+                 data_cfg.val_size)
+    return data_cfg.model_copy(update={"val_size": val, "batch_size": batch})
+
+
+def dataset_label(data_cfg) -> str:
+    """The dataset as people name it: ``data.dataset``, or an image folder's own folder name (``images/pets``: pets),
+    in the characters a registered model's name may hold."""
+    source = data_cfg.source or ""
+    if not catalog.kind(data_cfg.dataset).image_folder or not source.strip(" /."):
+        return data_cfg.dataset
+    folder = Path(source).expanduser().resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", folder).strip("-.") or data_cfg.dataset
 
 
 def split_train_val(n: int, val_size: int | float | str, seed: int, train_subset: int | None

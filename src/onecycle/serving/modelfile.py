@@ -21,9 +21,10 @@ FORMAT = "onecycle-model/1"
 
 
 def model_bundle(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict,
-                 tta: str | None = None) -> dict[str, Any]:
+                 tta: str | None = None, trained: dict | None = None) -> dict[str, Any]:
     """What models/model.pt holds: best weights plus what rebuilds the model (``model``) and its eval transforms
-    (``augment.eval``); a published model also says its test-time augmentation (``tta``, as evaluate scored it)."""
+    (``augment.eval``); a published model also says its test-time augmentation (``tta``, as evaluate scored it);
+    ``trained`` names the training that wrote it (:func:`onecycle.serving.provenance.trained_by`)."""
     return {
         "format": FORMAT, "state_dict": state_dict,
         "model": model.model_dump(mode="json"),
@@ -31,6 +32,7 @@ def model_bundle(model: ModelConfig, augment: AugmentConfig, info, state_dict: d
                     "mean": info.mean, "std": info.std},
         "augment_eval": augment.model_dump(mode="json")["eval"],
         **({"tta": tta} if tta is not None else {}),
+        **({"trained": trained} if trained is not None else {}),
     }
 
 
@@ -40,10 +42,10 @@ def bundle_metadata(bundle: dict) -> dict:
 
 
 def save_model(model: ModelConfig, augment: AugmentConfig, info, state_dict: dict, path: Path,
-               tta: str | None = None) -> None:
+               tta: str | None = None, trained: dict | None = None) -> None:
     """Write the bundle atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save(model_bundle(model, augment, info, state_dict, tta), path)
+    ckpt.save(model_bundle(model, augment, info, state_dict, tta, trained), path)
 
 
 def load_model_bundle(path: Path, device: torch.device | str = "cpu"):

@@ -78,15 +78,16 @@ def log_classifier(run_id: str, model_file: Path, registered_model: str | None, 
             code.append(own)
         meta = {**bundle_metadata(bundle), "runtime": "onnxruntime" if onnx_file is not None else "torch",
                 **({"network_uri": network_uri} if network_uri else {}), **(metadata or {})}
-        return Model.log(
-            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"model_file": str(served_file)}, code_paths=[str(c) for c in code],
-            signature=signature,
-            input_example=pd.DataFrame({IMAGE_COLUMN: [_example_png(bundle["dataset"]["image_shape"])]}),
-            registered_model_name=registered_model or None,
-            metadata={"onecycle": meta}, pip_requirements=requirements, tags=tags,
-        )
+        with store.without_event_lines():  # the publish stage's own line names the version
+            return Model.log(
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"model_file": str(served_file)}, code_paths=[str(c) for c in code],
+                signature=signature,
+                input_example=pd.DataFrame({IMAGE_COLUMN: [_example_png(bundle["dataset"]["image_shape"])]}),
+                registered_model_name=registered_model or None,
+                metadata={"onecycle": meta}, pip_requirements=requirements, tags=tags,
+            )
 
 
 def log_served_model(run_id: str, model_file: Path, registered_model: str, tta: str, data, info,

@@ -6,8 +6,16 @@ Runtime (the registered model), or a ``model.pt`` read weights-only and run on t
 :class:`onecycle.serving.classifier.ImageClassifier`'s, from the package copy logged with the model.
 """
 
+import os
+import sys
+from typing import Any
+
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
+
+# What MLflow's scoring server (mlflow.pyfunc.scoring_server) sets in its workers' environment: the model it serves.
+SERVED_MODEL_PATH = "__pyfunc_model_path__"
 
 
 class OneCycleImageModel(PythonModel):
@@ -15,10 +23,15 @@ class OneCycleImageModel(PythonModel):
 
     def load_context(self, context):
         from onecycle.serving.classifier import ImageClassifier
+        from onecycle.serving.provenance import describe_served
 
         self.classifier = ImageClassifier(context.artifacts["model_file"])
+        if os.environ.get(SERVED_MODEL_PATH):  # a server's worker (mlflow models serve), not a validation at logging
+            print(describe_served(context.artifacts["model_file"]), file=sys.stderr, flush=True)  # which model answers
 
-    def predict(self, context, model_input, params=None):
+    # The input's type hint is MLflow 3's: a DataFrame (the signature's ``image`` column) is passed on as it is, with
+    # no type-hint validation or signature inference (the logged signature says the rest).
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         return self.classifier(model_input, params)
 
 

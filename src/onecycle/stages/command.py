@@ -18,12 +18,39 @@ from onecycle.core.errors import NO_SPACE_ERRNOS, OneCycleError, no_space_messag
 from onecycle.core.redact import install_log_filter, one_line, redact
 
 
-def setup_logging(verbose: bool = False) -> None:
+class CommandLines(logging.Formatter):
+    """Every log line of a command in the style of its own output lines: ``train: message``, ``train: warning:
+    message``; a library's line names the library (``train: warning: mlflow: ...``), and ``-v`` names every logger."""
+
+    def __init__(self, prefix: str, verbose: bool = False):
+        super().__init__()
+        self.prefix, self.verbose = prefix, verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        if self.verbose:
+            origin = f"{record.name}: "
+        else:
+            origin = "" if record.name.split(".")[0] in ("onecycle", "__main__", "root") else \
+                f"{record.name.split('.')[0]}: "
+        text = record.getMessage()
+        if record.exc_info and self.verbose:
+            text += "\n" + self.formatException(record.exc_info)
+        return f"{self.prefix}: {level}{origin}{text}"
+
+
+def setup_logging(verbose: bool = False, name: str = "onecycle") -> None:
+    """Log to stderr in the command's own style (:class:`CommandLines`, prefixed with the command ``name``)."""
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CommandLines(name.replace("-", "_"), verbose))
+    logging.basicConfig(level=level, handlers=[handler])
     # MLflow, alembic and DVC are chatty at INFO; their warnings still show.
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "optuna", "git", "numexpr"):
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "optuna", "git", "numexpr", "onnxscript",
+                  "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow's lines come here too, in this style (MLflow would give its loggers a handler of its own on import)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     install_log_filter()  # no credential (a storage URL's password) in any log line
 
 
@@ -45,7 +72,7 @@ def run_command(name: str, description: str | None, argv: Sequence[str] | None,
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, name)
     workspace_importable()
 
     def body_with_params() -> int | None:

@@ -22,6 +22,7 @@ from onecycle.core.errors import OneCycleError
 from onecycle.data import catalog
 from onecycle.serving.demo_app import DEFAULT_PORT, build_demo, launch, write_examples
 from onecycle.serving.inference import load_predictor
+from onecycle.serving.provenance import describe
 from onecycle.serving.space_export import export_space
 from onecycle.stages.command import run_command
 
@@ -61,6 +62,7 @@ def _serve(params, args) -> int:
         raise OneCycleError(f"--port {args.port} is not a TCP port (1-65535)")
     # train.device matters to a torch model only: a model.onnx (the registered model's) runs on ONNX Runtime
     predict, ds, augment_eval = load_predictor(args.model, args.model_uri, params.train.device, tta=params.evaluate.tta)
+    print(f"onecycle demo: answering with {describe(args.model, args.model_uri)}", flush=True)
     source = args.model_uri or str(args.model)
     data_dir = Path(params.data.root).expanduser() / ds.name
     with tempfile.TemporaryDirectory(prefix="onecycle-demo-") as tmp:

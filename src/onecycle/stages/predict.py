@@ -15,6 +15,7 @@ from pathlib import Path
 
 from onecycle.data.images import ImageError
 from onecycle.serving.inference import eval_transform, load_predictor, preprocess, top_k
+from onecycle.serving.provenance import describe
 from onecycle.stages.command import run_command
 
 
@@ -31,6 +32,7 @@ def _run(params, args) -> int:
     # models/model.pt is scored with evaluate.tta, as evaluate scores it; a registered model with its own.
     # train.device matters to a torch model only: a model.onnx (the registered model's) runs on ONNX Runtime
     predict, ds, augment_eval = load_predictor(args.model, args.model_uri, params.train.device, tta=params.evaluate.tta)
+    print(f"predict: {describe(args.model, args.model_uri)}", file=sys.stderr, flush=True)  # which model answers
     transform = eval_transform(ds, augment_eval)
     failures = 0
     for path in args.images:

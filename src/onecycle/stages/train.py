@@ -27,6 +27,7 @@ from onecycle.core.paths import Workspace
 from onecycle.core.redact import one_line
 from onecycle.data.store import load_info
 from onecycle.serving.modelfile import save_model
+from onecycle.serving.provenance import trained_by
 from onecycle.stages.command import run_command
 from onecycle.tracking import runs, store, training_run
 from onecycle.training import checkpoint as ckpt
@@ -130,7 +131,8 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
 def _write_outputs(params, setup: Setup, ws: Workspace, state_dict: dict, summary: dict, run_id: str) -> None:
     """models/model.pt, reports/train.json (DVC metrics: numbers only) and reports/runs.json (the MLflow run ids
     of these outputs: the training's, and the LR range test's it used)."""
-    save_model(params.model, params.augment, setup.info, state_dict, ws.model)
+    save_model(params.model, params.augment, setup.info, state_dict, ws.model,
+               trained=trained_by(run_id, runs.run_name("") or None))  # predict and the demo name it
     atomic_write_text(ws.train_json, json.dumps(summary, indent=2) + "\n")
     lr_run = lr_find_run_id(ws.lr_find_json)
     run_ids = {"train": run_id, "lr_find": lr_run if runs.run_exists(lr_run) else None}  # ids that resolve here

@@ -13,6 +13,7 @@ No module imports ``mlflow`` at load time: :func:`mlflow` imports it on first us
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sqlite3
@@ -95,6 +96,24 @@ def mlflow():
 
     warnings.filterwarnings("ignore", module="mlflow")
     return _mlflow
+
+
+@contextlib.contextmanager
+def without_event_lines():
+    """MLflow's own progress lines (``Successfully registered model``, ``Created version``) are not printed in this
+    block: the command's line says what was registered."""
+    from mlflow.utils import logging_utils
+
+    class _Unprinted(io.StringIO):
+        enabled = False  # MLflow turns its stream back on (enable_logging) while it validates the model: no effect here
+
+    # eprint() writes to the module's stream as it finds it at each call; MLflow has no switch for these lines alone
+    saved = logging_utils.MLFLOW_LOGGING_STREAM
+    logging_utils.MLFLOW_LOGGING_STREAM = _Unprinted()
+    try:
+        yield
+    finally:
+        logging_utils.MLFLOW_LOGGING_STREAM = saved
 
 
 def configure(experiment: str | None, root: Path | None = None) -> str | None:
@@ -205,8 +224,31 @@ def runs_page_url(experiment_id: str, port: int = 5000, host: str = "127.0.0.1")
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def wait_for_ui(port: int, server_pid: int | None = None, seconds: float = 600, host: str = "127.0.0.1") -> None:
+    """Return once ``mlflow ui`` on ``port`` answers its health check; one line if the server (``server_pid``) exits
+    first or does not answer within ``seconds``."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
+                return
+        except OSError:  # not listening yet, or starting its workers
+            pass
+        if server_pid is not None:
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                raise OneCycleError(f"mlflow ui exited before it answered on port {port} (see its lines above)") from None
+        time.sleep(0.5)
+    raise OneCycleError(f"mlflow ui did not answer on port {port} within {seconds:.0f} s")
+
+
 def ui_link(port: int = 5000, params_path: str | Path = "params.yaml") -> str:
-    """What ``make ui`` prints: the runs page of ``mlflow.experiment`` in the workspace's store."""
+    """What ``make ui`` prints once the server answers (:func:`wait_for_ui`): the runs page of ``mlflow.experiment``
+    in the workspace's store (made ready here, before the server starts, so the two never create it at once)."""
     from onecycle.config import load_params
 
     experiment = load_params(params_path).mlflow.experiment if Path(params_path).is_file() else "onecycle"

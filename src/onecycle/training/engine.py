@@ -19,7 +19,7 @@ from torch import nn
 from onecycle.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from onecycle.core.errors import OneCycleError
 from onecycle.data.loaders import build_split, make_device_loader, make_loader
-from onecycle.data.store import DatasetInfo, load_info
+from onecycle.data.store import DatasetInfo, load_info, sized
 from onecycle.training.checkpoint import rng_state, set_rng_state
 from onecycle.training.models import build_model, init_whitening, tta_logits
 
@@ -265,7 +265,7 @@ def build_setup(data: DataConfig, augment: AugmentConfig, model: ModelConfig, tr
     from onecycle.training import distributed as dist
 
     info = load_info(data, root)
-    data = data.sized(info.num_train, train.nproc_per_node)  # val_size, batch_size: auto and fractions as counts
+    data = sized(data, info.num_train, train.nproc_per_node)  # val_size, batch_size: auto and fractions as counts
     tcfg = train  # short: read on most lines below
     configure_threads(tcfg.threads)
     device = resolve_device(tcfg.device)

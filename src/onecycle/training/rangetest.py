@@ -20,6 +20,16 @@ import numpy as np
 from onecycle.config import LRFindConfig, OptimizerConfig, TrainConfig
 from onecycle.training.suggest import SUGGESTERS
 
+# A sweep over more passes of the training split than this measures the loss on batches it has already trained on.
+MAX_SWEEP_EPOCHS = 4
+MIN_SWEEP_STEPS = 10  # lr_find.num_iter's least
+
+
+def fitted_num_iter(num_iter: int, steps_per_epoch: int) -> int:
+    """``lr_find.num_iter``, capped to what the training split gives: :data:`MAX_SWEEP_EPOCHS` passes over its
+    ``steps_per_epoch`` batches, and never below :data:`MIN_SWEEP_STEPS`."""
+    return min(num_iter, max(MIN_SWEEP_STEPS, MAX_SWEEP_EPOCHS * steps_per_epoch))
+
 
 # A sweep over more passes of the training split than this measures the loss on batches it has already trained on.
 MAX_SWEEP_EPOCHS = 4

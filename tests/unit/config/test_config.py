@@ -11,6 +11,7 @@ import yaml
 from conftest import PYTHON, _write_params, defaults
 from onecycle.config import Params, load_params, parse_params
 from onecycle.core.errors import ConfigError
+from onecycle.data.store import sized
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -20,8 +21,8 @@ def test_defaults_load_with_the_documented_values():
     assert p.data.dataset == "fashion_mnist" and p.data.source is None and p.data.val_size == "auto"
     assert p.model.name == "resnet9" and p.model.stem == "cifar" and p.model.width == 0.25  # as params.yaml
     assert p.data.batch_size == "auto" and p.train.channels_last is True
-    sized = p.data.sized(60_000)  # Fashion-MNIST's training split: 5000 held out, batches of 256, as always
-    assert (sized.val_size, sized.batch_size) == (5000, 256)
+    fashion = sized(p.data, 60_000)  # Fashion-MNIST's training split: 5000 held out, batches of 256, as always
+    assert (fashion.val_size, fashion.batch_size) == (5000, 256)
     assert p.schedule.max_lr == "auto" and p.schedule.pct_start == 0.25 and p.schedule.anneal_strategy == "cos"
     assert p.lr_find.start_lr == 1e-3 and p.lr_find.end_lr == 10.0 and p.lr_find.num_iter == 30
     assert p.optimizer.name == "sgd" and p.optimizer.betas == (0.9, 0.999)
