@@ -31,17 +31,6 @@ def fitted_num_iter(num_iter: int, steps_per_epoch: int) -> int:
     return min(num_iter, max(MIN_SWEEP_STEPS, MAX_SWEEP_EPOCHS * steps_per_epoch))
 
 
-# A sweep over more passes of the training split than this measures the loss on batches it has already trained on.
-MAX_SWEEP_EPOCHS = 4
-MIN_SWEEP_STEPS = 10  # lr_find.num_iter's least
-
-
-def fitted_num_iter(num_iter: int, steps_per_epoch: int) -> int:
-    """``lr_find.num_iter``, capped to what the training split gives: :data:`MAX_SWEEP_EPOCHS` passes over its
-    ``steps_per_epoch`` batches, and never below :data:`MIN_SWEEP_STEPS`."""
-    return min(num_iter, max(MIN_SWEEP_STEPS, MAX_SWEEP_EPOCHS * steps_per_epoch))
-
-
 def lr_schedule(start_lr: float, end_lr: float, num_iter: int, mode: str = "exp") -> np.ndarray:
     """The LR of each of ``num_iter`` steps: lr[0] = start_lr, lr[-1] = end_lr, geometric or evenly spaced."""
     i = np.arange(num_iter, dtype=np.float64) / (num_iter - 1)
