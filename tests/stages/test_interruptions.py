@@ -372,6 +372,7 @@ def test_a_one_epoch_run_of_four_steps_is_refused_in_one_line_before_any_run(tmp
 
 @pytest.mark.slow
 def test_a_changed_dataset_starts_fresh_in_one_line_instead_of_crashing(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="onecycle")  # starting fresh is a note
     params, ws = _tiny_train(tmp_path, monkeypatch, epochs=3)
     assert _train(params, ws, step_fn=_step_failing_at(12, KeyboardInterrupt())) == 130  # in epoch 2
     first = ckpt.load(tmp_path / "checkpoints/last.pt")
@@ -389,6 +390,7 @@ def test_a_checkpoint_of_another_architecture_device_or_precision_is_not_resumed
     from onecycle.config import parse_params
     from onecycle.training.resume import find_resume_state
 
+    caplog.set_level("INFO", logger="onecycle")  # starting fresh is a note
     params = parse_params({"train": {"device": "cpu"}})
     identity = {"architecture": "a1", "train_images": 100, "steps_per_epoch": 2, "device": "cpu",
                 "precision": "None", "processes": 1}
@@ -404,6 +406,7 @@ def test_a_best_checkpoint_of_another_configuration_is_not_used(tmp_path, caplog
     from onecycle.config import parse_params
     from onecycle.training.resume import find_resume_state
 
+    caplog.set_level("INFO", logger="onecycle")  # starting fresh is a note
     params = parse_params({"train": {"device": "cpu"}})
     ckpt.save({"config_hash": "mine", "epoch": 1, "mlflow_run_id": None}, tmp_path / "last.pt")
     ckpt.save({"config_hash": "other", "model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "best.pt")

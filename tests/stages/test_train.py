@@ -247,6 +247,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, policy):
 def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workdir, caplog):
     from onecycle.stages.train import main
 
+    caplog.set_level("INFO", logger="onecycle")  # starting fresh is a note
     tiny_params(workdir, train={"epochs": 1})
     assert main(["--params", "params.yaml"]) == 0
     first = json.loads((workdir / "reports/runs.json").read_text())["train"]
@@ -255,7 +256,7 @@ def test_a_changed_configuration_starts_fresh_and_keeps_the_old_checkpoint(workd
     assert main(["--params", "params.yaml"]) == 0
     second = json.loads((workdir / "reports/runs.json").read_text())["train"]
     assert second != first
-    assert "different configuration" in caplog.text
+    assert "new configuration" in caplog.text
     old = ckpt.load(workdir / "checkpoints/previous" / first_hash / "last.pt")
     assert old["mlflow_run_id"] == first
     tiny_params(workdir, train={"epochs": 1})  # back to the first: the second run's checkpoints move aside too

@@ -2,8 +2,10 @@
 
 A ``checkpoints/last.pt`` is continued only when it holds the same configuration (the params' hash) and the
 same :func:`resume_identity` (architecture, dataset size, device, precision, processes); otherwise it moves,
-with ``best.pt`` and the finalization record, to ``checkpoints/previous/<its config hash>/`` (never deleted)
-and training starts fresh, with one line saying why. Finalization progress is ``checkpoints/finalize.json``.
+with ``best.pt`` and the finalization record, to ``checkpoints/previous/<its config hash>/`` and training starts
+fresh, with one line saying so (every ``dvc exp run`` of new params does this: a note, not a warning).
+``checkpoints/previous/`` keeps the last :data:`PREVIOUS_KEPT` configurations moved there; older ones are deleted.
+Finalization progress is ``checkpoints/finalize.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from onecycle.training.engine import Setup
 log = logging.getLogger(__name__)
 
 FINALIZE_STATE = "finalize.json"  # in the checkpoint folder: the finalization steps done, for which run
+PREVIOUS_KEPT = 5  # configurations whose checkpoints checkpoints/previous/ keeps (the most recently moved there)
 
 
 def resume_identity(setup: Setup) -> dict:
@@ -43,7 +47,7 @@ def resume_identity(setup: Setup) -> dict:
 def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoint_dir: Path) -> str | None:
     last = checkpoint_dir / "last.pt"
     if state.get("config_hash") != config_id:
-        return f"{last} is from a different configuration (hash {state.get('config_hash')}, now {config_id})"
+        return f"new configuration {config_id} ({last} is of configuration {state.get('config_hash')})"
     old = state.get("identity")
     if identity is not None and isinstance(old, dict):
         changed = [f"{k} {old.get(k)} -> {v}" for k, v in identity.items() if old.get(k) != v]
@@ -73,14 +77,14 @@ def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
     if not last.exists():
         return None
     if not train.resume:
-        log.warning("train.resume is false: starting fresh; the old checkpoints move to %s", checkpoint_dir / "previous")
-        _move_aside(checkpoint_dir)
+        log.info("train.resume is false: training from the start; the earlier checkpoints are kept in %s",
+                 _move_aside(checkpoint_dir))
         return None
     state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
     reason = _why_not_resume(state, config_id, identity, checkpoint_dir)
     if reason:
-        log.warning("%s: starting fresh; the old checkpoints move to %s", reason,
-                    _move_aside(checkpoint_dir, state.get("config_hash")))
+        log.info("%s: training from the start; the earlier checkpoints are kept in %s (the last %d configurations')",
+                 reason, _move_aside(checkpoint_dir, state.get("config_hash")), PREVIOUS_KEPT)
         return None
     if state.get("finished") and _finalized(state, checkpoint_dir, run_finished):
         log.info("the run in %s finished; training again from scratch", last)
@@ -99,7 +103,8 @@ def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
 
 
 def _move_aside(checkpoint_dir: Path, old_hash: str | None = None) -> Path:
-    """Move the checkpoints (and finalization record) to ``previous/<their config hash>/``; never delete any."""
+    """Move the checkpoints (and finalization record) to ``previous/<their config hash>/``; of the folders there, keep
+    the :data:`PREVIOUS_KEPT` moved last."""
     if old_hash is None:
         try:
             old_hash = ckpt.load(checkpoint_dir / "last.pt").get("config_hash")
@@ -114,6 +119,9 @@ def _move_aside(checkpoint_dir: Path, old_hash: str | None = None) -> Path:
     for f in [*checkpoint_dir.glob("*.pt"), checkpoint_dir / FINALIZE_STATE]:
         if f.is_file():
             f.replace(dest / f.name)
+    older = sorted((d for d in dest.parent.iterdir() if d.is_dir() and d != dest), key=lambda d: d.stat().st_mtime)
+    for folder in older[:max(0, len(older) + 1 - PREVIOUS_KEPT)]:
+        shutil.rmtree(folder, ignore_errors=True)
     return dest
 
 
