@@ -166,3 +166,29 @@ def test_a_study_deleted_while_a_worker_runs_ends_it_in_one_line(workdir, capsys
     assert "Record does not exist" not in line
     assert optuna.get_all_study_summaries(_plain(_journal(workdir))) == []
 
+
+
+def test_the_next_write_removes_what_a_writer_killed_mid_write_left(tmp_path):
+    import subprocess
+    import sys
+
+    from onecycle.core.files import atomic_write_text, written_together
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "metrics.json").write_text("the previous metrics")
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from onecycle.core.files import _temp_prefix\n"
+        f"folder = Path({str(reports)!r})\n"
+        "tempfile.mkstemp(prefix=_temp_prefix(folder, 'metrics.json'), dir=folder)\n"
+        "tempfile.mkdtemp(prefix=_temp_prefix(folder, 'lr_find'), dir=folder)\n"
+        "os.kill(os.getpid(), 9)\n")])
+    assert killed.returncode == -9
+    left = sorted(p.name for p in reports.iterdir() if p.name.startswith("."))
+    assert len(left) == 2 and (reports / "metrics.json").read_text() == "the previous metrics"
+    atomic_write_text(reports / "metrics.json", "new")
+    with written_together(reports / "lr_find.json") as staged:
+        staged[reports / "lr_find.json"].write_text("{}")
+    assert sorted(p.name for p in reports.iterdir()) == ["lr_find.json", "metrics.json"]
