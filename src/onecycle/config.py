@@ -555,8 +555,10 @@ def read_yaml(path: Path, text: str | None = None) -> Any:
     from ruamel.yaml.constructor import DuplicateKeyError
     from ruamel.yaml.error import YAMLError
 
-    try:
-        return YAML(typ="safe", pure=True).load(Path(path).read_text() if text is None else text)
+    if text is None and Path(path).stat().st_size > 16 * 2**20:  # no params file or report is that large
+        raise ConfigError(f"{path} is larger than 16 MiB: not a params file")
+    try:  # bytes: UTF-8, or UTF-16/32 with a byte-order mark, as YAML allows; anything else is one line
+        return YAML(typ="safe", pure=True).load(Path(path).read_bytes() if text is None else text)
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -570,9 +572,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file (a missing file means all defaults is NOT assumed: it is an error)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file {path} not found (pass --params PATH)")
+        what = "is not a file" if path.exists() else "not found"
+        raise ConfigError(f"params file {path} {what} (pass --params PATH)")
     raw = read_yaml(path)
     if raw is None or raw == {}:  # an empty (or comments-only) file would silently mean every default
         raise ConfigError(f"{path} is empty (or only comments): put the sections to use in it "
                           f"(the repository's: `git checkout {path.name}`)")
+    if not isinstance(raw, dict):  # a text of another encoding, a list: not params
+        raise ConfigError(f"{path} holds no params (a mapping of sections such as train: and data:), "
+                          f"but a YAML {type(raw).__name__}")
     return parse_params(raw)

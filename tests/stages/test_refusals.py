@@ -192,3 +192,23 @@ def test_the_next_write_removes_what_a_writer_killed_mid_write_left(tmp_path):
     with written_together(reports / "lr_find.json") as staged:
         staged[reports / "lr_find.json"].write_text("{}")
     assert sorted(p.name for p in reports.iterdir()) == ["lr_find.json", "metrics.json"]
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: d.joinpath("p.yaml").write_bytes(b"\xff\xfe\x00\x01\x02binary") and d / "p.yaml", "p.yaml "),
+    (lambda d: d.joinpath("p.yaml").write_bytes(b"train:\n  epochs: \x80\n") and d / "p.yaml", "is not valid YAML"),
+    (lambda d: d.joinpath("p.yaml").write_bytes(b"- a\n- b\n") and d / "p.yaml", "holds no params"),
+    (lambda d: d.joinpath("p.yaml").write_bytes(b"#" * (17 * 2**20)) and d / "p.yaml", "larger than 16 MiB"),
+    (lambda d: d, "is not a file"),
+    (lambda d: Path("/dev/zero"), "/dev/zero is not a file"),
+])
+def test_a_params_file_of_any_encoding_or_file_type_is_one_line(workdir, capsys, make, says):
+    assert train_mod.main(["--params", str(make(workdir))]) == 2
+    assert says in _one_line(capsys, "train")
+
+
+def test_a_utf16_params_file_with_its_byte_order_mark_is_read(workdir):
+    from onecycle.config import load_params
+
+    (workdir / "p.yaml").write_bytes("train:\n  epochs: 3\n".encode("utf-16"))
+    assert load_params(workdir / "p.yaml").train.epochs == 3
