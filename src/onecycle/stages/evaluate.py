@@ -175,6 +175,7 @@ def _score(params, model, info, device) -> tuple:
     loader = make_loader(test_ds, params.data.batch_size, shuffle=False, seed=0, num_workers=params.data.num_workers)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    log.info("scoring the %d test images (test-time augmentation: %s)", len(test_ds), params.evaluate.tta)
     # fp32, whatever precision trained the model: predict and the served model score in fp32, so the metrics
     # (and the registry's test top-1) describe what they answer
     out = evaluate(model, loader, device, None, params.train.channels_last, collect=True, tta=params.evaluate.tta)

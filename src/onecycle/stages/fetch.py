@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from onecycle.core.words import count
 from onecycle.data import catalog
 from onecycle.data.fetchers import fetch
 from onecycle.data.store import load_info
@@ -22,8 +23,8 @@ def _run(params, args) -> int:
     out, wrote = fetch(params.data)
     info = load_info(params.data)
     state = "fetched" if wrote else "up to date:"
-    print(f"{state} {info.name} -> {out} ({info.num_train} train / {info.num_test} test images, "
-          f"{info.num_classes} classes, {'x'.join(map(str, info.image_shape))}, from {info.source})")
+    print(f"{state} {info.name} -> {out} ({info.num_train} train / {count(info.num_test, 'test image')}, "
+          f"{count(info.num_classes, 'class', 'classes')}, {'x'.join(map(str, info.image_shape))}, from {info.source})")
     watched = WATCHED_IMAGES.resolve()
     source = Path(info.source)
     if catalog.kind(params.data.dataset).image_folder and watched != source and watched not in source.parents:

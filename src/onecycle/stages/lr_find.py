@@ -17,6 +17,7 @@ import numpy as np
 
 from onecycle.core.files import atomic_write_text, save_figure, written_together
 from onecycle.core.paths import Workspace
+from onecycle.core.words import count
 from onecycle.stages.command import run_command
 from onecycle.tracking.lr_find_run import log_range_test, lr_find_run
 from onecycle.training.lr_report import NoDescentError, measured_on
@@ -92,7 +93,7 @@ def run(params, ws: Workspace, *, progress: bool = True) -> RangeTestResult:
         if not result.descended and params.schedule.max_lr == "auto":
             raise NoDescentError(f"{msg}; the reports of the last sweep that did are kept")
     sugg = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} -" for k, v in result.suggestions.items())
-    print(f"lr_find: {len(result.lrs)} steps ({result.reason}); suggestions: {sugg}; "
+    print(f"lr_find: {count(len(result.lrs), 'step')} ({result.reason}); suggestions: {sugg}; "
           f"using {chosen} -> {ws.lr_find_json}, {ws.lr_find_png}")
     if not result.descended:
         log.warning("%s (schedule.max_lr = %s is used)", msg, params.schedule.max_lr)

@@ -78,6 +78,8 @@ def run(params, ws: Workspace) -> dict:
     else:
         runs.finished_model(run_id, "model")  # drops a classifier an interrupted publish left PENDING
         network = runs.finished_model(run_id, "network")  # train's raw network: its URI goes in the metadata
+        log.info("exporting %s to ONNX, checking it against torch on the %s test split, registering it as %s",
+                 ws.model, info.name, name)
         logged, served = log_served_model(run_id, ws.model, name, tta, params.data, info, tags={RECIPE_TAG: recipe},
                                           network_uri=f"models:/{network}" if network else None)
         if "error" in served["onnx_check"]:

@@ -25,6 +25,7 @@ from onecycle.core.errors import OneCycleError
 from onecycle.core.files import atomic_write_text
 from onecycle.core.paths import Workspace
 from onecycle.core.redact import one_line
+from onecycle.core.words import count
 from onecycle.data.store import load_info
 from onecycle.serving.modelfile import save_model
 from onecycle.serving.provenance import trained_by
@@ -99,8 +100,9 @@ def _run(params, ws: Workspace, max_lr: float, config_id: str, main: bool, step_
             training_run.record_training_start(params, setup, ws, max_lr, found, {"processes": str(dist.world_size())})
         if resume_state is not None:
             training_run.reconcile_metrics(params, max_lr, len(setup.train_loader), resume_state, logger)
-        print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, {params.train.epochs} "
-              f"epochs of {len(setup.train_loader)} steps, max_lr {max_lr:.3g}, device {device_name(setup.device)}, "
+        print(f"train: {params.model.name} (width {params.model.width}) on {setup.info.name}, "
+              f"{count(params.train.epochs, 'epoch')} of {count(len(setup.train_loader), 'step')}, max_lr {max_lr:.3g}, "
+              f"device {device_name(setup.device)}, "
               f"{setup.precision}"
               f"{f' x {dist.world_size()} processes' if dist.world_size() > 1 else ''}; MLflow run {run_id}")
         hooks = training_run.checkpointing_hooks(ws, config_id, run_id, logger, resume_state is not None, identity)

@@ -97,6 +97,7 @@ def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -
     smoother = LossSmoother(lr_cfg.smooth)
     reason = "completed"
     bar = tqdm(total=lr_cfg.num_iter, desc="lr_find", unit="step", disable=None if progress else True, leave=False)
+    every = max(1, lr_cfg.num_iter // 5) if progress and bar.disable else 0  # no terminal: a line a fifth of the way
     for lr in lrs:
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
@@ -113,6 +114,8 @@ def range_test(model, optimizer, batches, step, lr_cfg, progress: bool = True) -
         best = min(best, sm)
         bar.update(1)
         bar.set_postfix(lr=f"{lr:.2e}", loss=f"{sm:.3f}")
+        if every and len(used) % every == 0 and len(used) < lr_cfg.num_iter:
+            print(f"lr_find: step {len(used)} of {lr_cfg.num_iter}: lr {lr:.2e}, smoothed loss {sm:.3f}", flush=True)
         if sm > lr_cfg.diverge * best:
             reason = f"smoothed loss {sm:.3g} exceeded {lr_cfg.diverge:g} x best {best:.3g} at lr {lr:.3g}"
             break

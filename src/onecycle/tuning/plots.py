@@ -54,6 +54,7 @@ def write_plots(study, metric: str, out: Path) -> list[Path]:
             warnings.simplefilter("ignore")
             try:
                 fig = np.ravel(draw())[0].figure
+                _readable_log_ticks(fig)
             except Exception as exc:
                 log.warning("tune: skipped the %s plot (%s)", name, " ".join(str(exc).split())[:160])
                 plt.close("all")
@@ -62,6 +63,19 @@ def write_plots(study, metric: str, out: Path) -> list[Path]:
             save_figure(fig, path, dpi=110, bbox_inches="tight")
         written.append(path)
     return written
+
+
+def _readable_log_ticks(fig) -> None:
+    """Label a log axis at 1, 2 and 5 of each decade, as plain numbers (0.05, 0.1, 0.2): matplotlib's own labels of a
+    range within a decade (a max_lr search) are 2x10^-1, 3x10^-1, ... at every minor tick, and overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
 
 
 def _first_value(trial) -> float:
