@@ -188,7 +188,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
 def test_a_params_file_that_is_not_a_mapping_is_refused(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("- data\n- model\n")
-    with pytest.raises(ConfigError, match="^params must be a mapping of sections, got list$"):
+    with pytest.raises(ConfigError, match=r"params.yaml holds no params \(a mapping of sections .* but a YAML list$"):
         load_params(path)
 
 
