@@ -146,11 +146,11 @@ def run(params, ws: Workspace) -> dict:
     run_id = _training_run(params, ws)  # before the work: a deleted run is refused now, not after the reports
     test_ds, out = _score(params, model, info, device)
     metrics, table = _write_reports(params, ws, info, test_ds, out)
-    # last: publish registers models/model.pt only if this record says metrics.json measured that very file
-    measured.record(ws.evaluated_model_json, ws.model, model_sha256, params.evaluate.tta, ws.metrics_json)
     if run_id:
         log_evaluation(run_id, params.data, ws.root, metrics, table,
                        [ws.metrics_json, ws.per_class_csv, ws.confusion_png, ws.misclassified_png])
+    # last: publish registers models/model.pt only if this record says a finished evaluation measured that very file
+    measured.record(ws.evaluated_model_json, ws.model, model_sha256, params.evaluate.tta, ws.metrics_json)
     print(f"evaluate: test loss {out['loss']:.4f}, top1 {out['top1']:.4f}, top5 {out['top5']:.4f} on {out['n']} "
           f"images -> {ws.metrics_json}, {ws.per_class_csv}, {ws.confusion_png}, {ws.misclassified_png}")
     return metrics
