@@ -272,7 +272,9 @@ def test_mlflow_ui_shows_the_run_and_its_artifacts(repo):
             f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}", timeout=30).read())
         assert {"history.csv", "model_summary.txt"} <= {f["path"] for f in arts["files"]}
         exp_id = got["run"]["info"]["experiment_id"]
-        printed = [ui.stdout.readline() for _ in range(3)]  # the link comes before the server's own lines
+        printed = []  # the link comes once the server answers, after the server's own start-up lines
+        while not any("MLflow UI: " in line for line in printed) and len(printed) < 200:
+            printed.append(ui.stdout.readline())
         assert f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning\n" in [
             line.split("MLflow UI: ")[-1] for line in printed], printed
     finally:
@@ -474,9 +476,9 @@ def test_training_against_an_mlflow_tracking_server(repo, tmp_path):
         server.wait(timeout=30)
 
 
-# The README's "at a glance" view: the headline metrics and the schedule's knobs (DVC 3 has no setting for the
-# default columns: plain `dvc exp show` lists every key of params.yaml and every dependency).
-GLANCE = ["--drop", ".*", "--keep", r"Experiment|Created|test\.|best_val_top1|best_epoch|"
+# The README's "at a glance" view: the dataset, the headline metrics and the schedule's knobs (DVC 3 has no setting
+# for the default columns: plain `dvc exp show` lists every key of params.yaml and every dependency).
+GLANCE = ["--drop", ".*", "--keep", r"Experiment|Created|data\.dataset$|test\.|best_val_top1|best_epoch|"
           r"schedule\.(max_lr|pct_start|div_factor)$|train\.epochs$"]
 
 
@@ -500,6 +502,7 @@ def test_dvc_exp_show_has_the_headline_metrics_and_no_per_class_or_run_id_column
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert len(header) <= 20 and "test.top1" in header and "test.worst_class" in header, header
     assert "schedule.max_lr" in header and not any("per_class" in c or "run_id" in c for c in header), header
+    assert "data.dataset" in header, header  # which data each experiment trained on
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
