@@ -1,3 +1,4 @@
 """The bottom layer, used by every other: user-facing errors (``errors``), credential masking (``redact``),
-atomic file writes (``files``), the workspace's artifact paths (``paths``) and counts in words (``words``).
+atomic file writes (``files``), the workspace's artifact paths (``paths``), counts in words (``words``), what a
+value must be where it goes (``values``) and which model file an evaluation measured (``measured``).
 Imports nothing else of onecycle, and no third-party package at load time."""
