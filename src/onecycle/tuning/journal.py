@@ -154,6 +154,9 @@ def _backend_class():
                     f.write(text.encode("utf-8"))
                     f.flush()
                     os.fsync(f.fileno())
+            except OSError as exc:  # a full disk: one line naming the file; the torn tail is cut next time
+                exc.filename = exc.filename or self._file_path
+                raise
             finally:
                 self._lock.release()
 

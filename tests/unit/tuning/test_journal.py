@@ -105,3 +105,31 @@ def test_a_storage_string_that_cannot_keep_a_study_is_refused_from_params_and_fr
         parse_params({"tune": {"storage": url}})
     with pytest.raises(ConfigError, match="^OPTUNA_STORAGE .*" + message):
         open_storage(url, Path("unused.journal"), key="OPTUNA_STORAGE")
+
+
+def test_a_write_cut_by_the_file_size_limit_is_one_error_naming_the_journal_and_the_next_worker_goes_on(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "study.journal"
+    _study_with_trials(path, n=1)
+    size = path.stat().st_size
+    script = (  # a worker whose append hits the file size limit (as a full disk would) in the middle of a record
+        "import resource, signal, sys, optuna\n"
+        "from pathlib import Path\n"
+        "from onecycle.tuning.studies import open_storage\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"storage, _ = open_storage({str(path)!r}, Path('unused'))\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size} + 20, {size} + 20))\n"
+        "try:\n"
+        "    optuna.create_study(storage=storage, study_name='x' * 200)\n"
+        "except OSError as exc:\n"
+        "    print(exc.filename, exc.errno)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [str(path), "27"], out.stderr  # EFBIG, naming the journal
+    assert path.stat().st_size == size + 20 and not path.read_bytes().endswith(b"\n")  # a torn record
+
+    storage, _ = open_storage(str(path), path)
+    optuna.create_study(storage=storage, study_name="next")
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(_plain_optuna(path))) == ["next", "s"]
+    assert len(list(tmp_path.glob("study.journal.torn-*"))) == 1
