@@ -79,10 +79,28 @@ def _serve(params, args) -> int:
                   f"machine on port {args.port} can use the page", file=sys.stderr)
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"onecycle demo: {source} on http://{shown}:{args.port}/ (Ctrl-C stops it)", flush=True)
+
+        stopping = []
+
+        def stop(signum, frame):  # Ctrl-C or `kill`: close the server (Gradio reports an interrupt in its own words)
+            stopping.append(signum)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+            demo.close(verbose=False)
+
+        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGINT, stop)
         try:
             launch(demo, args.host, args.port, quiet=True)
-        except OSError as exc:
-            raise OneCycleError(f"cannot serve on {args.host}:{args.port}: {' '.join(str(exc).split())}") from None
+        except Exception as exc:
+            if stopping:  # stopped while Gradio was starting: its start-up check fails on the closed server
+                pass
+            elif isinstance(exc, OSError):
+                raise OneCycleError(f"cannot serve on {args.host}:{args.port}: {' '.join(str(exc).split())}") from None
+            else:
+                raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    print("onecycle demo: stopped", flush=True)
     return 0
 
 
