@@ -37,6 +37,8 @@ class OnnxScorer:
             raise OneCycleError(f"{path} runs on ONNX Runtime, which is not installed: pip install onnxruntime") from None
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no notes about unused initializers on every start
+        # idle pool threads sleep instead of spinning: a server shares its cores with decoding and other requests
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime raises its own exception types
