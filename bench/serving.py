@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     print(f"serving benchmark: {model_file} (tta {tta}) on {_cpu()}, python {platform.python_version()}; "
           f"work folder {work}", flush=True)
     try:
-        return _measure(args, work, model_file, tta, images, params.data.batch_size if params else 256)
+        batch = params.data.batch_size if params is not None else "auto"
+        return _measure(args, work, model_file, tta, images, batch if isinstance(batch, int) else 256)  # auto: 256
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
