@@ -122,7 +122,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     storage, where = open_storage(url, ws.journal, key=source)
     experiment_id = store.configure(params.mlflow.experiment, ws.root)
     study, created = open_study(storage, params)
-    check_fixed(study, fixed_params(unsampled.flat(), set(space)), force)
+    check_fixed(study, storage, fixed_params(unsampled.flat(), set(space)), force)
     for dead, note in fail_dead_trials(study):  # its worker died on this machine (kill -9): FAIL, its run KILLED
         print(f"tune: {note}", flush=True)
         study_runs.end_killed(dead.user_attrs.get("mlflow_run_id"))

@@ -2,10 +2,13 @@
 a trial from the repository (every key where the trial's params differ from the repo's ``params.yaml``, not only
 the sampled ones: a worker may run with its own ``--params`` file), and the params a study holds fixed (what
 every trial shares), recorded in the study so that a worker with other fixed params does not join it silently.
+The study's user attrs hold only their digest (``optuna studies`` prints user attrs in its table); the record
+itself is a system attr of the study, read back to name the keys that differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Any
@@ -13,7 +16,8 @@ from typing import Any
 from onecycle.core.errors import ConfigError
 from onecycle.training.loop import NEUTRAL_KEYS
 
-# Study user attr: {dotted key: value} of the params every trial of the study shares.
+# Study user attr: a digest of the params every trial of the study shares; the study's system attr of the same name
+# holds them, {dotted key: value} (a study recorded before the digest holds them in the user attr).
 FIXED_ATTR = "fixed_params"
 
 
@@ -59,12 +63,22 @@ def fixed_params(trial_flat: dict[str, Any], varied: set[str]) -> dict[str, Any]
     return {k: _plain(v) for k, v in sorted(trial_flat.items()) if k not in varied and _matters(k)}
 
 
-def check_fixed(study, fixed: dict[str, Any], force: bool = False) -> None:
-    """Record ``fixed`` in a new study; refuse (one line naming the keys) to join one whose fixed params differ,
-    unless ``force``. A study without the record gets it from the first worker that checks."""
-    recorded = study.user_attrs.get(FIXED_ATTR)
+def fixed_digest(fixed: dict[str, Any]) -> str:
+    """The short digest of a study's fixed params that ``optuna studies`` shows."""
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_fixed(study, storage, fixed: dict[str, Any], force: bool = False) -> None:
+    """Record ``fixed`` in a new study (in ``storage``, the study's); refuse (one line naming the keys) to join one
+    whose fixed params differ, unless ``force``. A study without the record gets it from the first worker that
+    checks."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    shown = study.user_attrs.get(FIXED_ATTR)
+    recorded = shown if isinstance(shown, dict) else storage.get_study_system_attrs(study_id).get(FIXED_ATTR)
+    if recorded is None or isinstance(shown, dict):  # a new study, or one recorded in full in its user attrs
+        storage.set_study_system_attr(study_id, FIXED_ATTR, recorded if recorded is not None else fixed)
+        study.set_user_attr(FIXED_ATTR, fixed_digest(recorded if recorded is not None else fixed))
     if recorded is None:
-        study.set_user_attr(FIXED_ATTR, fixed)
         return
     differ = sorted(k for k in set(recorded) | set(fixed) if recorded.get(k) != fixed.get(k))
     if differ and not force:
