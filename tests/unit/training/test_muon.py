@@ -12,7 +12,7 @@ from onecycle.config import parse_params
 from onecycle.training import checkpoint as ckpt
 from onecycle.training.engine import build_optimizer
 from onecycle.training.models import ResNet9
-from onecycle.training.muon import MuonSGD, muon_param_groups
+from onecycle.training.optimizers import muon_param_groups, muon_sgd
 from onecycle.training.schedule import build_scheduler
 from tiny import tiny_params, write_fetched
 
@@ -24,7 +24,7 @@ def _muon_cfg(**optimizer):
 def test_muon_takes_the_conv_weights_and_sgd_the_norms_biases_and_the_head():
     net = ResNet9(num_classes=10, in_channels=1, width=0.125, whiten=True)
     opt = build_optimizer(_muon_cfg(muon_lr_ratio=2.0), net, lr=0.1)
-    assert isinstance(opt, MuonSGD)
+    assert isinstance(opt, muon_sgd())
     muon = [p for g in opt.param_groups if g["muon"] for p in g["params"]]
     sgd = [p for g in opt.param_groups if not g["muon"] for p in g["params"]]
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
@@ -43,7 +43,7 @@ def test_a_conv_weight_steps_as_torch_muon_steps_its_flattened_matrix_and_the_re
     head = torch.randn(3, 8, requires_grad=True)
     ref_conv = conv.detach().flatten(1).clone().requires_grad_()
     ref_rest = [bias.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()]
-    opt = MuonSGD(muon_param_groups([{"params": [conv, bias, head], "weight_decay": 0.01}], lr_ratio=2.0),
+    opt = muon_sgd()(muon_param_groups([{"params": [conv, bias, head], "weight_decay": 0.01}], lr_ratio=2.0),
                   lr=0.1, momentum=0.9, nesterov=True)
     ref_muon = torch.optim.Muon([ref_conv], lr=0.2, weight_decay=0.01, momentum=0.9, nesterov=True)
     ref_sgd = torch.optim.SGD(ref_rest, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
@@ -63,7 +63,7 @@ def test_a_conv_weight_steps_as_torch_muon_steps_its_flattened_matrix_and_the_re
     # one state_dict: the Muon buffer in the flattened shape, SGD's beside it; it loads back into a fresh optimizer
     state = opt.state_dict()
     assert [tuple(s["momentum_buffer"].shape) for s in state["state"].values()] == [(8, 36), (8,), (3, 8)]
-    again = MuonSGD(muon_param_groups([{"params": [conv, bias, head], "weight_decay": 0.01}], lr_ratio=2.0),
+    again = muon_sgd()(muon_param_groups([{"params": [conv, bias, head], "weight_decay": 0.01}], lr_ratio=2.0),
                     lr=0.1, momentum=0.9, nesterov=True)
     again.load_state_dict(state)
     assert torch.equal(again.state[conv]["momentum_buffer"], opt.state[conv]["momentum_buffer"])
