@@ -133,5 +133,8 @@ def test_an_exported_spaces_requirements_list_albumentations_only_when_the_model
 
     gradio = version("gradio")
     lean = space_requirements(gradio, catalog.kind("imagefolder").eval_spec())
-    assert any(r.startswith("torch") for r in lean) and not any(r.startswith("albumentations") for r in lean)
+    assert any(r.startswith("onnxruntime") for r in lean) and not any(r.startswith("albumentations") for r in lean)
+    assert not any(r.startswith(("torch", "--extra-index-url")) for r in lean)  # the model runs on ONNX Runtime
     assert any(r.startswith("albumentations") for r in space_requirements(gradio, ["ToGray"]))
+    on_torch = space_requirements(gradio, catalog.kind("imagefolder").eval_spec(), torch=True)  # no ONNX export
+    assert any(r.startswith("torch==") for r in on_torch) and on_torch[0].startswith("--extra-index-url")
