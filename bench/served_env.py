@@ -1,6 +1,7 @@
 """The serving environment's size and `onecycle predict`'s start-up, with and without the training stack.
 
-* Install size: the served model's pip requirements (``serving.publish.served_requirements``) and everything
+* Install size: the torch classifier's pip requirements (``serving.publish.served_requirements``; the registered
+  model runs on ONNX Runtime, whose environment ``bench/serving.py`` builds and measures) and everything
   they pull in, summed from the installed distributions' file lists in this environment (nothing is
   installed or downloaded). ``with albumentations`` is the list as it was before the served model stopped
   needing it (albumentations, and with it OpenCV and SciPy).
