@@ -13,7 +13,7 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 endif
 
-.PHONY: setup system vega test test-fast repro ui demo tune bench lint lock clean dvc-deps
+.PHONY: setup system vega test test-fast repro ui demo tune bench lint lock clean dvc-deps docs docs-serve
 
 setup: $(VENV)/.installed system vega  ## .venv with the pinned requirements and the package (all its extras); Debian's Fashion-MNIST and PostgreSQL; Vega for offline DVC plots
 
@@ -103,6 +103,13 @@ bench:  ## the trainer vs a bare loop, lr_find, evaluate; then each stage's star
 
 lint:
 	$(BIN)/ruff check src tests bench tools
+
+docs:  ## the docs site in docs/_build/html, built offline; a warning (a broken link, an undocumented param) fails it
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html (make docs-serve: http://127.0.0.1:$${PORT:-8000}/)"
+
+docs-serve: docs  ## serve the built docs on loopback
+	$(PY) -m http.server --bind 127.0.0.1 --directory docs/_build/html $${PORT:-8000}
 
 dvc-deps:  ## rewrite each DVC stage's src/ deps in dvc.yaml to the modules it runs (after changing a stage's imports)
 	$(PY) tools/dvc_deps.py
