@@ -47,7 +47,7 @@ def resume_identity(setup: Setup) -> dict:
 def _why_not_resume(state: dict, config_id: str, identity: dict | None, checkpoint_dir: Path) -> str | None:
     last = checkpoint_dir / "last.pt"
     if state.get("config_hash") != config_id:
-        return f"new configuration {config_id} ({last} is of configuration {state.get('config_hash')})"
+        return f"new configuration {config_id} ({last} holds {state.get('config_hash')})"
     old = state.get("identity")
     if identity is not None and isinstance(old, dict):
         changed = [f"{k} {old.get(k)} -> {v}" for k, v in identity.items() if old.get(k) != v]
@@ -83,7 +83,7 @@ def find_resume_state(train: TrainConfig, config_id: str, checkpoint_dir: Path,
     state = ckpt.load(last)  # a corrupt file is an error here, never a silent restart
     reason = _why_not_resume(state, config_id, identity, checkpoint_dir)
     if reason:
-        log.info("%s: training from the start; the earlier checkpoints are kept in %s (the last %d configurations')",
+        log.info("%s: training from the start; its checkpoints move to %s (previous/ keeps the last %d)",
                  reason, _move_aside(checkpoint_dir, state.get("config_hash")), PREVIOUS_KEPT)
         return None
     if state.get("finished") and _finalized(state, checkpoint_dir, run_finished):

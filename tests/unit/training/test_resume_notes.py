@@ -26,7 +26,7 @@ def test_a_new_configuration_is_a_one_line_note_not_a_warning(tmp_path, caplog):
     assert record.levelno == logging.INFO
     message = record.getMessage()
     assert message.startswith("new configuration new (") and "\n" not in message
-    assert f"kept in {tmp_path / 'previous' / 'old'}" in message
+    assert f"move to {tmp_path / 'previous' / 'old'}" in message
     assert (tmp_path / "previous/old/last.pt").is_file() and not (tmp_path / "last.pt").exists()
 
 
