@@ -8,7 +8,6 @@ into exit code 2 before anything is written.
 
 from __future__ import annotations
 
-import difflib
 import math
 import types
 import typing
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from onecycle.core import values
 from onecycle.core.errors import ConfigError
+from onecycle.core.validation import describe_errors
 from onecycle.data import catalog
 from onecycle.training import model_registry
 from onecycle.training.optimizers import OPTIMIZERS
@@ -417,89 +417,6 @@ class Params(_Section):
         return parse_params(raw)
 
 
-# What a value must be, per pydantic error type, in words a params.yaml author uses.
-_NOUNS = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
-    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
-    "bool_parsing": "true or false", "bool_type": "true or false", "string_type": "a string",
-    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-    "model_attributes_type": "a mapping", "none_required": "null",
-}
-
-
-def _walk_loc(loc: tuple[Any, ...]) -> tuple[str, Any]:
-    """(dotted key, the section model holding its last part) of a pydantic error location.
-
-    pydantic adds union members ("float", "literal['auto']", "dict[str,any]") to the location; they are
-    not keys, so only field names (and unknown keys, for extra_forbidden) and list indices are kept.
-    """
-    key, model, parent = "", Params, None
-    for part in loc:
-        if isinstance(part, int):
-            key += f"[{part}]"
-            model = None
-            continue
-        fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
-        if fields is None:
-            continue  # a union member tag below a leaf field
-        key = f"{key}.{part}" if key else str(part)
-        parent = model
-        ann = fields[part].annotation if part in fields else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return key, parent
-
-
-def _num(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _describe(errors: list[dict[str, Any]]) -> str:
-    """One line for the first error, naming its dotted key the way params.yaml spells it."""
-    err = errors[0]
-    key, parent = _walk_loc(err["loc"])
-    kind = err["type"]
-    got = err.get("input")
-    ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        where, _, name = key.rpartition(".")
-        allowed = list(getattr(parent, "model_fields", {}))
-        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
-        return f"unknown key {key}{hint} (allowed in {where or 'the top level'}: {', '.join(allowed)})"
-    if kind == "value_error":
-        msg = " ".join(str(ctx.get("error", err["msg"])).split())
-        head = msg.split(" ", 1)[0].rstrip(":")
-        if "." in head and head.split(".")[0] in Params.model_fields:
-            return head + msg[len(msg.split(" ", 1)[0]):]  # the validator already named the key
-        return f"{key} {msg}".strip()
-    # A union (e.g. max_lr: number | auto) fails once per member, at the same key: list them all.
-    nouns = []
-    for e in errors:
-        if _walk_loc(e["loc"])[0] != key:
-            continue
-        if e["type"] == "literal_error":
-            # pydantic writes the choices as Python ("False or 'auto'"); YAML spells booleans lower case.
-            choices = str((e.get("ctx") or {}).get("expected", "")).replace(" or ", ", ")
-            choices = choices.replace("False", "false").replace("True", "true")
-            nouns.append(f"one of {choices}" if ", " in choices else choices)
-        elif e["type"] in _NOUNS:
-            nouns.append(_NOUNS[e["type"]])
-        else:
-            nouns = []
-            break
-    if nouns:
-        if len(nouns) == 1 and kind == "literal_error":
-            return f"{key} must be {nouns[0]}; got {got!r}"
-        return f"{key} must be {' or '.join(dict.fromkeys(nouns))}, got {got!r}"
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        limit = next(iter(v for k, v in ctx.items() if k in ("gt", "ge", "lt", "le")), "")
-        return f"{key} must be {bounds[kind]} {_num(limit)}, got {got!r}"
-    if kind == "missing":
-        return f"{key} is required"
-    return f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
-
-
 # Bounds that read better as an interval than as two separate checks.
 _INTERVALS = {"schedule.pct_start": "(0, 1)", "lr_find.smooth": "[0, 1)", "train.label_smoothing": "[0, 1)"}
 
@@ -538,7 +455,7 @@ def parse_params(raw: Any) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        line = _describe(exc.errors())
+        line = describe_errors(exc.errors(), Params)
         key = line.split(" ", 1)[0]
         if key in _INTERVALS and "must be" in line:
             line = f"{key} must be in {_INTERVALS[key]}, got {err.get('input')!r}"
