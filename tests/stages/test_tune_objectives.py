@@ -332,3 +332,30 @@ def test_a_study_run_with_set_overrides_records_them_in_each_trials_command(work
     assert (workdir / "params.yaml").read_text() == text  # -S changes the loaded params, never the file
     _, _, parent, _ = _parent(workdir)
     assert parent.data.params["optimizer.weight_decay"] == "0.001"
+
+
+def test_apply_target_on_a_single_objective_study_takes_the_cheapest_by_its_recorded_seconds(workdir, capsys):
+    path = tiny_params(workdir, tune={"epochs": 1})
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(_journal(workdir))))
+    study = optuna.create_study(storage=storage, study_name="onecycle", direction="maximize")
+    dist = {"schedule.max_lr": optuna.distributions.FloatDistribution(0.005, 0.5)}
+    for value, lr, seconds in ((0.95, 0.1, 30.0), (0.94, 0.2, 20.0), (0.90, 0.3, 5.0)):
+        study.add_trial(optuna.create_trial(value=value, params={"schedule.max_lr": lr}, distributions=dist,
+                                            user_attrs={"train_seconds": seconds, "train_epochs": 1}))
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0", "--apply", "--target", "0.93"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "tune: --apply --target 0.93: trial 1, the cheapest by train/seconds whose val/top1 reached >= 0.93: "
+        "val/top1 0.9400, train/seconds 20.0; wrote 2 key(s) into params.yaml")
+    applied = load_params(path)
+    assert applied.schedule.max_lr == 0.2 and applied.train.epochs == 1  # the epochs the trial trained
+    # --apply alone keeps to the tuned keys: the best trial's max_lr, train.epochs as it was
+    path.write_text(path.read_text().replace("epochs: 1\n  device", "epochs: 2\n  device"))
+    assert tune_mod.main(["--params", "params.yaml", "--n-trials", "0", "--apply"]) == 0
+    applied = load_params(path)
+    assert applied.schedule.max_lr == 0.1 and applied.train.epochs == 2
+
+
+def _journal(workdir) -> Path:
+    (workdir / "reports/tune").mkdir(parents=True, exist_ok=True)
+    return workdir / "reports/tune/study.journal"
