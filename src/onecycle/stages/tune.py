@@ -6,7 +6,10 @@ A trial is ``params`` with the sampled values applied and ``train.epochs = tune.
 per-epoch ``tune.metric`` on the validation split (in ``tune.direction``), the same model selection
 ``train`` uses; the test split is never touched. Every epoch's value is reported to Optuna, and the
 pruner may stop the trial (``PRUNED``); a trial whose loss diverges is recorded as ``PRUNED`` too, with
-the reason in its user attrs, and the study goes on.
+the reason in its user attrs, and the study goes on. ``tune.metric`` may be a list, e.g. ``[val/top1,
+train/seconds]``: a multi-objective study whose Pareto front the reports, MLflow and a DVC plot show, no trial
+pruned (:mod:`onecycle.tuning.objectives`); ``--apply --target T`` writes the cheapest trial that reached T.
+``-S key=value`` overrides the loaded params as ``dvc exp run -S`` does (:mod:`onecycle.tuning.overrides`).
 
 The study lives in ``tune.storage``: by default the journal file ``reports/tune/study.journal``, safe
 for several worker processes on one machine; any Optuna RDB URL (``sqlite:///...``,
