@@ -199,7 +199,7 @@ def test_a_bad_import_path_is_one_line_naming_model_name_and_the_module(workspac
 
 
 def test_the_cli_says_what_is_wrong_with_the_factory_in_one_line_and_exits_2(workspace):
-    write_fetched(workspace / "data", n_train=100, n_test=20)
+    write_fetched(workspace / "data", n_train=300, n_test=20)  # enough for tiny_params' 128 validation images
     write(workspace, {"userbad_cli/__init__.py": "", "userbad_cli/net.py": "from torch import nn\nnn.Conv3x3\n"})
     tiny_params(workspace, model={"name": "userbad_cli.net:build", "width": 1.0})
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
