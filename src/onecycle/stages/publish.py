@@ -91,8 +91,9 @@ def run(params, ws: Workspace) -> dict:
     out.update(version=version, model_uri=f"models:/{name}/{version}")
     atomic_write_text(ws.publish_json, json.dumps(out, indent=2) + "\n")
     check = out.get("onnx_check") or {}
-    on = (f"ONNX Runtime, equal to torch on {check['images']} test images" if out.get("runtime") == "onnxruntime"
-          and "images" in check else out.get("runtime", "torch"))
+    on = (f"ONNX Runtime, {check['images']} test images checked against torch: top-1 differs on "
+          f"{check['top1_differ']}, probabilities within {check['max_abs_diff']:.1g}"
+          if out.get("runtime") == "onnxruntime" and "images" in check else out.get("runtime", "torch"))
     print(f"publish: {name} version {version} (test top-1 {test['top1']:.4f}, tta {tta}, on {on}) is @{CANDIDATE}; "
           f"`onecycle promote` makes the best evaluated version @champion")
     return out
