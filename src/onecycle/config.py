@@ -49,7 +49,7 @@ class DataConfig(_Section):
     # Examples a step (the global batch under DDP), or auto = 256, fewer on small data so that an epoch has at least
     # 8 steps (onecycle.data.store.batch_count).
     batch_size: int | Literal["auto"] = "auto"
-    # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, see README).
+    # DataLoader worker processes; 0 loads in the main process (fastest on 2 cores, docs: explanation/performance).
     num_workers: int = Field(0, ge=0, le=256)  # each one a process
     # Hold an array dataset on the training device as uint8 and augment whole batches there (no DataLoader).
     on_device: bool = False
@@ -120,7 +120,7 @@ class ModelConfig(_Section):
     stem: Literal["cifar", "imagenet"] = "cifar"
     zero_init_residual: bool = False
     # resnet9 with the cifar stem: airbench's frozen whitening convolution (from training patches) as the prep
-    # layer (its gain is measured in README: Performance). Read as false for models without that layer.
+    # layer (its gain is measured in docs: explanation/performance). Read as false for models without that layer.
     whiten: bool = True
 
     @field_validator("name")
@@ -177,7 +177,7 @@ class OptimizerConfig(_Section):
 
 class LRFindConfig(_Section):
     # 30 steps from 1e-3: the default ResNet9's loss is flat below 1e-3, and this short sweep suggests what a long
-    # one from 1e-7 does at a third of the cost (README: Performance). Adam's range lies lower: start it at 1e-7.
+    # one from 1e-7 does at a third of the cost (docs: explanation/performance). Adam's range lies lower: start it at 1e-7.
     start_lr: float = Field(1e-3, gt=0)
     end_lr: float = Field(10.0, gt=0)
     num_iter: int = Field(30, ge=10)

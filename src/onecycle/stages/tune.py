@@ -75,7 +75,7 @@ def _add_args(parser) -> None:
     parser.add_argument("--timeout", type=positive, default=None, metavar="S",
                         help="start no new trial after S seconds (the running one finishes)")
     parser.add_argument("--threads", type=non_negative, default=None, metavar="N",
-                        help="torch threads of this worker (overrides train.threads; see README: Tuning)")
+                        help="torch threads of this worker (overrides train.threads; docs: how-to/tuning)")
     parser.add_argument("--apply", action="store_true",
                         help="write the best trial's values into the params file (only those keys; comments kept); "
                              "several objectives: the best score on the Pareto front, with its epochs")
@@ -140,7 +140,7 @@ def run(params, ws: Workspace, *, n_trials: int | None = None, timeout: float | 
     running = running_elsewhere(before)
     if running and params.train.threads == 0:
         log.warning("%d trial(s) of this study are running in other workers: give each worker its share of the "
-                    "cores (--threads N or train.threads; see README: Tuning)", running)
+                    "cores (--threads N or train.threads; docs: how-to/tuning)", running)
     print(f"tune: study {tune.study_name} in {where}{' ($OPTUNA_STORAGE)' if source != 'tune.storage' else ''} "
           f"({count(len(before), 'trial')} so far); "
           f"{count(n_trials, 'trial')} of {_epochs(tune.epochs, space)} here, {tune.sampler} sampler, "

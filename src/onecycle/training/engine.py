@@ -60,7 +60,7 @@ def cpu_bf16() -> str | None:
     Rapids and later), ``"AVX512-BF16"`` (bf16 dot products: AMD Zen 4 and later, Intel Cooper Lake), or None.
 
     Where either is present oneDNN runs bf16 convolutions and matmuls faster than fp32 (measured: 1.5-2.1x on a 2-core
-    AMD EPYC with AVX512-BF16, 1.7-1.9x on an Intel Xeon with AMX; README: Performance); without them autocast only
+    AMD EPYC with AVX512-BF16, 1.7-1.9x on an Intel Xeon with AMX; docs: explanation/performance); without them autocast only
     adds conversions."""
     caps = getattr(torch.cpu, "get_capabilities", None)
     if caps is None:

@@ -109,7 +109,7 @@ def suggest_robust(lrs: np.ndarray, raw_losses: np.ndarray, bandwidth: float = R
     between the sweep's steps (37% apart in the default sweep), and the EMA's lag does not push the steepest
     point towards the minimum. Either point alone still moves with the noise (the steepest descent of a curve
     that falls faster and faster up to its bottom sits next to that bottom); their geometric middle moved least
-    under other seeds, 10% more or fewer steps and bf16 (bench/lr_spread.py, README: The LR range test).
+    under other seeds, 10% more or fewer steps and bf16 (bench/lr_spread.py, docs: explanation/lr-range-test).
     """
     lrs, y = np.asarray(lrs, dtype=np.float64), np.asarray(raw_losses, dtype=np.float64)
     start = float(np.median(y[:max(3, len(y) // 10)]))

@@ -155,6 +155,6 @@ def _ratios_text(ratios: dict[str, float], ws: Workspace) -> str:
         return ""
     shown = ", ".join(f"{name} {r:.3g}" for name, r in ratios.items())
     return (f"# best max_lr / each LR finder suggestion in {ws.lr_find_json} (same data and model): {shown}\n"
-            "# (1 = that suggestion was the best peak LR; see README: Tuning)\n")
+            "# (1 = that suggestion was the best peak LR; docs: how-to/tuning)\n")
 
 
