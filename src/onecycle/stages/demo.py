@@ -36,7 +36,7 @@ def _interrupt(signum, frame):
 def _add_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, default=Path("models/model.pt"), help="model file (default: models/model.pt)")
-    src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/onecycle-resnet@champion")
+    src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/onecycle-fashion_mnist@champion")
     p.add_argument("-k", "--top-k", type=int, default=5, help="classes to show (default 5)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")

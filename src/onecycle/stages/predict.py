@@ -23,7 +23,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, default=Path("models/model.pt"), help="model file (default: models/model.pt)")
-    src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/onecycle-resnet@champion")
+    src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/onecycle-fashion_mnist@champion")
     p.add_argument("-k", "--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
 
