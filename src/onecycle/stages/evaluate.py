@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onecycle.core.errors import OneCycleError
 from onecycle.core import measured
+from onecycle.core.errors import OneCycleError
 from onecycle.core.files import atomic_write_text, save_figure
 from onecycle.core.paths import Workspace
 from onecycle.data import catalog
