@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from onecycle.core.errors import ConfigError
+from onecycle.core.words import count
 from onecycle.training.policies import POLICIES, Plan
 
 
@@ -119,8 +120,9 @@ def check_fits(sched_cfg, epochs: int, steps_per_epoch: int) -> None:
     pct_key = (f"schedule.peak_epoch {sched_cfg.peak_epoch:g}" if peak_overrides_pct_start(sched_cfg)
                else f"schedule.pct_start {plan.pct_start:g}")
     raise ScheduleTooShortError(
-        f"the {sched_cfg.policy} schedule does not fit in {total} optimizer step{'s' if total != 1 else ''} "
-        f"(train.epochs {epochs} x {steps_per_epoch} steps an epoch from data.train_subset/data.batch_size): with "
+        f"the {sched_cfg.policy} schedule does not fit in {count(total, 'optimizer step')} "
+        f"(train.epochs {epochs} x {count(steps_per_epoch, 'step')} an epoch from data.train_subset/data.batch_size): "
+        f"with "
         f"{pct_key}{' and schedule.three_phase' if sched_cfg.three_phase else ''} {problem or 'there is no step'}; "
         f"raise train.epochs or the steps an epoch, or change {pct_key.split()[0]}")
 
