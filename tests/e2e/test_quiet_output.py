@@ -54,8 +54,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(cmd, cwd: Path, url: str, ready, seconds: float = 400) -> str:
-    """Start a server, wait until ``url`` answers and ``ready(output so far)``, stop it; its whole output."""
+def _start(cmd, cwd: Path, url: str, ready, seconds: float = 400, then=None) -> str:
+    """Start a server, wait until ``url`` answers and ``ready(output so far)``, call ``then()``, stop it; its whole
+    output."""
     server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                               start_new_session=True)
     lines: list[str] = []
@@ -72,6 +73,8 @@ def _start(cmd, cwd: Path, url: str, ready, seconds: float = 400) -> str:
             except OSError:
                 time.sleep(0.5)
         assert answered and ready("".join(lines)), "".join(lines)
+        if then is not None:
+            then()
         time.sleep(2)  # what the server prints right after it answers (the workers' start-up) counts too
         lines.extend(server.stdout.readlines())
     finally:
@@ -112,11 +115,36 @@ def test_a_default_dvc_repro_and_publish_print_no_warning(repo):
     assert not [line for line in again.splitlines() if WARNING.search(line)], again
 
 
-def test_mlflow_models_serve_starts_without_a_warning_and_names_its_model(repo):
+def _png_request(clone: Path) -> bytes:
+    """An /invocations body: the first test image, as a user's PNG (a read-only array once decoded)."""
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.load(clone / "data/fashion_mnist/test_x.npy", mmap_mode="r")[0].squeeze()).save(buf, "PNG")
+    return json.dumps({"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(buf.getvalue()).decode()]]}}).encode()
+
+
+def test_mlflow_models_serve_starts_and_answers_without_a_warning_and_names_its_model(repo):
+    import json
+
     port = _free_port()
+    answers = []
+
+    def ask():
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=_png_request(repo["path"]),
+                                     headers={"Content-Type": "application/json"})
+        answers.append(json.loads(urllib.request.urlopen(req, timeout=120).read()))
+
     out = _start([BIN / "mlflow", "models", "serve", "-m", "models:/onecycle-fashion_mnist/1", "--env-manager",
                   "local", "--host", "127.0.0.1", "--port", str(port)], repo["path"],
-                 f"http://127.0.0.1:{port}/ping", lambda text: "onecycle: serving" in text)
+                 f"http://127.0.0.1:{port}/ping", lambda text: "onecycle: serving" in text, then=ask)
+    assert len(answers[0]["predictions"][0]["top_k"]) == 3
     assert not [line for line in out.splitlines() if WARNING.search(line)], out
     (line,) = [ln for ln in out.splitlines() if ln.startswith("onecycle: serving")]
     assert "of MLflow run " in line and "fashion_mnist, 10 classes" in line, line
