@@ -74,3 +74,4 @@ def test_the_demo_names_its_model_first_and_stops_quietly(project, signum):
     assert lines[0].startswith("onecycle demo: answering with models/model.pt (written "), lines[0]
     assert lines[-1] == "onecycle demo: stopped", out
     assert "Keyboard" not in out and "Traceback" not in out and "Closing server" not in out, out
+    assert "warn" not in out.lower(), out
