@@ -106,7 +106,8 @@ def test_predict_answers_the_good_images_and_names_each_bad_one(tmp_path, monkey
     assert predict.main(["--model", str(model), *map(str, images)]) == 1
     out = capsys.readouterr()
     assert [line.split(": ")[0] for line in out.out.splitlines()] == [str(p) for p in good]
-    errors = out.err.splitlines()
+    first, *errors = out.err.splitlines()
+    assert first.startswith(f"predict: {model} (written ")  # which model answers, first
     assert len(errors) == len(bad) + 1 and "Traceback" not in out.err
     for line, path in zip(errors, [*bad.values(), tmp_path / "missing.png"], strict=True):
         assert line.startswith(f"onecycle predict: error: {path}: ")
@@ -184,7 +185,9 @@ def test_predict_moves_inputs_to_where_an_mlflow_models_weights_are(monkeypatch)
     meta = {"onecycle": {"dataset": {"name": "x", "classes": ["a", "b", "c"], "image_shape": [2, 2, 1],
                                      "mean": [0.5], "std": [0.5]}, "augment_eval": []}}
     monkeypatch.setattr(mlflow.models, "get_model_info", lambda uri: SimpleNamespace(metadata=meta, flavors={}))
-    monkeypatch.setattr(mlflow.pytorch, "load_model", lambda uri, map_location=None: module)
+    import onecycle.serving.network
+
+    monkeypatch.setattr(onecycle.serving.network, "load_network", lambda uri: module)
     predict, ds, _ = inference.load_predictor(None, "models:/m@champion", torch.device("cpu"))
     predict(torch.from_numpy(np.zeros((1, 1, 2, 2), np.float32)))
     assert module.seen == [torch.device("meta")]

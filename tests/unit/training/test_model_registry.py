@@ -248,8 +248,7 @@ except ModuleNotFoundError:
     pass
 model = mlflow.pyfunc.load_model(sys.argv[1])
 answer = model.predict(pd.DataFrame({"image": [open(sys.argv[2], "rb").read()]}), params={"k": 3})
-print(json.dumps({"answer": answer[0], "factory": sys.modules["tinynets.convnet"].__file__,
-                  "blocks": sys.modules["tinynets.blocks"].__file__}))
+print(json.dumps({"answer": answer[0], "imported": sorted(m for m in sys.modules if m.startswith(("tinynets", "torch")))}))
 """
 
 
@@ -335,8 +334,7 @@ def test_a_factory_model_trains_resumes_evaluates_and_is_served_without_its_work
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(out["factory"]).is_relative_to(served / "code") and Path(out["blocks"]).is_relative_to(served / "code")
-    assert "WIDTH = 12" in Path(out["factory"]).read_text()  # the code that trained the published model
+    assert out["imported"] == []  # served on ONNX Runtime: neither the factory's code nor torch is needed
     answer = out["answer"]["top_k"]
     assert [c["class"] for c in answer] == [c["class"] for c in local]
     np.testing.assert_allclose([c["probability"] for c in answer], [c["probability"] for c in local], atol=1e-5)
