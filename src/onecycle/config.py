@@ -37,6 +37,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """``data``: which dataset, where it comes from, the validation split and how batches are loaded."""
     dataset: Literal[catalog.DATASETS] = "fashion_mnist"  # one record each in onecycle.data.catalog
     # Where the raw dataset is read from: a folder (Debian package, a download, an image folder).
     # null = the dataset's default (Debian's package directory for fashion_mnist, else a download).
@@ -81,6 +82,7 @@ class DataConfig(_Section):
 
 
 class AugmentConfig(_Section):
+    """``augment``: the training and evaluation transforms (albumentations specs; empty = the dataset's recipe)."""
     # Lists of albumentations transforms, each a one-key mapping {Name: {arg: value}}.
     # Empty = the dataset's standard recipe (see onecycle.transforms).
     train: list[dict[str, Any] | str] = Field(default_factory=list)
@@ -111,6 +113,7 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """``model``: a registered model or a user's ``package.module:factory``, and the ResNet options."""
     # A registered model (onecycle.training.model_registry: resnet9, resnet18 ... resnet152) or your own, as an
     # import path "package.module:factory" (factory(num_classes, in_channels) -> torch.nn.Module, from the workspace).
     name: str = "resnet9"
@@ -153,6 +156,7 @@ class ModelConfig(_Section):
 
 
 class OptimizerConfig(_Section):
+    """``optimizer``: a registered optimizer and its settings."""
     name: Literal[OPTIMIZERS.names()] = "sgd"  # one entry each in onecycle.training.optimizers
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -176,6 +180,7 @@ class OptimizerConfig(_Section):
 
 
 class LRFindConfig(_Section):
+    """``lr_find``: the LR range test's sweep and which suggestion ``schedule.max_lr: auto`` uses."""
     # 30 steps from 1e-3: the default ResNet9's loss is flat below 1e-3, and this short sweep suggests what a long
     # one from 1e-7 does at a third of the cost (docs: explanation/performance). Adam's range lies lower: start it at 1e-7.
     start_lr: float = Field(1e-3, gt=0)
@@ -212,6 +217,7 @@ class LRFindConfig(_Section):
 
 
 class ScheduleConfig(_Section):
+    """``schedule``: the LR policy, its peak (``max_lr``) and One Cycle's knobs."""
     # The LR policy, one entry each in onecycle.training.policies: one_cycle (LR and momentum cycled), cosine or linear
     # (linear warm-up over pct_start, then down to the final LR), step (/10 at 50% and 75%), constant (max_lr).
     policy: Literal[POLICIES.names()] = "one_cycle"
@@ -249,6 +255,7 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """``train``: epochs, seed, device, precision, checkpoints, processes and the other training switches."""
     epochs: int = Field(4, gt=0)
     seed: int = Field(0, ge=0, le=values.SEED_MAX)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -294,6 +301,7 @@ class TrainConfig(_Section):
 
 
 class MLflowConfig(_Section):
+    """``mlflow``: the experiment, the registered model's name and what a run logs."""
     experiment: str = Field("onecycle", min_length=1)
     # Register the evaluated model under this name; auto = onecycle-<dataset> (an image folder: onecycle-<its folder's
     # name>), so each dataset's versions are compared only with each other; null = do not register.
@@ -309,11 +317,13 @@ class MLflowConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """``evaluate``: test-time augmentation."""
     # Test-time augmentation: average the class probabilities of each image and its horizontal flip.
     tta: Literal["none", "flip"] = "flip"
 
 
 class TuneConfig(_Section):
+    """``tune``: the Optuna study: trials, storage, sampler, pruner, objectives and search space."""
     n_trials: int = Field(12, gt=0)
     epochs: int = Field(2, gt=0)
     # null = a journal file reports/tune/... safe for several processes; or an RDB URL.
@@ -361,6 +371,7 @@ class TuneConfig(_Section):
 
 
 class Params(_Section):
+    """All of params.yaml: one validated, frozen section per concern."""
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -175,6 +175,7 @@ def _fashion_source(data_cfg, cache: Path, workspace: Path | None) -> tuple[Path
 
 
 def fetch_fashion_mnist(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None) -> dict[str, Any]:
+    """Fashion-MNIST's IDX files (Debian's package, a folder or the official download) as arrays."""
     src, origin = _fashion_source(data_cfg, cache, workspace)
     checksums = {}
     for key, (filename, gz_md5, raw_md5) in FASHION_MNIST_FILES.items():
@@ -242,6 +243,7 @@ def safe_members(tar: tarfile.TarFile, target: Path) -> list[tarfile.TarInfo]:
 
 
 def fetch_cifar(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None) -> dict[str, Any]:
+    """A CIFAR archive (a folder or the official download, md5-checked) as arrays."""
     spec = CIFAR[data_cfg.dataset]
     if data_cfg.source:
         src = in_workspace(data_cfg.source, workspace)
@@ -388,6 +390,7 @@ def _image_folder_shape(root: Path, train_items: list[tuple[str, str]], side: in
 
 def fetch_imagefolder(data_cfg, tmp: Path, cache: Path, workspace: Path | None = None, sample: int = 32
                        ) -> dict[str, Any]:
+    """An image folder (``train/<class>/``, ``val/<class>/``) indexed, its images measured."""
     from PIL import Image
 
     root, train_classes, items, texts = _imagefolder_index(data_cfg, workspace)

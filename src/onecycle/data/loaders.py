@@ -35,6 +35,7 @@ class Batch(NamedTuple):
 
 
 def collate(batch):
+    """Stack a batch of (image, label) pairs into two tensors."""
     if isinstance(batch, Batch):
         return batch.images, batch.labels
     return default_collate(batch)

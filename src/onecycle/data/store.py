@@ -69,6 +69,7 @@ def outputs_intact(out: Path, meta: dict) -> bool:
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    """The MD5 hex digest of a file, read in chunks."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):

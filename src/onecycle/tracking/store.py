@@ -73,6 +73,7 @@ def workspace_root(start: Path | None = None) -> Path:
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
+    """MLflow's default store for the workspace at ``root``: ``sqlite:///<root>/mlflow.db``."""
     root = (root or workspace_root()).resolve()
     return f"sqlite:///{root / STORE}"
 

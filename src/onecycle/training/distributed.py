@@ -26,6 +26,7 @@ def launched() -> bool:
 
 
 def active() -> bool:
+    """Whether this process is one rank of an initialised DDP process group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -35,10 +36,12 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The number of DDP processes (1 without DDP)."""
     return dist.get_world_size() if active() else 1
 
 
 def is_main() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that logs and checkpoints."""
     return rank() == 0
 
 
@@ -102,6 +105,7 @@ def from_main(value):
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing without DDP)."""
     if active():
         dist.barrier()
 
@@ -155,5 +159,6 @@ def run_forwarding_signals(cmd: list[str]) -> int:
 
 
 def shutdown() -> None:
+    """Leave the DDP process group, if any."""
     if active():
         dist.destroy_process_group()

@@ -46,6 +46,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """A device as provenance records it: the GPU's name, or the CPU's and its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
@@ -109,6 +110,7 @@ def choose_precision(amp, device: torch.device, on_cpu: bool = False, *, cpu_bf1
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch's autocast for ``dtype`` on ``device`` (off when ``dtype`` is None: fp32)."""
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -118,6 +120,7 @@ def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` also asks torch for deterministic algorithms."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -150,6 +153,7 @@ def build_optimizer(opt_cfg, model: nn.Module, lr: float) -> torch.optim.Optimiz
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    """A batch moved to ``device`` (images in channels_last when asked)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return (images.to(device, non_blocking=True, memory_format=fmt), labels.to(device, non_blocking=True))
 

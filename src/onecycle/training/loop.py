@@ -228,6 +228,7 @@ class FitHooks:
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the per-epoch history, the best epoch and its weights, steps and seconds."""
     history: list[dict] = field(default_factory=list)
     best_top1: float = -1.0
     best_epoch: int = 0

@@ -65,6 +65,7 @@ def descends(smoothed: np.ndarray, tolerance: float = 0.01) -> bool:
 
 @dataclass
 class RangeTestResult:
+    """A range test's sweep: LRs, raw and smoothed losses, why it stopped, and every suggestion."""
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]

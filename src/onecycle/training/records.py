@@ -36,6 +36,7 @@ class EpochResult:
 
 @dataclass(frozen=True)
 class Column:
+    """One per-epoch record column: its history.csv name, its MLflow key and how it is computed."""
     name: str  # reports/history.csv column and history row key
     metric: str | None  # MLflow metric key (per epoch, step = epoch number); None = not logged per epoch
     value: Callable[[EpochResult], float | int | None]

@@ -126,6 +126,7 @@ def _move_aside(checkpoint_dir: Path, old_hash: str | None = None) -> Path:
 
 
 def read_finalize(checkpoint_dir: Path) -> dict:
+    """``checkpoints/finalize.json``: the finalization steps done, for which run ({} when unreadable)."""
     try:
         state = json.loads((checkpoint_dir / FINALIZE_STATE).read_text())
         return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else {}
