@@ -114,7 +114,14 @@ def test_two_workers_run_a_multi_objective_study_whose_front_reaches_optuna_mlfl
     assert sorted(r.data.tags["trial_number"] for r in nested) == ["0", "1", "2", "3"]
     assert {"tune/pareto_front.json", "tune/pareto.png", "tune/pareto.csv"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
-    table = client.load_table(experiment, "tune/pareto_front.json", run_ids=[parent.info.run_id])
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()  # load_table searches the runs through the global tracking URI
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        table = client.load_table(experiment, "tune/pareto_front.json", run_ids=[parent.info.run_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert list(table["trial"]) == [t.number for t in front] and list(table["cost"]) == [t.values[1] for t in front]
     assert parent.data.metrics["pareto_front_size"] == len(front)
 
