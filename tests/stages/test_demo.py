@@ -27,9 +27,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-from test_offline import Offline
 
 import tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the offline hook lives with the e2e tests
+from test_offline import Offline  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each server takes 10-20 s to start on 2 cores
 
