@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -78,3 +79,23 @@ def fit_tiny(workdir: Path, *, hooks=None, resume_state=None, should_stop=None, 
     return fit(setup, 0.05, train=params.train, schedule=params.schedule, optimizer=params.optimizer, hooks=hooks,
                resume_state=resume_state, should_stop=should_stop, progress=False,
                step_fn=step_fn or train_step), setup
+
+
+def untrained_model_workspace(root: Path) -> Path:
+    """``root`` as a project: a tiny fetched Fashion-MNIST, tiny params and an untrained models/model.pt (seed 0)."""
+    import torch
+
+    from onecycle.config import load_params
+    from onecycle.serving.modelfile import save_model
+    from onecycle.training.models import build_model
+
+    write_fetched(root / "data", n_train=40, n_test=30)
+    tiny_params(root)
+    params = load_params(root / "params.yaml")
+    meta = json.loads((root / "data" / "fashion_mnist" / "meta.json").read_text())
+    info = SimpleNamespace(name="fashion_mnist", classes=meta["classes"], image_shape=meta["image_shape"],
+                           mean=meta["mean"], std=meta["std"])
+    torch.manual_seed(0)
+    model = build_model(params.model, len(info.classes), info.image_shape[2])
+    save_model(params.model, params.augment, info, model.state_dict(), root / "models" / "model.pt")
+    return root

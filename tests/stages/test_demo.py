@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -186,22 +185,7 @@ def assert_same(page_top, cli_top):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project folder: a tiny fetched dataset, params, an (untrained) models/model.pt and test PNGs."""
-    import torch
-
-    from onecycle.config import load_params
-    from onecycle.serving.modelfile import save_model
-    from onecycle.training.models import build_model
-
-    root = tmp_path_factory.mktemp("demo")
-    tiny.write_fetched(root / "data", n_train=40, n_test=30)
-    tiny.tiny_params(root)
-    params = load_params(root / "params.yaml")
-    meta = json.loads((root / "data" / "fashion_mnist" / "meta.json").read_text())
-    info = SimpleNamespace(name="fashion_mnist", classes=meta["classes"], image_shape=meta["image_shape"],
-                           mean=meta["mean"], std=meta["std"])
-    torch.manual_seed(0)
-    model = build_model(params.model, len(info.classes), info.image_shape[2])
-    save_model(params.model, params.augment, info, model.state_dict(), root / "models" / "model.pt")
+    root = tiny.untrained_model_workspace(tmp_path_factory.mktemp("demo"))
     test_x = np.load(root / "data" / "fashion_mnist" / "test_x.npy")
     (root / "pngs").mkdir()
     for i in range(3):

@@ -3,7 +3,6 @@ line, exit 0, no interrupt report from Gradio."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,7 +11,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -24,22 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A tiny fetched dataset, params and an (untrained) models/model.pt."""
-    import torch
-
-    from onecycle.config import load_params
-    from onecycle.serving.modelfile import save_model
-    from onecycle.training.models import build_model
-
-    root = tmp_path_factory.mktemp("demo-stops")
-    tiny.write_fetched(root / "data", n_train=40, n_test=30)
-    tiny.tiny_params(root)
-    params = load_params(root / "params.yaml")
-    meta = json.loads((root / "data" / "fashion_mnist" / "meta.json").read_text())
-    info = SimpleNamespace(name="fashion_mnist", classes=meta["classes"], image_shape=meta["image_shape"],
-                           mean=meta["mean"], std=meta["std"])
-    torch.manual_seed(0)
-    model = build_model(params.model, len(info.classes), info.image_shape[2])
-    save_model(params.model, params.augment, info, model.state_dict(), root / "models" / "model.pt")
+    root = tiny.untrained_model_workspace(tmp_path_factory.mktemp("demo-stops"))
     return root
 
 
